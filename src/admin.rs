@@ -1,0 +1,132 @@
+//! The admin listener: `/metrics` (Prometheus text format), `/healthz` (the process is up),
+//! `/readyz` (every service has had a successful discovery answer) and `/routes` (JSON: each
+//! service, its route, balancer, instances, discovery index and sync age).
+//!
+//! It binds to 127.0.0.1 unless configured otherwise: `/routes` shows internal addresses.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+
+use crate::metrics::Metrics;
+use crate::upstream::Upstreams;
+
+/// What the admin handlers read.
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    pub upstreams: Upstreams,
+}
+
+impl Admin {
+    pub fn handle(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+        }
+        match request.uri().path() {
+            "/metrics" => match self.metrics.encode() {
+                Ok(body) => with_type(
+                    StatusCode::OK,
+                    body,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                ),
+                Err(error) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("encoding failed: {error}\n"),
+                ),
+            },
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => {
+                let waiting: Vec<&str> = self
+                    .upstreams
+                    .iter()
+                    .filter(|u| !u.is_synced())
+                    .map(|u| u.name())
+                    .collect();
+                if waiting.is_empty() {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "waiting for a first Consul answer for: {}\n",
+                            waiting.join(", ")
+                        ),
+                    )
+                }
+            }
+            "/routes" => {
+                let body = serde_json::to_vec_pretty(&self.routes()).unwrap_or_default();
+                with_type(StatusCode::OK, body, "application/json")
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "admin endpoints: /metrics /healthz /readyz /routes\n",
+            ),
+        }
+    }
+
+    fn routes(&self) -> serde_json::Value {
+        let services: Vec<_> = self
+            .upstreams
+            .iter()
+            .map(|upstream| {
+                let config = &upstream.config;
+                let table = upstream.table();
+                let instances: Vec<_> = table
+                    .instances()
+                    .iter()
+                    .map(|i| {
+                        json!({
+                            "id": i.id,
+                            "address": i.address,
+                            "port": i.port,
+                            "tags": i.tags,
+                            "meta": i.meta,
+                        })
+                    })
+                    .collect();
+                json!({
+                    "service": config.name,
+                    "route": {
+                        "host": config.route.host,
+                        "path_prefix": config.route.path_prefix,
+                        "strip_prefix": config.route.strip_prefix,
+                    },
+                    "balance": config.balance.as_str(),
+                    "tags": config.tags,
+                    "retry": {
+                        "attempts": config.retry.attempts,
+                        "timeout_seconds": config.retry.timeout.as_secs_f64(),
+                    },
+                    "instances": instances,
+                    "consul_index": upstream.index(),
+                    "synced": upstream.is_synced(),
+                    "last_sync_age_seconds": upstream.sync_age().map(|age| age.as_secs_f64()),
+                })
+            })
+            .collect();
+        json!({ "services": services })
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    with_type(status, body, "text/plain; charset=utf-8")
+}
+
+fn with_type(
+    status: StatusCode,
+    body: impl Into<Bytes>,
+    content_type: &'static str,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}

@@ -1,0 +1,767 @@
+//! Configuration: `gateway.yaml` plus `SWITCHYARD__*` environment overrides, read and validated
+//! once at start into typed values (`SocketAddr`, `Duration`, `Url`).
+//!
+//! Raw structs mirror the file and reject unknown keys (`deny_unknown_fields`), so a typo is an
+//! error rather than a silently ignored setting. Validation turns them into the `Config` the
+//! rest of the crate uses; every error names the offending key. This module imports no other
+//! module of the crate.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use reqwest::Url;
+use serde::{Deserialize, Serialize};
+
+/// Consul's upper bound for a blocking query's `wait`.
+const CONSUL_MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// A configuration problem, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file is missing, is not YAML, has an unknown key or a value of the wrong type.
+    /// The `config` crate's message names the key.
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    /// The file parsed but a value is not acceptable.
+    #[error("invalid `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// A value that must never be printed or logged (the Consul ACL token).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(if self.0.is_empty() { "" } else { "***" })
+    }
+}
+
+/// How a service's instances are chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    Random,
+}
+
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::Random => "random",
+        }
+    }
+}
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// Where clients connect.
+    pub listen: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`, `/routes`.
+    pub admin_listen: SocketAddr,
+    /// Tokio worker threads; 0 means one per core.
+    pub workers: usize,
+    pub consul: ConsulConfig,
+    pub services: Vec<ServiceConfig>,
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsulConfig {
+    #[serde(serialize_with = "serialize_url")]
+    pub address: Url,
+    pub token: Secret,
+    /// `None`: the agent's own datacenter.
+    pub datacenter: Option<String>,
+    #[serde(with = "humantime_serde_compat")]
+    pub wait: Duration,
+    /// First delay after a failed query; doubles per failure up to `backoff_max`, jittered.
+    #[serde(with = "humantime_serde_compat")]
+    pub backoff_base: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// An instance must carry all of these tags.
+    pub tags: Vec<String>,
+    pub route: RouteConfig,
+    pub balance: Balance,
+    pub retry: RetryConfig,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteConfig {
+    /// Always starts with `/`; the longest matching prefix wins.
+    pub path_prefix: String,
+    /// Lower-case host without port; `None` matches any host.
+    pub host: Option<String>,
+    pub strip_prefix: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RetryConfig {
+    /// Total tries, the first included (>= 1).
+    pub attempts: u32,
+    /// Deadline for all tries together.
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+}
+
+/// Limits of the client-facing listener.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ServerConfig {
+    /// How long in-flight requests may run after SIGTERM/SIGINT before being cut.
+    #[serde(with = "humantime_serde_compat")]
+    pub shutdown_grace: Duration,
+    /// A client must send its whole request head within this time (slowloris guard).
+    #[serde(with = "humantime_serde_compat")]
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted; larger gets 431.
+    pub max_header_bytes: usize,
+}
+
+/// How the gateway talks to service instances.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct UpstreamConfig {
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    /// Request bodies up to this size (by Content-Length) are buffered so a retry can resend
+    /// them; larger or unsized bodies are streamed and never retried after sending.
+    pub max_replay_body_bytes: usize,
+}
+
+fn serialize_url<S: serde::Serializer>(url: &Url, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(url.as_str())
+}
+
+/// Serializes durations the way the file spells them ("5s", "5m").
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(
+        value: &Duration,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw, as written in the file.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default = "default_admin_listen")]
+    admin_listen: String,
+    #[serde(default)]
+    workers: usize,
+    #[serde(default)]
+    consul: RawConsul,
+    services: Vec<RawService>,
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    upstream: RawUpstream,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:8080".into()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:8081".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsul {
+    address: Option<String>,
+    token: Option<String>,
+    #[serde(default)]
+    datacenter: String,
+    #[serde(default = "default_wait")]
+    wait: String,
+    #[serde(default = "default_backoff_base")]
+    backoff_base: String,
+    #[serde(default = "default_backoff_max")]
+    backoff_max: String,
+}
+
+impl Default for RawConsul {
+    fn default() -> Self {
+        Self {
+            address: None,
+            token: None,
+            datacenter: String::new(),
+            wait: default_wait(),
+            backoff_base: default_backoff_base(),
+            backoff_max: default_backoff_max(),
+        }
+    }
+}
+
+fn default_wait() -> String {
+    "5m".into()
+}
+fn default_backoff_base() -> String {
+    "200ms".into()
+}
+fn default_backoff_max() -> String {
+    "5s".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    #[serde(default)]
+    tags: Vec<String>,
+    route: Option<RawRoute>,
+    /// Parsed in `validate` so the error can list the choices.
+    #[serde(default)]
+    balance: Option<String>,
+    #[serde(default)]
+    retry: RawRetry,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    path_prefix: Option<String>,
+    #[serde(default)]
+    host: String,
+    #[serde(default)]
+    strip_prefix: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    #[serde(default = "default_attempts")]
+    attempts: u32,
+    #[serde(default = "default_retry_timeout")]
+    timeout: String,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        Self {
+            attempts: default_attempts(),
+            timeout: default_retry_timeout(),
+        }
+    }
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+fn default_retry_timeout() -> String {
+    "5s".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default = "default_shutdown_grace")]
+    shutdown_grace: String,
+    #[serde(default = "default_header_read_timeout")]
+    header_read_timeout: String,
+    #[serde(default = "default_max_header_bytes")]
+    max_header_bytes: usize,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            shutdown_grace: default_shutdown_grace(),
+            header_read_timeout: default_header_read_timeout(),
+            max_header_bytes: default_max_header_bytes(),
+        }
+    }
+}
+
+fn default_shutdown_grace() -> String {
+    "30s".into()
+}
+fn default_header_read_timeout() -> String {
+    "10s".into()
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    #[serde(default = "default_connect_timeout")]
+    connect_timeout: String,
+    #[serde(default = "default_pool_idle_timeout")]
+    pool_idle_timeout: String,
+    #[serde(default = "default_pool_max_idle_per_host")]
+    pool_max_idle_per_host: usize,
+    #[serde(default = "default_max_replay_body_bytes")]
+    max_replay_body_bytes: usize,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        Self {
+            connect_timeout: default_connect_timeout(),
+            pool_idle_timeout: default_pool_idle_timeout(),
+            pool_max_idle_per_host: default_pool_max_idle_per_host(),
+            max_replay_body_bytes: default_max_replay_body_bytes(),
+        }
+    }
+}
+
+fn default_connect_timeout() -> String {
+    "1s".into()
+}
+fn default_pool_idle_timeout() -> String {
+    "90s".into()
+}
+fn default_pool_max_idle_per_host() -> usize {
+    1024
+}
+fn default_max_replay_body_bytes() -> usize {
+    64 * 1024
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading.
+
+/// Values taken from Consul's own environment variables when the file leaves the keys out.
+#[derive(Debug, Default, Clone)]
+pub struct ConsulEnv {
+    /// `CONSUL_HTTP_ADDR`
+    pub http_addr: Option<String>,
+    /// `CONSUL_HTTP_TOKEN`
+    pub http_token: Option<String>,
+}
+
+impl ConsulEnv {
+    pub fn from_process() -> Self {
+        let non_empty = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        Self {
+            http_addr: non_empty("CONSUL_HTTP_ADDR"),
+            http_token: non_empty("CONSUL_HTTP_TOKEN"),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies `SWITCHYARD__…` overrides from the process environment, then the
+    /// `CONSUL_HTTP_*` fallbacks, and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = config::Config::builder()
+            .add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Yaml)
+                    .required(true),
+            )
+            .add_source(
+                config::Environment::with_prefix("SWITCHYARD")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()?;
+        raw.validate(&ConsulEnv::from_process())
+    }
+
+    /// Parses YAML text without looking at the environment (tests, embedding).
+    pub fn from_yaml(text: &str, env: &ConsulEnv) -> Result<Config, ConfigError> {
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Yaml))
+            .build()?
+            .try_deserialize()?;
+        raw.validate(env)
+    }
+
+    /// The effective configuration as YAML-ish JSON, with secrets masked.
+    pub fn to_masked_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("<unprintable: {e}>"))
+    }
+}
+
+fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        invalid(
+            key,
+            format!("{text:?} is not a duration like \"5s\" or \"5m\" ({e})"),
+        )
+    })
+}
+
+fn parse_positive_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
+    let value = parse_duration(key, text)?;
+    if value.is_zero() {
+        return Err(invalid(key, "must be greater than zero"));
+    }
+    Ok(value)
+}
+
+fn parse_socket_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.trim().parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{text:?} is not an address like \"127.0.0.1:8080\""),
+        )
+    })
+}
+
+/// Characters Consul accepts in a service name and that are safe in a URL path segment.
+fn is_valid_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl RawConfig {
+    fn validate(self, env: &ConsulEnv) -> Result<Config, ConfigError> {
+        let listen = parse_socket_addr("listen", &self.listen)?;
+        let admin_listen = parse_socket_addr("admin_listen", &self.admin_listen)?;
+        if listen == admin_listen {
+            return Err(invalid("admin_listen", "must differ from `listen`"));
+        }
+        let consul = self.consul.validate(env)?;
+        if self.services.is_empty() {
+            return Err(invalid("services", "at least one service is required"));
+        }
+        let mut names = HashSet::new();
+        let mut routes = HashSet::new();
+        let mut services = Vec::with_capacity(self.services.len());
+        for (i, raw) in self.services.into_iter().enumerate() {
+            let service = raw.validate(&format!("services[{i}]"))?;
+            if !names.insert(service.name.clone()) {
+                return Err(invalid(
+                    format!("services[{i}].name"),
+                    format!("service {:?} is listed twice", service.name),
+                ));
+            }
+            let route_key = (
+                service.route.host.clone(),
+                service.route.path_prefix.clone(),
+            );
+            if !routes.insert(route_key) {
+                return Err(invalid(
+                    format!("services[{i}].route"),
+                    format!(
+                        "host {:?} with path_prefix {:?} is already routed to another service",
+                        service.route.host.as_deref().unwrap_or(""),
+                        service.route.path_prefix
+                    ),
+                ));
+            }
+            services.push(service);
+        }
+        Ok(Config {
+            listen,
+            admin_listen,
+            workers: self.workers,
+            consul,
+            services,
+            server: self.server.validate()?,
+            upstream: self.upstream.validate()?,
+        })
+    }
+}
+
+impl RawConsul {
+    fn validate(self, env: &ConsulEnv) -> Result<ConsulConfig, ConfigError> {
+        let address_text = self
+            .address
+            .filter(|a| !a.is_empty())
+            .or_else(|| env.http_addr.clone())
+            .unwrap_or_else(|| "http://127.0.0.1:8500".into());
+        // CONSUL_HTTP_ADDR is often written without a scheme ("127.0.0.1:8500").
+        let address_text = if address_text.contains("://") {
+            address_text
+        } else {
+            format!("http://{address_text}")
+        };
+        let address = Url::parse(&address_text)
+            .map_err(|e| invalid("consul.address", format!("{address_text:?}: {e}")))?;
+        if address.scheme() != "http" {
+            return Err(invalid(
+                "consul.address",
+                format!(
+                    "scheme {:?} is not supported (use http://)",
+                    address.scheme()
+                ),
+            ));
+        }
+        if address.host_str().is_none() {
+            return Err(invalid("consul.address", "has no host"));
+        }
+        let token = Secret::new(
+            self.token
+                .filter(|t| !t.is_empty())
+                .or_else(|| env.http_token.clone())
+                .unwrap_or_default(),
+        );
+        let wait = parse_positive_duration("consul.wait", &self.wait)?;
+        if wait > CONSUL_MAX_WAIT {
+            return Err(invalid(
+                "consul.wait",
+                "Consul caps blocking queries at 10m",
+            ));
+        }
+        let backoff_base = parse_positive_duration("consul.backoff_base", &self.backoff_base)?;
+        let backoff_max = parse_positive_duration("consul.backoff_max", &self.backoff_max)?;
+        if backoff_max < backoff_base {
+            return Err(invalid(
+                "consul.backoff_max",
+                "must be at least `consul.backoff_base`",
+            ));
+        }
+        let datacenter = Some(self.datacenter.trim().to_owned()).filter(|d| !d.is_empty());
+        Ok(ConsulConfig {
+            address,
+            token,
+            datacenter,
+            wait,
+            backoff_base,
+            backoff_max,
+        })
+    }
+}
+
+impl RawService {
+    fn validate(self, key: &str) -> Result<ServiceConfig, ConfigError> {
+        let name = self.name.trim().to_owned();
+        if !is_valid_service_name(&name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!(
+                    "{:?} must be non-empty and use only letters, digits, '-', '_' and '.'",
+                    self.name
+                ),
+            ));
+        }
+        if let Some(i) = self.tags.iter().position(|t| t.trim().is_empty()) {
+            return Err(invalid(format!("{key}.tags[{i}]"), "empty tag"));
+        }
+        let raw_route = self.route.unwrap_or(RawRoute {
+            path_prefix: None,
+            host: String::new(),
+            strip_prefix: false,
+        });
+        let path_prefix = raw_route.path_prefix.unwrap_or_else(|| format!("/{name}"));
+        if !path_prefix.starts_with('/') {
+            return Err(invalid(
+                format!("{key}.route.path_prefix"),
+                format!("{path_prefix:?} must start with '/'"),
+            ));
+        }
+        let host = raw_route.host.trim().to_ascii_lowercase();
+        if host.contains(['/', ' ', ':']) {
+            return Err(invalid(
+                format!("{key}.route.host"),
+                format!("{host:?} must be a bare host name without scheme, port or path"),
+            ));
+        }
+        let route = RouteConfig {
+            path_prefix,
+            host: Some(host).filter(|h| !h.is_empty()),
+            strip_prefix: raw_route.strip_prefix,
+        };
+        if self.retry.attempts == 0 {
+            return Err(invalid(
+                format!("{key}.retry.attempts"),
+                "must be at least 1",
+            ));
+        }
+        let retry = RetryConfig {
+            attempts: self.retry.attempts,
+            timeout: parse_positive_duration(&format!("{key}.retry.timeout"), &self.retry.timeout)?,
+        };
+        let balance = match self.balance.as_deref().map(str::trim) {
+            None | Some("round_robin") => Balance::RoundRobin,
+            Some("random") => Balance::Random,
+            Some(other) => {
+                return Err(invalid(
+                    format!("{key}.balance"),
+                    format!("{other:?} is not one of \"round_robin\", \"random\""),
+                ))
+            }
+        };
+        Ok(ServiceConfig {
+            name,
+            tags: self.tags,
+            route,
+            balance,
+            retry,
+        })
+    }
+}
+
+impl RawServer {
+    fn validate(self) -> Result<ServerConfig, ConfigError> {
+        if self.max_header_bytes < 8192 {
+            return Err(invalid("server.max_header_bytes", "must be at least 8192"));
+        }
+        Ok(ServerConfig {
+            shutdown_grace: parse_duration("server.shutdown_grace", &self.shutdown_grace)?,
+            header_read_timeout: parse_positive_duration(
+                "server.header_read_timeout",
+                &self.header_read_timeout,
+            )?,
+            max_header_bytes: self.max_header_bytes,
+        })
+    }
+}
+
+impl RawUpstream {
+    fn validate(self) -> Result<UpstreamConfig, ConfigError> {
+        Ok(UpstreamConfig {
+            connect_timeout: parse_positive_duration(
+                "upstream.connect_timeout",
+                &self.connect_timeout,
+            )?,
+            pool_idle_timeout: parse_positive_duration(
+                "upstream.pool_idle_timeout",
+                &self.pool_idle_timeout,
+            )?,
+            pool_max_idle_per_host: self.pool_max_idle_per_host,
+            max_replay_body_bytes: self.max_replay_body_bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(yaml, &ConsulEnv::default())
+    }
+
+    const MINIMAL: &str = "services:\n  - name: hello\n";
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = parse(MINIMAL).expect("valid");
+        assert_eq!(config.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(config.admin_listen, "127.0.0.1:8081".parse().unwrap());
+        assert_eq!(config.consul.address.as_str(), "http://127.0.0.1:8500/");
+        assert_eq!(config.consul.wait, Duration::from_secs(300));
+        let hello = &config.services[0];
+        assert_eq!(hello.route.path_prefix, "/hello");
+        assert_eq!(hello.balance, Balance::RoundRobin);
+        assert_eq!(hello.retry.attempts, 3);
+        assert_eq!(hello.retry.timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("services:\n  - name: hello\n    balanse: random\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field `balanse`"), "{err}");
+        let err = parse("listen: 0.0.0.0:1\nconsul:\n  adress: x\nservices: []\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field `adress`"), "{err}");
+    }
+
+    #[test]
+    fn bad_enum_value_is_named() {
+        let err = parse("services:\n  - name: hello\n    balance: least_conn\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("services[0].balance"), "{text}");
+        assert!(
+            text.contains("least_conn") && text.contains("round_robin"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let err = parse("consul:\n  wait: soon\nservices:\n  - name: hello\n").unwrap_err();
+        assert!(err.to_string().contains("consul.wait"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_names_and_routes_are_rejected() {
+        let err = parse("services:\n  - name: a\n  - name: a\n").unwrap_err();
+        assert!(err.to_string().contains("services[1].name"), "{err}");
+        let err = parse(
+            "services:\n  - name: a\n    route: {path_prefix: /x}\n  - name: b\n    route: {path_prefix: /x}\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("services[1].route"), "{err}");
+    }
+
+    #[test]
+    fn zero_attempts_rejected() {
+        let err = parse("services:\n  - name: a\n    retry: {attempts: 0}\n").unwrap_err();
+        assert!(
+            err.to_string().contains("services[0].retry.attempts"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn consul_env_fills_missing_keys_only() {
+        let env = ConsulEnv {
+            http_addr: Some("10.1.2.3:8500".into()),
+            http_token: Some("s3cret".into()),
+        };
+        let config = Config::from_yaml(MINIMAL, &env).unwrap();
+        assert_eq!(config.consul.address.as_str(), "http://10.1.2.3:8500/");
+        assert_eq!(config.consul.token.expose(), "s3cret");
+        let with_file = "consul:\n  address: http://127.0.0.9:8500\nservices:\n  - name: a\n";
+        let config = Config::from_yaml(with_file, &env).unwrap();
+        assert_eq!(config.consul.address.as_str(), "http://127.0.0.9:8500/");
+    }
+
+    #[test]
+    fn token_never_printed() {
+        let env = ConsulEnv {
+            http_addr: None,
+            http_token: Some("s3cret".into()),
+        };
+        let config = Config::from_yaml(MINIMAL, &env).unwrap();
+        assert!(!format!("{config:?}").contains("s3cret"));
+        assert!(!config.to_masked_json().contains("s3cret"));
+    }
+}

@@ -1,0 +1,589 @@
+//! The gateway: maps each client request to a service, picks an instance from that service's
+//! current table, forwards over one pooled HTTP client, and retries on another instance when
+//! that is safe.
+//!
+//! What it owns: the router (built once from config, read without locks), header hygiene
+//! (hop-by-hop removal, `X-Forwarded-*`), the retry rules, and the gateway's own answers
+//! (404/503/502/504/400, each with an `x-switchyard-error` header naming the cause).
+//! It reads upstream tables and never writes them; it does not know about Consul.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::http::uri::{PathAndQuery, Scheme};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::config::{Config, UpstreamConfig};
+use crate::metrics::RequestMetrics;
+use crate::upstream::{Tried, Upstream, Upstreams};
+
+/// Body of a response to the client: streamed from an instance, or made by the gateway.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// Body of a request to an instance: buffered (replayable) or streamed from the client.
+type UpstreamBody = Either<Full<Bytes>, Incoming>;
+
+/// The header on every answer the gateway makes itself, naming the cause.
+pub const ERROR_HEADER: &str = "x-switchyard-error";
+
+// ---------------------------------------------------------------------------------------------
+// The gateway's own answers.
+
+/// Why the gateway answered a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no route matches this request")]
+    NoRoute,
+    #[error("the service has no healthy instance")]
+    NoHealthyInstance,
+    #[error("no instance could be reached")]
+    BadGateway,
+    #[error("the deadline for this request passed")]
+    DeadlineExceeded,
+    #[error("the request body could not be read")]
+    BadRequestBody,
+}
+
+impl GatewayError {
+    /// The value of the `x-switchyard-error` header.
+    pub fn cause(self) -> &'static str {
+        match self {
+            GatewayError::NoRoute => "no-route",
+            GatewayError::NoHealthyInstance => "no-healthy-instance",
+            GatewayError::BadGateway => "upstream-unreachable",
+            GatewayError::DeadlineExceeded => "deadline-exceeded",
+            GatewayError::BadRequestBody => "bad-request-body",
+        }
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let body = format!("switchyard: {self}\n");
+        let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
+        *response.status_mut() = StatusCode::from(self);
+        let headers = response.headers_mut();
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.cause()));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    }
+}
+
+impl From<GatewayError> for StatusCode {
+    fn from(error: GatewayError) -> Self {
+        match error {
+            GatewayError::NoRoute => StatusCode::NOT_FOUND,
+            GatewayError::NoHealthyInstance => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::BadGateway => StatusCode::BAD_GATEWAY,
+            GatewayError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::BadRequestBody => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Header hygiene.
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
+/// non-standard ones proxies are known to leak. Never forwarded in either direction.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers: the static list, `Upgrade`, and every header that
+/// `Connection` names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Collect first: `Connection` must be read before it is removed.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// The request's host without port, from `Host` (HTTP/1) or the URI authority (HTTP/2).
+fn request_host(request: &Request<Incoming>) -> Option<&str> {
+    let raw = match request.headers().get(header::HOST) {
+        Some(value) => value.to_str().ok()?,
+        None => request.uri().authority()?.as_str(),
+    };
+    Some(strip_port(raw))
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest
+            .split(']')
+            .next()
+            .map_or(host, |inner| &host[..inner.len() + 2]);
+    }
+    host.rsplit_once(':').map_or(host, |(name, _)| name)
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Prepares the client's headers for an instance: hop-by-hop removed, the client's Host
+/// kept, and `X-Forwarded-For` (appended), `-Proto` and `-Host` (set by this hop).
+fn forward_headers(parts: &mut Parts, client: SocketAddr) {
+    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    remove_hop_by_hop(&mut parts.headers);
+    let client_ip = client.ip().to_string();
+    let forwarded_for = match parts
+        .headers
+        .get(&X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(previous) => format!("{previous}, {client_ip}"),
+        None => client_ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        parts.headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+    parts
+        .headers
+        .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    if let Some(host) = original_host {
+        parts.headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        // HTTP/2 clients send no Host header; an HTTP/1.1 instance needs one.
+        parts.headers.entry(header::HOST).or_insert(host);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing.
+
+/// One route: requests for `host` (any host if `None`) whose path starts with `prefix`.
+pub struct Route {
+    host: Option<String>,
+    prefix: String,
+    strip_prefix: bool,
+    pub upstream: Arc<Upstream>,
+}
+
+/// Routes built once from config, ordered so the first match is the best one.
+pub struct Router {
+    routes: Vec<Route>,
+}
+
+impl Router {
+    pub fn new(upstreams: &Upstreams) -> Self {
+        let mut routes: Vec<Route> = upstreams
+            .iter()
+            .map(|upstream| {
+                let route = &upstream.config.route;
+                Route {
+                    host: route.host.clone(),
+                    prefix: route.path_prefix.clone(),
+                    strip_prefix: route.strip_prefix,
+                    upstream: upstream.clone(),
+                }
+            })
+            .collect();
+        // Longest prefix first; at equal length a host-specific route beats a catch-all.
+        routes.sort_by(|a, b| {
+            b.prefix
+                .len()
+                .cmp(&a.prefix.len())
+                .then_with(|| b.host.is_some().cmp(&a.host.is_some()))
+        });
+        Self { routes }
+    }
+
+    /// The best route for `host` and `path`.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|route| {
+            path.starts_with(route.prefix.as_str())
+                && route
+                    .host
+                    .as_deref()
+                    .is_none_or(|want| host.is_some_and(|h| h.eq_ignore_ascii_case(want)))
+        })
+    }
+}
+
+impl Route {
+    /// The path and query to send to the instance.
+    fn upstream_path(&self, uri: &Uri) -> PathAndQuery {
+        let original = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        if !self.strip_prefix || self.prefix == "/" {
+            return uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        }
+        let rest = &original[self.prefix.len().min(original.len())..];
+        let rebuilt = if rest.starts_with('/') {
+            rest.to_owned()
+        } else {
+            format!("/{rest}")
+        };
+        rebuilt
+            .parse()
+            .unwrap_or_else(|_| PathAndQuery::from_static("/"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retry rules.
+
+/// How a try failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TryFailure {
+    /// Nothing reached the instance (connection refused, reset or timed out while connecting).
+    BeforeSend,
+    /// The request may have reached the instance (connection lost after sending).
+    AfterSend,
+    /// The instance answered 502, 503 or 504.
+    BadGatewayStatus,
+}
+
+/// Methods that may be sent twice without changing the outcome (RFC 9110 §9.2.2).
+pub fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Whether a try that failed this way may be tried again on another instance.
+/// `replayable`: the request body can be sent again (empty or buffered).
+pub fn may_retry(method: &Method, failure: TryFailure, replayable: bool) -> bool {
+    replayable
+        && match failure {
+            TryFailure::BeforeSend => true,
+            TryFailure::AfterSend | TryFailure::BadGatewayStatus => is_idempotent(method),
+        }
+}
+
+fn is_bad_gateway_status(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+    )
+}
+
+/// A request body as the gateway holds it between tries.
+enum HeldBody {
+    /// Empty or buffered: can be sent any number of times.
+    Replayable(Bytes),
+    /// Streamed from the client: can be sent once.
+    Streaming(Option<Incoming>),
+}
+
+impl HeldBody {
+    fn is_replayable(&self) -> bool {
+        matches!(self, HeldBody::Replayable(_))
+    }
+
+    /// The body for the next try, or `None` if a streamed body was already sent.
+    fn take(&mut self) -> Option<UpstreamBody> {
+        match self {
+            HeldBody::Replayable(bytes) => Some(Either::Left(Full::new(bytes.clone()))),
+            HeldBody::Streaming(body) => body.take().map(Either::Right),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forwarding.
+
+/// The pooled HTTP/1.1 client used for every instance.
+fn build_client(config: &UpstreamConfig) -> Client<HttpConnector, UpstreamBody> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(config.connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    connector.enforce_http(true);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(config.pool_idle_timeout)
+        .pool_max_idle_per_host(config.pool_max_idle_per_host)
+        .build(connector)
+}
+
+/// The gateway's request handler and its shared, read-only state.
+pub struct Gateway {
+    router: Router,
+    client: Client<HttpConnector, UpstreamBody>,
+    max_replay_body_bytes: usize,
+    unrouted: RequestMetrics,
+}
+
+impl Gateway {
+    pub fn new(config: &Config, upstreams: &Upstreams, unrouted: RequestMetrics) -> Self {
+        Self {
+            router: Router::new(upstreams),
+            client: build_client(&config.upstream),
+            max_replay_body_bytes: config.upstream.max_replay_body_bytes,
+            unrouted,
+        }
+    }
+
+    /// Answers one client request. Never fails: errors become the gateway's own answers.
+    pub async fn handle(
+        &self,
+        client: SocketAddr,
+        request: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let Some(route) = self
+            .router
+            .find(request_host(&request), request.uri().path())
+        else {
+            let response = GatewayError::NoRoute.into_response();
+            self.unrouted
+                .observe_request(response.status().as_u16(), started.elapsed());
+            return response;
+        };
+        let response = match self.forward(route, client, request).await {
+            Ok(response) => response,
+            Err(error) => error.into_response(),
+        };
+        route
+            .upstream
+            .metrics
+            .requests
+            .observe_request(response.status().as_u16(), started.elapsed());
+        response
+    }
+
+    async fn forward(
+        &self,
+        route: &Route,
+        client: SocketAddr,
+        request: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, GatewayError> {
+        let upstream = &route.upstream;
+        let table = upstream.table();
+        if table.is_empty() {
+            return Err(GatewayError::NoHealthyInstance);
+        }
+        let retry = upstream.config.retry;
+        let deadline = Instant::now() + retry.timeout;
+        let (mut parts, body) = request.into_parts();
+        let mut body = self.hold_body(&parts, body, deadline).await?;
+        let path = route.upstream_path(&parts.uri);
+        forward_headers(&mut parts, client);
+
+        let mut tried = Tried::default();
+        let mut last_response = None;
+        for attempt in 0..retry.attempts {
+            let Some(request_body) = body.take() else {
+                break;
+            };
+            let Some((index, instance)) = table.pick(&tried) else {
+                break;
+            };
+            tried.insert(index);
+            if attempt > 0 {
+                upstream.metrics.inc_retries();
+            }
+            let uri = Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(instance.authority.clone())
+                .path_and_query(path.clone())
+                .build()
+                .map_err(|_| GatewayError::BadGateway)?;
+            let mut outgoing = Request::new(request_body);
+            *outgoing.method_mut() = parts.method.clone();
+            *outgoing.uri_mut() = uri;
+            *outgoing.version_mut() = Version::HTTP_11;
+            *outgoing.headers_mut() = parts.headers.clone();
+
+            let is_last = attempt + 1 == retry.attempts;
+            let outcome = tokio::time::timeout_at(deadline, self.client.request(outgoing)).await;
+            match outcome {
+                Err(_) => return Err(GatewayError::DeadlineExceeded),
+                Ok(Ok(response)) => {
+                    let status = response.status();
+                    if !is_bad_gateway_status(status)
+                        || is_last
+                        || !may_retry(
+                            &parts.method,
+                            TryFailure::BadGatewayStatus,
+                            body.is_replayable(),
+                        )
+                    {
+                        return Ok(client_response(response));
+                    }
+                    debug!(service = upstream.name(), instance = %instance.id, %status, "retrying after bad gateway status");
+                    last_response = Some(response);
+                }
+                Ok(Err(error)) => {
+                    let failure = if error.is_connect() {
+                        TryFailure::BeforeSend
+                    } else {
+                        TryFailure::AfterSend
+                    };
+                    debug!(service = upstream.name(), instance = %instance.id, ?failure, %error, "try failed");
+                    if !may_retry(&parts.method, failure, body.is_replayable()) {
+                        break;
+                    }
+                }
+            }
+        }
+        match last_response {
+            Some(response) => Ok(client_response(response)),
+            None => Err(GatewayError::BadGateway),
+        }
+    }
+
+    /// Buffers a body small enough to replay (by its Content-Length); streams the rest.
+    async fn hold_body(
+        &self,
+        parts: &Parts,
+        body: Incoming,
+        deadline: Instant,
+    ) -> Result<HeldBody, GatewayError> {
+        if body.is_end_stream() {
+            return Ok(HeldBody::Replayable(Bytes::new()));
+        }
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        match declared {
+            Some(length) if length <= self.max_replay_body_bytes => {
+                let collected = tokio::time::timeout_at(
+                    deadline,
+                    Limited::new(body, self.max_replay_body_bytes).collect(),
+                )
+                .await
+                .map_err(|_| GatewayError::DeadlineExceeded)?
+                .map_err(|_| GatewayError::BadRequestBody)?;
+                Ok(HeldBody::Replayable(collected.to_bytes()))
+            }
+            _ => Ok(HeldBody::Streaming(Some(body))),
+        }
+    }
+}
+
+/// An instance's response, ready for the client.
+fn client_response(response: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, Either::Left(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_rules_per_method_and_failure() {
+        let idempotent = [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::TRACE,
+            Method::PUT,
+            Method::DELETE,
+        ];
+        let unsafe_methods = [Method::POST, Method::PATCH, Method::CONNECT];
+        for method in &idempotent {
+            assert!(may_retry(method, TryFailure::BeforeSend, true));
+            assert!(may_retry(method, TryFailure::AfterSend, true));
+            assert!(may_retry(method, TryFailure::BadGatewayStatus, true));
+            // A streamed body cannot be sent twice, whatever the method.
+            assert!(!may_retry(method, TryFailure::BeforeSend, false));
+        }
+        for method in &unsafe_methods {
+            assert!(
+                may_retry(method, TryFailure::BeforeSend, true),
+                "{method}: nothing was sent"
+            );
+            assert!(!may_retry(method, TryFailure::AfterSend, true), "{method}");
+            assert!(
+                !may_retry(method, TryFailure::BadGatewayStatus, true),
+                "{method}"
+            );
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret-hop"),
+        );
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
+        headers.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        headers.insert(header::HOST, HeaderValue::from_static("example.com"));
+        remove_hop_by_hop(&mut headers);
+        let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(headers.contains_key("x-end-to-end") && headers.contains_key(header::HOST));
+    }
+
+    #[test]
+    fn gateway_answers_carry_status_and_cause() {
+        for (error, status) in [
+            (GatewayError::NoRoute, 404),
+            (GatewayError::NoHealthyInstance, 503),
+            (GatewayError::BadGateway, 502),
+            (GatewayError::DeadlineExceeded, 504),
+            (GatewayError::BadRequestBody, 400),
+        ] {
+            let response = error.into_response();
+            assert_eq!(response.status().as_u16(), status);
+            assert_eq!(response.headers()[ERROR_HEADER], error.cause());
+        }
+    }
+
+    #[test]
+    fn strip_port_handles_names_and_ipv6() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+}

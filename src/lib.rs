@@ -1,0 +1,148 @@
+//! switchyard: a Consul-driven load-balancing HTTP gateway (server-side discovery).
+//!
+//! Clients send every request to one address; switchyard finds a healthy instance of the
+//! right service in Consul and forwards the request there.
+//!
+//! ```text
+//! gateway.yaml + env ─> config ─┬─> watcher (one task per service: Consul blocking queries)
+//!                               │      └─ new healthy set? build a table, ArcSwap::store
+//!                               │                               │
+//!                               │                        upstream (one table per service)
+//!                               │                               │ load(), pick()
+//!                               └─> gateway (hyper server) ─────┘─> pooled client ─> instance
+//!                                   admin (/metrics /healthz /readyz /routes) reads both
+//! ```
+//!
+//! - [`config`]: the file and env overrides, validated once into typed values.
+//! - [`watcher`]: Consul blocking queries, index rules, rate limit, backoff; writes tables.
+//! - [`upstream`]: immutable per-service tables behind `ArcSwap`, and the balancers.
+//! - [`gateway`]: routing, header hygiene, forwarding and retries; reads tables.
+//! - [`metrics`]: the Prometheus registry and per-service handles (a leaf).
+//! - [`admin`]: the admin listener's endpoints.
+//! - [`server`]: the accept loop with graceful shutdown, shared by both listeners.
+//!
+//! `watcher` and `gateway` never import each other: they meet only at the upstream tables.
+
+pub mod admin;
+pub mod config;
+pub mod gateway;
+pub mod metrics;
+pub mod server;
+pub mod upstream;
+pub mod watcher;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use config::Config;
+pub use tokio_util::sync::CancellationToken as Shutdown;
+
+use crate::admin::Admin;
+use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+use crate::upstream::Upstreams;
+use crate::watcher::{ConsulDiscovery, WatchPacing};
+
+/// The admin listener only serves quick requests; it needs little time to drain.
+const ADMIN_GRACE: Duration = Duration::from_secs(1);
+
+/// A failure to start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("Consul client: {0}")]
+    Discovery(#[from] watcher::DiscoveryError),
+}
+
+/// Runs the gateway on `listener` and the admin endpoints on `admin_listener` until
+/// `shutdown` is cancelled, then drains in-flight requests for `server.shutdown_grace`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::new()?);
+    let upstreams = Upstreams::new(&config.services, &metrics);
+    let discovery = Arc::new(ConsulDiscovery::new(&config.consul)?);
+
+    // Watchers outlive the listeners' drain so retries during it still see fresh tables.
+    let stop_watchers = CancellationToken::new();
+    let watchers = watcher::spawn_watchers(
+        discovery,
+        &upstreams,
+        WatchPacing::from(&config.consul),
+        &stop_watchers,
+    );
+
+    let admin = Arc::new(Admin {
+        metrics: metrics.clone(),
+        upstreams: upstreams.clone(),
+    });
+    let mut admin_builder = Builder::new(TokioExecutor::new());
+    admin_builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.server.header_read_timeout);
+    let admin_task = tokio::spawn(server::serve(
+        "admin",
+        admin_listener,
+        admin_builder,
+        move |_peer, request| {
+            let admin = admin.clone();
+            async move { admin.handle(&request) }
+        },
+        shutdown.clone(),
+        ADMIN_GRACE,
+    ));
+
+    let gateway = Arc::new(Gateway::new(
+        &config,
+        &upstreams,
+        metrics.for_requests(metrics::UNROUTED),
+    ));
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(config.server.header_read_timeout)
+        .max_buf_size(config.server.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(config.server.max_header_bytes).unwrap_or(u32::MAX));
+    info!(
+        listen = %config.listen,
+        admin = %config.admin_listen,
+        services = config.services.len(),
+        "switchyard serving"
+    );
+    server::serve(
+        "gateway",
+        listener,
+        builder,
+        move |peer, request| {
+            let gateway = gateway.clone();
+            async move { gateway.handle(peer, request).await }
+        },
+        shutdown,
+        config.server.shutdown_grace,
+    )
+    .await;
+
+    stop_watchers.cancel();
+    let _ = admin_task.await;
+    for watcher in watchers {
+        let _ = watcher.await;
+    }
+    info!("switchyard stopped");
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! The `switchyard` binary: parses flags, loads the config, binds the listeners and hands
+//! over to [`switchyard::run`] until SIGTERM or SIGINT.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+use switchyard::{Config, Shutdown};
+
+/// A Consul-driven load-balancing HTTP gateway.
+///
+/// Environment: every key of the config file can be overridden as SWITCHYARD__<KEY> with `__`
+/// between levels (e.g. SWITCHYARD__CONSUL__ADDRESS); CONSUL_HTTP_ADDR and CONSUL_HTTP_TOKEN
+/// are used when the file leaves consul.address / consul.token out. RUST_LOG sets log levels.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Path of the YAML config file.
+    #[arg(short, long, default_value = "gateway.yaml", env = "SWITCHYARD_CONFIG")]
+    config: PathBuf,
+    /// Validate the config and exit: 0 when valid, 2 with the key and the reason otherwise.
+    #[arg(long)]
+    check: bool,
+    /// Print the effective config (after env overrides, secrets masked) and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("switchyard: config {}: {error}", cli.config.display());
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check {
+        println!(
+            "switchyard: config {} is valid ({} services)",
+            cli.config.display(),
+            config.services.len()
+        );
+        return ExitCode::SUCCESS;
+    }
+    if cli.print_config {
+        println!("{}", config.to_masked_json());
+        return ExitCode::SUCCESS;
+    }
+    match serve(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("switchyard: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.workers > 0 {
+        runtime.worker_threads(config.workers);
+    }
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding `listen` {}", config.listen))?;
+        let admin_listener = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| format!("binding `admin_listen` {}", config.admin_listen))?;
+        let shutdown = Shutdown::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        switchyard::run(config, listener, admin_listener, shutdown).await?;
+        Ok(())
+    })
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+async fn cancel_on_signal(shutdown: Shutdown) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = terminate => tracing::info!("SIGTERM: shutting down"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,240 @@
+//! Prometheus metrics: one registry per gateway, with per-service handles resolved once.
+//!
+//! The request path never calls `with_label_values`: each service gets a `ServiceMetrics`
+//! holding its counters, and status-code counters are resolved on the first use of each code
+//! and cached in a lock-free slot. Label values come from configuration and Consul service
+//! names, never from request paths, so cardinality is bounded by the config. This module
+//! imports no other module of the crate.
+
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The `service` label of requests that matched no route.
+pub const UNROUTED: &str = "unrouted";
+
+/// Latency buckets from 250µs to 10s: a proxy's added latency lives in the low end.
+const DURATION_BUCKETS: &[f64] = &[
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Every metric family of the gateway.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    retries: IntCounterVec,
+    instances: IntGaugeVec,
+    table_updates: IntCounterVec,
+    consul_errors: IntCounterVec,
+    consul_last_success: GaugeVec,
+}
+
+impl Metrics {
+    /// Builds and registers all families. Fails only on a programming error (duplicate names).
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "switchyard_requests_total",
+                "Requests answered, by service and status code.",
+            ),
+            &["service", "code"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_request_duration_seconds",
+                "Time from request received to response head sent, all tries included.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["service"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "switchyard_retries_total",
+                "Tries after the first, by service.",
+            ),
+            &["service"],
+        )?;
+        let instances = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_upstream_instances",
+                "Healthy instances in the current table.",
+            ),
+            &["service"],
+        )?;
+        let table_updates = IntCounterVec::new(
+            Opts::new(
+                "switchyard_table_updates_total",
+                "Times a service's instance table was replaced with a different set.",
+            ),
+            &["service"],
+        )?;
+        let consul_errors = IntCounterVec::new(
+            Opts::new(
+                "switchyard_consul_errors_total",
+                "Failed Consul queries, by service.",
+            ),
+            &["service"],
+        )?;
+        let consul_last_success = GaugeVec::new(
+            Opts::new(
+                "switchyard_consul_last_success_timestamp_seconds",
+                "Unix time of the last successful Consul answer, by service.",
+            ),
+            &["service"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(instances.clone()))?;
+        registry.register(Box::new(table_updates.clone()))?;
+        registry.register(Box::new(consul_errors.clone()))?;
+        registry.register(Box::new(consul_last_success.clone()))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Self {
+            registry,
+            requests,
+            duration,
+            retries,
+            instances,
+            table_updates,
+            consul_errors,
+            consul_last_success,
+        })
+    }
+
+    /// Request counters for a `service` label (also used for [`UNROUTED`]).
+    pub fn for_requests(&self, service: &str) -> RequestMetrics {
+        RequestMetrics {
+            requests: self.requests.clone(),
+            service: service.to_owned(),
+            codes: (0..CODE_SLOTS).map(|_| OnceLock::new()).collect(),
+            duration: self.duration.with_label_values(&[service]),
+        }
+    }
+
+    /// Resolves every handle one service needs. Call once per service at start.
+    pub fn for_service(&self, service: &str) -> ServiceMetrics {
+        ServiceMetrics {
+            requests: self.for_requests(service),
+            retries: self.retries.with_label_values(&[service]),
+            instances: self.instances.with_label_values(&[service]),
+            table_updates: self.table_updates.with_label_values(&[service]),
+            consul_errors: self.consul_errors.with_label_values(&[service]),
+            consul_last_success: self.consul_last_success.with_label_values(&[service]),
+        }
+    }
+
+    /// The text exposition format, ready for `/metrics`.
+    pub fn encode(&self) -> Result<Vec<u8>, prometheus::Error> {
+        let mut buffer = Vec::with_capacity(16 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
+        Ok(buffer)
+    }
+}
+
+/// Status codes 100..=599 each get a slot; anything else shares the last one.
+const CODE_SLOTS: usize = 501;
+
+/// Request count and latency for one `service` label.
+pub struct RequestMetrics {
+    requests: IntCounterVec,
+    service: String,
+    codes: Box<[OnceLock<IntCounter>]>,
+    duration: Histogram,
+}
+
+/// One service's handles, resolved at start.
+pub struct ServiceMetrics {
+    pub requests: RequestMetrics,
+    retries: IntCounter,
+    instances: IntGauge,
+    table_updates: IntCounter,
+    consul_errors: IntCounter,
+    consul_last_success: Gauge,
+}
+
+impl RequestMetrics {
+    /// Counts one answered request and its latency.
+    pub fn observe_request(&self, status: u16, elapsed: Duration) {
+        let slot = usize::from(status.clamp(100, 600) - 100).min(CODE_SLOTS - 1);
+        self.codes[slot]
+            .get_or_init(|| {
+                let code = if (100..=599).contains(&status) {
+                    status.to_string()
+                } else {
+                    "other".to_owned()
+                };
+                self.requests
+                    .with_label_values(&[self.service.as_str(), code.as_str()])
+            })
+            .inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+}
+
+impl ServiceMetrics {
+    pub fn inc_retries(&self) {
+        self.retries.inc();
+    }
+
+    pub fn table_replaced(&self, instance_count: usize) {
+        self.table_updates.inc();
+        self.instances
+            .set(i64::try_from(instance_count).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_instances(&self, instance_count: usize) {
+        self.instances
+            .set(i64::try_from(instance_count).unwrap_or(i64::MAX));
+    }
+
+    pub fn consul_error(&self) {
+        self.consul_errors.inc();
+    }
+
+    pub fn consul_success(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        self.consul_last_success.set(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_counter_uses_code_label() {
+        let metrics = Metrics::new().unwrap();
+        let hello = metrics.for_service("hello");
+        for _ in 0..3 {
+            hello
+                .requests
+                .observe_request(200, Duration::from_millis(1));
+        }
+        hello
+            .requests
+            .observe_request(503, Duration::from_millis(1));
+        let text = String::from_utf8(metrics.encode().unwrap()).unwrap();
+        assert!(
+            text.contains(r#"switchyard_requests_total{code="200",service="hello"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"switchyard_requests_total{code="503",service="hello"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"switchyard_request_duration_seconds_count{service="hello"} 4"#));
+    }
+}

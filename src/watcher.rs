@@ -1,0 +1,548 @@
+//! Discovery: one task per configured service keeps its upstream table in step with Consul.
+//!
+//! Each task runs Consul *blocking queries* on `/v1/health/service/<name>?passing`, which
+//! return the moment the healthy set changes (or after `wait`). The loop follows Consul's
+//! rules for blocking queries: send back `X-Consul-Index`, reset when it goes backwards, never
+//! send an index below 1 after the first answer, treat an unchanged index as "no change",
+//! cut a long-poll that hangs past `wait * 17/16` plus slack, rate-limit the loop with a token
+//! bucket, and back off with jitter on errors. Errors never touch the table: the gateway keeps
+//! serving the last good set while Consul is away.
+//!
+//! The loop talks to Consul through the [`Discovery`] trait (typed answers for one service),
+//! so another source can be added beside Consul without touching the loop.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderValue};
+use serde::Deserialize;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{ConsulConfig, ServiceConfig};
+use crate::upstream::{Instance, Upstream, Upstreams};
+
+/// Extra time beyond Consul's own `wait + wait/16` before a long-poll counts as hung.
+const LONG_POLL_SLACK: Duration = Duration::from_secs(5);
+/// Token bucket for each service's loop: short bursts allowed, then at most 10 queries/s.
+const RATE_BURST: u32 = 5;
+const RATE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A discovery failure. Never empties a table.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("Consul request failed: {0}")]
+    Transport(#[source] reqwest::Error),
+    #[error("Consul long-poll hung past {0:?} and was cut")]
+    Hung(Duration),
+    #[error("Consul answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("Consul answer lacks a valid X-Consul-Index header")]
+    MissingIndex,
+    #[error("Consul answer is not the expected JSON: {0}")]
+    Decode(#[source] serde_json::Error),
+}
+
+/// One answer of a discovery source for one service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// The source's change index (Consul's `X-Consul-Index`).
+    pub index: u64,
+    /// Healthy instances carrying every configured tag.
+    pub instances: Vec<Instance>,
+}
+
+/// A source of healthy instances that supports blocking ("wake me on change") queries.
+pub trait Discovery: Send + Sync + 'static {
+    /// Returns the healthy instances of `service`, blocking until the source's index moves
+    /// past `index` (or its wait elapses). `index == 0` returns at once.
+    fn fetch(
+        &self,
+        service: &ServiceConfig,
+        index: u64,
+    ) -> impl Future<Output = Result<Answer, DiscoveryError>> + Send;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consul's index rules.
+
+/// What an answer's index means for the watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexStep {
+    /// First answer, or the index moved forward: look at the instances.
+    Advanced { next: u64 },
+    /// Same index as last time: nothing changed, do not rebuild.
+    Unchanged { next: u64 },
+    /// The index went backwards (e.g. a Consul server restarted with less state): the data is
+    /// current, but the next query starts over from 0 so it does not block on a stale index.
+    Reset,
+}
+
+impl IndexStep {
+    /// Applies Consul's rules to `answered`, given the index of the previous query.
+    pub fn from_indexes(previous: u64, answered: u64) -> Self {
+        if answered < previous {
+            IndexStep::Reset
+        } else if answered == previous && previous != 0 {
+            IndexStep::Unchanged { next: previous }
+        } else {
+            // Never block on index 0 after the first answer: that would return at once, forever.
+            IndexStep::Advanced {
+                next: answered.max(1),
+            }
+        }
+    }
+
+    /// The index to send with the next query.
+    pub fn next_index(self) -> u64 {
+        match self {
+            IndexStep::Advanced { next } | IndexStep::Unchanged { next } => next,
+            IndexStep::Reset => 0,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pacing: token bucket and jittered backoff.
+
+/// Allows `burst` queries at once, then one per `interval`.
+#[derive(Debug)]
+pub struct TokenBucket {
+    burst: u32,
+    interval: Duration,
+    tokens: u32,
+    last_refill: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(burst: u32, interval: Duration) -> Self {
+        Self {
+            burst,
+            interval,
+            tokens: burst,
+            last_refill: Instant::now(),
+        }
+    }
+
+    /// Waits until a token is available and takes it.
+    pub async fn acquire(&mut self) {
+        loop {
+            let now = Instant::now();
+            let earned = now.duration_since(self.last_refill).as_nanos() / self.interval.as_nanos();
+            if earned > 0 {
+                let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+                self.tokens = self.tokens.saturating_add(earned).min(self.burst);
+                self.last_refill += self.interval * earned.min(self.burst);
+                if self.tokens == self.burst {
+                    self.last_refill = now;
+                }
+            }
+            if self.tokens > 0 {
+                self.tokens -= 1;
+                return;
+            }
+            tokio::time::sleep_until(self.last_refill + self.interval).await;
+        }
+    }
+}
+
+/// Exponential backoff with "equal jitter": each delay is half fixed, half random, so many
+/// gateways that lost Consul together do not come back in lockstep.
+#[derive(Debug)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max,
+            failures: 0,
+        }
+    }
+
+    /// The delay before the next try; grows with each call until `reset`.
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32 << self.failures.min(20))
+            .min(self.max);
+        self.failures = self.failures.saturating_add(1);
+        let half = exp / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consul.
+
+/// Consul's `/v1/health/service/<name>` over HTTP.
+#[derive(Clone)]
+pub struct ConsulDiscovery {
+    http: reqwest::Client,
+    base: reqwest::Url,
+    datacenter: Option<String>,
+    wait: Duration,
+    hung_after: Duration,
+}
+
+impl ConsulDiscovery {
+    pub fn new(config: &ConsulConfig) -> Result<Self, DiscoveryError> {
+        let mut headers = HeaderMap::new();
+        if !config.token.is_empty() {
+            let mut token = HeaderValue::from_str(config.token.expose()).map_err(|_| {
+                DiscoveryError::Status {
+                    status: 0,
+                    body: "consul.token contains characters not allowed in a header".into(),
+                }
+            })?;
+            token.set_sensitive(true);
+            headers.insert("x-consul-token", token);
+        }
+        // Consul adds up to wait/16 of jitter to every blocking query.
+        let hung_after = config.wait + config.wait / 16 + LONG_POLL_SLACK;
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .map_err(DiscoveryError::Transport)?;
+        Ok(Self {
+            http,
+            base: config.address.clone(),
+            datacenter: config.datacenter.clone(),
+            wait: config.wait,
+            hung_after,
+        })
+    }
+
+    fn health_url(&self, service: &ServiceConfig, index: u64) -> reqwest::Url {
+        let mut url = self.base.clone();
+        url.set_path(&format!("/v1/health/service/{}", service.name));
+        {
+            let mut query = url.query_pairs_mut();
+            query.append_key_only("passing");
+            query.append_key_only("stale");
+            query.append_pair("index", &index.to_string());
+            query.append_pair("wait", &format!("{}ms", self.wait.as_millis()));
+            if let Some(dc) = &self.datacenter {
+                query.append_pair("dc", dc);
+            }
+            for tag in &service.tags {
+                query.append_pair("tag", tag);
+            }
+        }
+        url
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthEntry {
+    node: HealthNode,
+    service: HealthService,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthNode {
+    #[serde(default)]
+    address: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthService {
+    #[serde(rename = "ID")]
+    id: String,
+    #[serde(default)]
+    address: String,
+    port: u16,
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    #[serde(default)]
+    meta: Option<BTreeMap<String, String>>,
+}
+
+/// Turns Consul's health entries into instances carrying all `required_tags`. Entries that
+/// cannot be addressed are skipped with a warning rather than failing the whole answer.
+fn instances_from_entries(service: &ServiceConfig, entries: Vec<HealthEntry>) -> Vec<Instance> {
+    entries
+        .into_iter()
+        .filter_map(|entry| {
+            let tags = entry.service.tags.unwrap_or_default();
+            if !service.tags.iter().all(|t| tags.contains(t)) {
+                return None;
+            }
+            let address = if entry.service.address.is_empty() {
+                entry.node.address
+            } else {
+                entry.service.address
+            };
+            let meta = entry.service.meta.unwrap_or_default();
+            match Instance::new(entry.service.id, address, entry.service.port, tags, meta) {
+                Ok(instance) => Some(instance),
+                Err(e) => {
+                    warn!(service = %service.name, error = %e, "skipping unaddressable instance");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+fn parse_index(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get("x-consul-index")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+impl Discovery for ConsulDiscovery {
+    async fn fetch(&self, service: &ServiceConfig, index: u64) -> Result<Answer, DiscoveryError> {
+        let url = self.health_url(service, index);
+        let send = async {
+            let response = self
+                .http
+                .get(url)
+                .send()
+                .await
+                .map_err(DiscoveryError::Transport)?;
+            let status = response.status();
+            let headers = response.headers().clone();
+            let body = response.bytes().await.map_err(DiscoveryError::Transport)?;
+            Ok::<_, DiscoveryError>((status, headers, body))
+        };
+        // The watchdog: a long-poll that outlives Consul's own bound plus slack is hung.
+        let (status, headers, body) = tokio::time::timeout(self.hung_after, send)
+            .await
+            .map_err(|_| DiscoveryError::Hung(self.hung_after))??;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body);
+            let body: String = text.trim().chars().take(200).collect();
+            return Err(DiscoveryError::Status {
+                status: status.as_u16(),
+                body,
+            });
+        }
+        let index = parse_index(&headers).ok_or(DiscoveryError::MissingIndex)?;
+        if headers
+            .get("x-consul-knownleader")
+            .and_then(|v| v.to_str().ok())
+            == Some("false")
+        {
+            // A stale read from a server that lost its leader may lag; it is still the best
+            // data there is, and the next change will correct it.
+            debug!(service = %service.name, "Consul answered without a known leader");
+        }
+        let entries: Vec<HealthEntry> =
+            serde_json::from_slice(&body).map_err(DiscoveryError::Decode)?;
+        Ok(Answer {
+            index,
+            instances: instances_from_entries(service, entries),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The watch loop.
+
+/// Pacing of one watch loop.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchPacing {
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl From<&ConsulConfig> for WatchPacing {
+    fn from(config: &ConsulConfig) -> Self {
+        Self {
+            backoff_base: config.backoff_base,
+            backoff_max: config.backoff_max,
+        }
+    }
+}
+
+/// Keeps `upstream`'s table in step with `discovery` until `shutdown` is cancelled.
+pub async fn watch_service<D: Discovery>(
+    discovery: Arc<D>,
+    upstream: Arc<Upstream>,
+    pacing: WatchPacing,
+    shutdown: CancellationToken,
+) {
+    let name = upstream.name().to_owned();
+    let mut index = 0u64;
+    let mut bucket = TokenBucket::new(RATE_BURST, RATE_INTERVAL);
+    let mut backoff = Backoff::new(pacing.backoff_base, pacing.backoff_max);
+    loop {
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            result = async {
+                bucket.acquire().await;
+                discovery.fetch(&upstream.config, index).await
+            } => result,
+        };
+        match result {
+            Ok(answer) => {
+                if backoff.failures > 0 {
+                    info!(service = %name, index = answer.index, "Consul watch resumed");
+                }
+                backoff.reset();
+                let step = IndexStep::from_indexes(index, answer.index);
+                upstream.record_sync(answer.index);
+                if step != (IndexStep::Unchanged { next: index }) {
+                    let count = answer.instances.len();
+                    if upstream.replace_instances(answer.instances) {
+                        info!(service = %name, index = answer.index, instances = count, "table updated");
+                    }
+                }
+                if step == IndexStep::Reset {
+                    info!(service = %name, previous = index, answered = answer.index, "Consul index went backwards; resetting");
+                }
+                index = step.next_index();
+            }
+            Err(error) => {
+                upstream.metrics.consul_error();
+                let delay = backoff.next_delay();
+                warn!(service = %name, %error, retry_in = ?delay, "Consul query failed; keeping the last table");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    debug!(service = %name, "watch stopped");
+}
+
+/// Starts one watch task per service.
+pub fn spawn_watchers<D: Discovery>(
+    discovery: Arc<D>,
+    upstreams: &Upstreams,
+    pacing: WatchPacing,
+    shutdown: &CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    upstreams
+        .iter()
+        .map(|upstream| {
+            tokio::spawn(watch_service(
+                discovery.clone(),
+                upstream.clone(),
+                pacing,
+                shutdown.clone(),
+            ))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_answer_advances_and_never_below_one() {
+        assert_eq!(
+            IndexStep::from_indexes(0, 42),
+            IndexStep::Advanced { next: 42 }
+        );
+        // An index of 0 from Consul must not be sent back: it would never block.
+        assert_eq!(
+            IndexStep::from_indexes(0, 0),
+            IndexStep::Advanced { next: 1 }
+        );
+        assert_eq!(IndexStep::from_indexes(0, 0).next_index(), 1);
+    }
+
+    #[test]
+    fn unchanged_index_means_no_change() {
+        assert_eq!(
+            IndexStep::from_indexes(42, 42),
+            IndexStep::Unchanged { next: 42 }
+        );
+    }
+
+    #[test]
+    fn backwards_index_resets() {
+        assert_eq!(IndexStep::from_indexes(42, 7), IndexStep::Reset);
+        assert_eq!(IndexStep::from_indexes(42, 7).next_index(), 0);
+        // After a reset, the next answer is taken as a first answer.
+        assert_eq!(
+            IndexStep::from_indexes(0, 7),
+            IndexStep::Advanced { next: 7 }
+        );
+    }
+
+    #[test]
+    fn forward_index_advances() {
+        assert_eq!(
+            IndexStep::from_indexes(42, 43),
+            IndexStep::Advanced { next: 43 }
+        );
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let delays: Vec<_> = (0..8).map(|_| backoff.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
+        assert!(delays[3] >= Duration::from_millis(400) && delays[3] <= Duration::from_millis(800));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(1)));
+        assert!(delays[7] >= Duration::from_millis(500));
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_allows_burst_then_paces() {
+        let mut bucket = TokenBucket::new(3, Duration::from_millis(100));
+        let start = Instant::now();
+        for _ in 0..3 {
+            bucket.acquire().await;
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO, "burst is immediate");
+        for _ in 0..5 {
+            bucket.acquire().await;
+        }
+        let elapsed = start.elapsed();
+        assert!(elapsed >= Duration::from_millis(500), "{elapsed:?}");
+        assert!(elapsed < Duration::from_millis(600), "{elapsed:?}");
+    }
+
+    #[test]
+    fn entries_use_service_address_then_node_address_and_filter_tags() {
+        let json = r#"[
+          {"Node": {"Address": "10.0.0.1"}, "Service": {"ID": "a", "Address": "", "Port": 80, "Tags": ["v2", "x"]}},
+          {"Node": {"Address": "10.0.0.2"}, "Service": {"ID": "b", "Address": "10.9.9.9", "Port": 81, "Tags": ["v2"]}},
+          {"Node": {"Address": "10.0.0.3"}, "Service": {"ID": "c", "Address": "", "Port": 82, "Tags": null}}
+        ]"#;
+        let entries: Vec<HealthEntry> = serde_json::from_str(json).unwrap();
+        let mut service = crate::config::Config::from_yaml(
+            "services:\n  - name: s\n    tags: [v2]\n",
+            &Default::default(),
+        )
+        .unwrap()
+        .services
+        .remove(0);
+        let instances = instances_from_entries(&service, entries);
+        let authorities: Vec<_> = instances.iter().map(|i| i.authority.as_str()).collect();
+        assert_eq!(authorities, ["10.0.0.1:80", "10.9.9.9:81"]);
+        service.tags.clear();
+        let entries: Vec<HealthEntry> = serde_json::from_str(json).unwrap();
+        assert_eq!(instances_from_entries(&service, entries).len(), 3);
+    }
+}
