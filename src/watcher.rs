@@ -228,6 +228,12 @@ impl ConsulDiscovery {
         })
     }
 
+    /// Overrides when a long-poll counts as hung (default `wait * 17/16 + 5s`).
+    pub fn with_hung_after(mut self, hung_after: Duration) -> Self {
+        self.hung_after = hung_after;
+        self
+    }
+
     fn health_url(&self, service: &ServiceConfig, index: u64) -> reqwest::Url {
         let mut url = self.base.clone();
         url.set_path(&format!("/v1/health/service/{}", service.name));

@@ -1,0 +1,240 @@
+//! What a real Consul cannot produce on demand: an index going backwards (or to 0), 500s, and
+//! a long-poll that hangs. A scripted fake answers the watcher; the same watcher code is
+//! tested against a real agent in `discovery.rs`.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use switchyard::config::{Config, ConsulEnv};
+use switchyard::metrics::Metrics;
+use switchyard::upstream::{Upstream, Upstreams};
+use switchyard::watcher::{watch_service, ConsulDiscovery, WatchPacing};
+use switchyard::Shutdown;
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// 200 with this X-Consul-Index and these instance IDs.
+    Answer(u64, &'static [&'static str]),
+    Status(u16),
+    /// Never answers.
+    Hang,
+}
+
+/// Starts the fake; every request's `index` parameter is sent on the returned channel.
+async fn fake_consul(script: Vec<Step>) -> (String, mpsc::UnboundedReceiver<u64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let script = Arc::new(Mutex::new(VecDeque::from(script)));
+    let (seen, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (script, seen) = (script.clone(), seen.clone());
+            let service = service_fn(move |request: Request<Incoming>| {
+                let index = request
+                    .uri()
+                    .query()
+                    .unwrap_or("")
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("index="))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(u64::MAX);
+                let step = script.lock().unwrap().pop_front().unwrap_or(Step::Hang);
+                let _ = seen.send(index);
+                async move {
+                    let response = match step {
+                        Step::Answer(index, ids) => {
+                            let entries: Vec<String> = ids
+                                .iter()
+                                .enumerate()
+                                .map(|(n, id)| {
+                                    format!(
+                                        r#"{{"Node":{{"Address":"127.0.0.1"}},"Service":{{"ID":"{id}","Address":"","Port":{},"Tags":[]}}}}"#,
+                                        1000 + n
+                                    )
+                                })
+                                .collect();
+                            Response::builder()
+                                .header("x-consul-index", index.to_string())
+                                .header("x-consul-knownleader", "true")
+                                .body(Full::new(Bytes::from(format!("[{}]", entries.join(",")))))
+                                .unwrap()
+                        }
+                        Step::Status(code) => Response::builder()
+                            .status(code)
+                            .body(Full::new(Bytes::from_static(b"rpc error")))
+                            .unwrap(),
+                        Step::Hang => std::future::pending().await,
+                    };
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            tokio::spawn(async move {
+                let _ = Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (url, rx)
+}
+
+struct Watch {
+    upstream: Arc<Upstream>,
+    metrics: Metrics,
+    shutdown: Shutdown,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn start_watch(url: &str, hung_after: Option<Duration>) -> Watch {
+    let yaml = format!(
+        "consul:\n  address: {url}\n  wait: 10s\n  backoff_base: 20ms\n  backoff_max: 100ms\nservices:\n  - name: web\n"
+    );
+    let config = Config::from_yaml(&yaml, &ConsulEnv::default()).unwrap();
+    let metrics = Metrics::new().unwrap();
+    let upstream = Upstreams::new(&config.services, &metrics)
+        .get("web")
+        .unwrap()
+        .clone();
+    let mut discovery = ConsulDiscovery::new(&config.consul).unwrap();
+    if let Some(hung_after) = hung_after {
+        discovery = discovery.with_hung_after(hung_after);
+    }
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(watch_service(
+        Arc::new(discovery),
+        upstream.clone(),
+        WatchPacing::from(&config.consul),
+        shutdown.clone(),
+    ));
+    Watch {
+        upstream,
+        metrics,
+        shutdown,
+        task,
+    }
+}
+
+fn ids(upstream: &Upstream) -> Vec<String> {
+    upstream
+        .table()
+        .instances()
+        .iter()
+        .map(|i| i.id.clone())
+        .collect()
+}
+
+async fn next(rx: &mut mpsc::UnboundedReceiver<u64>) -> u64 {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the watcher sent no further query")
+        .expect("fake consul stopped")
+}
+
+#[tokio::test]
+async fn index_going_backwards_resets_and_zero_is_never_sent_back() {
+    let (url, mut queries) = fake_consul(vec![
+        Step::Answer(10, &["a", "b"]),
+        Step::Answer(5, &["a"]),
+        Step::Answer(0, &["a", "c"]),
+        Step::Hang,
+    ])
+    .await;
+    let watch = start_watch(&url, None);
+    assert_eq!(next(&mut queries).await, 0, "first query does not block");
+    assert_eq!(next(&mut queries).await, 10, "blocks on the answered index");
+    assert_eq!(
+        next(&mut queries).await,
+        0,
+        "index went backwards: reset to 0"
+    );
+    assert_eq!(
+        next(&mut queries).await,
+        1,
+        "an answered 0 is sent back as 1"
+    );
+    assert_eq!(ids(&watch.upstream), ["a", "c"]);
+    watch.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), watch.task)
+        .await
+        .expect("watch stops on shutdown, even mid long-poll")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn consul_errors_keep_the_last_table() {
+    let (url, mut queries) = fake_consul(vec![
+        Step::Answer(10, &["a", "b"]),
+        Step::Status(500),
+        Step::Status(500),
+        Step::Status(500),
+        Step::Answer(11, &["a", "b", "c"]),
+        Step::Hang,
+    ])
+    .await;
+    let watch = start_watch(&url, None);
+    for expected in [0, 10, 10, 10, 10] {
+        assert_eq!(next(&mut queries).await, expected);
+    }
+    // The fifth query arrived, so three 500s were handled; the table survived them.
+    let metrics = String::from_utf8(watch.metrics.encode().unwrap()).unwrap();
+    assert!(
+        metrics.contains(r#"switchyard_consul_errors_total{service="web"} 3"#),
+        "{metrics}"
+    );
+    assert_eq!(next(&mut queries).await, 11);
+    assert_eq!(ids(&watch.upstream), ["a", "b", "c"]);
+    watch.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn errors_before_any_answer_leave_the_service_unready() {
+    let (url, mut queries) =
+        fake_consul(vec![Step::Status(500), Step::Status(503), Step::Hang]).await;
+    let watch = start_watch(&url, None);
+    for _ in 0..3 {
+        assert_eq!(next(&mut queries).await, 0);
+    }
+    assert!(!watch.upstream.is_synced());
+    assert!(ids(&watch.upstream).is_empty());
+    watch.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn hung_long_poll_is_cut_and_retried() {
+    let (url, mut queries) = fake_consul(vec![
+        Step::Answer(10, &["a"]),
+        Step::Hang,
+        Step::Answer(11, &["a", "b"]),
+        Step::Hang,
+    ])
+    .await;
+    let watch = start_watch(&url, Some(Duration::from_millis(300)));
+    assert_eq!(next(&mut queries).await, 0);
+    assert_eq!(next(&mut queries).await, 10);
+    let hung_since = tokio::time::Instant::now();
+    assert_eq!(next(&mut queries).await, 10, "the hung query is retried");
+    assert!(hung_since.elapsed() >= Duration::from_millis(300));
+    assert_eq!(next(&mut queries).await, 11);
+    assert_eq!(ids(&watch.upstream), ["a", "b"]);
+    let metrics = String::from_utf8(watch.metrics.encode().unwrap()).unwrap();
+    assert!(
+        metrics.contains(r#"switchyard_consul_errors_total{service="web"} 1"#),
+        "{metrics}"
+    );
+    watch.shutdown.cancel();
+}
