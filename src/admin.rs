@@ -5,6 +5,7 @@
 //! It binds to 127.0.0.1 unless configured otherwise: `/routes` shows internal addresses.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -20,6 +21,8 @@ use crate::upstream::Upstreams;
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub upstreams: Upstreams,
+    /// `/readyz` fails once a service's Consul queries have failed for this long.
+    pub stale_after: Duration,
 }
 
 impl Admin {
@@ -28,7 +31,7 @@ impl Admin {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
         }
         match request.uri().path() {
-            "/metrics" => match self.metrics.encode() {
+            "/metrics" => match self.refresh_and_encode() {
                 Ok(body) => with_type(
                     StatusCode::OK,
                     body,
@@ -40,25 +43,7 @@ impl Admin {
                 ),
             },
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" => {
-                let waiting: Vec<&str> = self
-                    .upstreams
-                    .iter()
-                    .filter(|u| !u.is_synced())
-                    .map(|u| u.name())
-                    .collect();
-                if waiting.is_empty() {
-                    text(StatusCode::OK, "ready\n")
-                } else {
-                    text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!(
-                            "waiting for a first Consul answer for: {}\n",
-                            waiting.join(", ")
-                        ),
-                    )
-                }
-            }
+            "/readyz" => self.readiness(),
             "/routes" => {
                 let body = serde_json::to_vec_pretty(&self.routes()).unwrap_or_default();
                 with_type(StatusCode::OK, body, "application/json")
@@ -68,6 +53,43 @@ impl Admin {
                 "admin endpoints: /metrics /healthz /readyz /routes\n",
             ),
         }
+    }
+
+    /// Ready when every service has had a Consul answer and none has been failing for longer
+    /// than `stale_after`. A stale gateway still serves its tables; readiness tells a load
+    /// balancer in front to prefer a replica that sees Consul.
+    fn readiness(&self) -> Response<Full<Bytes>> {
+        let mut problems = Vec::new();
+        for upstream in self.upstreams.iter() {
+            if !upstream.is_synced() {
+                problems.push(format!("{}: no Consul answer yet", upstream.name()));
+            } else if upstream.is_stale(self.stale_after) {
+                let age = upstream.failing_for().unwrap_or_default();
+                problems.push(format!(
+                    "{}: Consul failing for {:.0}s (limit {:.0}s)",
+                    upstream.name(),
+                    age.as_secs_f64(),
+                    self.stale_after.as_secs_f64()
+                ));
+            }
+        }
+        if problems.is_empty() {
+            text(StatusCode::OK, "ready\n")
+        } else {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready\n{}\n", problems.join("\n")),
+            )
+        }
+    }
+
+    fn refresh_and_encode(&self) -> Result<Vec<u8>, prometheus::Error> {
+        for upstream in self.upstreams.iter() {
+            upstream
+                .metrics
+                .refresh(upstream.failing_for(), upstream.table().ejected_count());
+        }
+        self.metrics.encode()
     }
 
     fn routes(&self) -> serde_json::Value {
@@ -87,6 +109,7 @@ impl Admin {
                             "port": i.port,
                             "tags": i.tags,
                             "meta": i.meta,
+                            "ejected_for_seconds": i.health.ejected_for().map(|d| d.as_secs_f64()),
                         })
                     })
                     .collect();
@@ -106,6 +129,7 @@ impl Admin {
                     "instances": instances,
                     "consul_index": upstream.index(),
                     "synced": upstream.is_synced(),
+                    "consul_failing_seconds": upstream.failing_for().map(|d| d.as_secs_f64()),
                     "last_sync_age_seconds": upstream.sync_age().map(|age| age.as_secs_f64()),
                 })
             })

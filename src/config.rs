@@ -100,8 +100,9 @@ pub struct Config {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ConsulConfig {
-    #[serde(serialize_with = "serialize_url")]
-    pub address: Url,
+    /// One or more Consul HTTP addresses; on errors the watcher moves to the next one.
+    #[serde(serialize_with = "serialize_urls")]
+    pub addresses: Vec<Url>,
     pub token: Secret,
     /// `None`: the agent's own datacenter.
     pub datacenter: Option<String>,
@@ -112,6 +113,10 @@ pub struct ConsulConfig {
     pub backoff_base: Duration,
     #[serde(with = "humantime_serde_compat")]
     pub backoff_max: Duration,
+    /// A service whose Consul queries have failed for this long makes `/readyz` answer 503
+    /// (its table keeps serving).
+    #[serde(with = "humantime_serde_compat")]
+    pub stale_after: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -122,6 +127,7 @@ pub struct ServiceConfig {
     pub route: RouteConfig,
     pub balance: Balance,
     pub retry: RetryConfig,
+    pub outlier: OutlierConfig,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -140,6 +146,26 @@ pub struct RetryConfig {
     /// Deadline for all tries together.
     #[serde(with = "humantime_serde_compat")]
     pub timeout: Duration,
+    /// Retries in flight may be at most this share (percent) of requests in flight, so
+    /// retries cannot multiply an overload (Envoy's and Linkerd's 20%).
+    pub budget_percent: u32,
+    /// ...but this many concurrent retries are always allowed (a quiet service can retry).
+    pub budget_min_concurrent: u32,
+}
+
+/// Passive outlier detection: instances that keep failing are ejected for a while.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct OutlierConfig {
+    /// Consecutive failed tries (connect errors or 5xx) that eject an instance; 0 disables.
+    pub consecutive_failures: u32,
+    /// First ejection time; the n-th ejection of the same instance lasts n times this.
+    #[serde(with = "humantime_serde_compat")]
+    pub base_ejection_time: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub max_ejection_time: Duration,
+    /// Never eject more than this share (percent) of a service's instances at once, so a sick
+    /// service degrades instead of going dark (Envoy's panic threshold, seen from the other side).
+    pub max_ejected_percent: u32,
 }
 
 /// Limits of the client-facing listener.
@@ -153,6 +179,10 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Largest request head accepted; larger gets 431.
     pub max_header_bytes: usize,
+    /// Largest request body accepted; larger gets 413.
+    pub max_body_bytes: u64,
+    /// Client connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 /// How the gateway talks to service instances.
@@ -168,8 +198,8 @@ pub struct UpstreamConfig {
     pub max_replay_body_bytes: usize,
 }
 
-fn serialize_url<S: serde::Serializer>(url: &Url, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(url.as_str())
+fn serialize_urls<S: serde::Serializer>(urls: &[Url], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(urls.iter().map(Url::as_str))
 }
 
 /// Serializes durations the way the file spells them ("5s", "5m").
@@ -215,7 +245,7 @@ fn default_admin_listen() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConsul {
-    address: Option<String>,
+    address: Option<RawAddresses>,
     token: Option<String>,
     #[serde(default)]
     datacenter: String,
@@ -225,6 +255,16 @@ struct RawConsul {
     backoff_base: String,
     #[serde(default = "default_backoff_max")]
     backoff_max: String,
+    #[serde(default = "default_stale_after")]
+    stale_after: String,
+}
+
+/// `consul.address`: one address, a comma-separated list (handy in env overrides), or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawAddresses {
+    One(String),
+    Many(Vec<String>),
 }
 
 impl Default for RawConsul {
@@ -236,6 +276,7 @@ impl Default for RawConsul {
             wait: default_wait(),
             backoff_base: default_backoff_base(),
             backoff_max: default_backoff_max(),
+            stale_after: default_stale_after(),
         }
     }
 }
@@ -248,6 +289,9 @@ fn default_backoff_base() -> String {
 }
 fn default_backoff_max() -> String {
     "5s".into()
+}
+fn default_stale_after() -> String {
+    "60s".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -262,6 +306,45 @@ struct RawService {
     balance: Option<String>,
     #[serde(default)]
     retry: RawRetry,
+    #[serde(default)]
+    outlier: RawOutlier,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutlier {
+    #[serde(default = "default_consecutive_failures")]
+    consecutive_failures: u32,
+    #[serde(default = "default_base_ejection_time")]
+    base_ejection_time: String,
+    #[serde(default = "default_max_ejection_time")]
+    max_ejection_time: String,
+    #[serde(default = "default_max_ejected_percent")]
+    max_ejected_percent: u32,
+}
+
+impl Default for RawOutlier {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_consecutive_failures(),
+            base_ejection_time: default_base_ejection_time(),
+            max_ejection_time: default_max_ejection_time(),
+            max_ejected_percent: default_max_ejected_percent(),
+        }
+    }
+}
+
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_base_ejection_time() -> String {
+    "10s".into()
+}
+fn default_max_ejection_time() -> String {
+    "5m".into()
+}
+fn default_max_ejected_percent() -> u32 {
+    50
 }
 
 #[derive(Debug, Deserialize)]
@@ -281,6 +364,10 @@ struct RawRetry {
     attempts: u32,
     #[serde(default = "default_retry_timeout")]
     timeout: String,
+    #[serde(default = "default_budget_percent")]
+    budget_percent: u32,
+    #[serde(default = "default_budget_min_concurrent")]
+    budget_min_concurrent: u32,
 }
 
 impl Default for RawRetry {
@@ -288,6 +375,8 @@ impl Default for RawRetry {
         Self {
             attempts: default_attempts(),
             timeout: default_retry_timeout(),
+            budget_percent: default_budget_percent(),
+            budget_min_concurrent: default_budget_min_concurrent(),
         }
     }
 }
@@ -297,6 +386,12 @@ fn default_attempts() -> u32 {
 }
 fn default_retry_timeout() -> String {
     "5s".into()
+}
+fn default_budget_percent() -> u32 {
+    20
+}
+fn default_budget_min_concurrent() -> u32 {
+    3
 }
 
 #[derive(Debug, Deserialize)]
@@ -308,6 +403,10 @@ struct RawServer {
     header_read_timeout: String,
     #[serde(default = "default_max_header_bytes")]
     max_header_bytes: usize,
+    #[serde(default = "default_max_body_bytes")]
+    max_body_bytes: u64,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
 }
 
 impl Default for RawServer {
@@ -316,6 +415,8 @@ impl Default for RawServer {
             shutdown_grace: default_shutdown_grace(),
             header_read_timeout: default_header_read_timeout(),
             max_header_bytes: default_max_header_bytes(),
+            max_body_bytes: default_max_body_bytes(),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -324,10 +425,16 @@ fn default_shutdown_grace() -> String {
     "30s".into()
 }
 fn default_header_read_timeout() -> String {
-    "10s".into()
+    "30s".into()
 }
 fn default_max_header_bytes() -> usize {
     64 * 1024
+}
+fn default_max_body_bytes() -> u64 {
+    10 * 1024 * 1024
+}
+fn default_max_connections() -> usize {
+    10_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -511,31 +618,28 @@ impl RawConfig {
 
 impl RawConsul {
     fn validate(self, env: &ConsulEnv) -> Result<ConsulConfig, ConfigError> {
-        let address_text = self
-            .address
-            .filter(|a| !a.is_empty())
-            .or_else(|| env.http_addr.clone())
-            .unwrap_or_else(|| "http://127.0.0.1:8500".into());
-        // CONSUL_HTTP_ADDR is often written without a scheme ("127.0.0.1:8500").
-        let address_text = if address_text.contains("://") {
-            address_text
-        } else {
-            format!("http://{address_text}")
+        let texts: Vec<String> = match self.address {
+            Some(RawAddresses::One(text)) => text
+                .split(',')
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .collect(),
+            Some(RawAddresses::Many(list)) => list,
+            None => Vec::new(),
         };
-        let address = Url::parse(&address_text)
-            .map_err(|e| invalid("consul.address", format!("{address_text:?}: {e}")))?;
-        if address.scheme() != "http" {
-            return Err(invalid(
-                "consul.address",
-                format!(
-                    "scheme {:?} is not supported (use http://)",
-                    address.scheme()
-                ),
-            ));
-        }
-        if address.host_str().is_none() {
-            return Err(invalid("consul.address", "has no host"));
-        }
+        let texts = if texts.is_empty() {
+            vec![env
+                .http_addr
+                .clone()
+                .unwrap_or_else(|| "http://127.0.0.1:8500".into())]
+        } else {
+            texts
+        };
+        let addresses = texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| parse_consul_address(i, texts.len(), text))
+            .collect::<Result<Vec<_>, _>>()?;
         let token = Secret::new(
             self.token
                 .filter(|t| !t.is_empty())
@@ -558,8 +662,10 @@ impl RawConsul {
             ));
         }
         let datacenter = Some(self.datacenter.trim().to_owned()).filter(|d| !d.is_empty());
+        let stale_after = parse_positive_duration("consul.stale_after", &self.stale_after)?;
         Ok(ConsulConfig {
-            address,
+            addresses,
+            stale_after,
             token,
             datacenter,
             wait,
@@ -567,6 +673,32 @@ impl RawConsul {
             backoff_max,
         })
     }
+}
+
+fn parse_consul_address(position: usize, count: usize, text: &str) -> Result<Url, ConfigError> {
+    let key = if count > 1 {
+        format!("consul.address[{position}]")
+    } else {
+        "consul.address".to_owned()
+    };
+    // CONSUL_HTTP_ADDR is often written without a scheme ("127.0.0.1:8500").
+    let text = text.trim();
+    let full = if text.contains("://") {
+        text.to_owned()
+    } else {
+        format!("http://{text}")
+    };
+    let url = Url::parse(&full).map_err(|e| invalid(&key, format!("{text:?}: {e}")))?;
+    if url.scheme() != "http" {
+        return Err(invalid(
+            &key,
+            format!("scheme {:?} is not supported (use http://)", url.scheme()),
+        ));
+    }
+    if url.host_str().is_none() {
+        return Err(invalid(&key, "has no host"));
+    }
+    Ok(url)
 }
 
 impl RawService {
@@ -614,7 +746,33 @@ impl RawService {
                 "must be at least 1",
             ));
         }
+        if self.retry.budget_percent > 100 {
+            return Err(invalid(
+                format!("{key}.retry.budget_percent"),
+                "must be between 0 and 100",
+            ));
+        }
+        if self.outlier.max_ejected_percent > 100 {
+            return Err(invalid(
+                format!("{key}.outlier.max_ejected_percent"),
+                "must be between 0 and 100",
+            ));
+        }
+        let outlier = OutlierConfig {
+            consecutive_failures: self.outlier.consecutive_failures,
+            base_ejection_time: parse_positive_duration(
+                &format!("{key}.outlier.base_ejection_time"),
+                &self.outlier.base_ejection_time,
+            )?,
+            max_ejection_time: parse_positive_duration(
+                &format!("{key}.outlier.max_ejection_time"),
+                &self.outlier.max_ejection_time,
+            )?,
+            max_ejected_percent: self.outlier.max_ejected_percent,
+        };
         let retry = RetryConfig {
+            budget_percent: self.retry.budget_percent,
+            budget_min_concurrent: self.retry.budget_min_concurrent,
             attempts: self.retry.attempts,
             timeout: parse_positive_duration(&format!("{key}.retry.timeout"), &self.retry.timeout)?,
         };
@@ -634,12 +792,16 @@ impl RawService {
             route,
             balance,
             retry,
+            outlier,
         })
     }
 }
 
 impl RawServer {
     fn validate(self) -> Result<ServerConfig, ConfigError> {
+        if self.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
         if self.max_header_bytes < 8192 {
             return Err(invalid("server.max_header_bytes", "must be at least 8192"));
         }
@@ -650,6 +812,8 @@ impl RawServer {
                 &self.header_read_timeout,
             )?,
             max_header_bytes: self.max_header_bytes,
+            max_body_bytes: self.max_body_bytes,
+            max_connections: self.max_connections,
         })
     }
 }
@@ -686,7 +850,10 @@ mod tests {
         let config = parse(MINIMAL).expect("valid");
         assert_eq!(config.listen, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(config.admin_listen, "127.0.0.1:8081".parse().unwrap());
-        assert_eq!(config.consul.address.as_str(), "http://127.0.0.1:8500/");
+        assert_eq!(
+            config.consul.addresses[0].as_str(),
+            "http://127.0.0.1:8500/"
+        );
         assert_eq!(config.consul.wait, Duration::from_secs(300));
         let hello = &config.services[0];
         assert_eq!(hello.route.path_prefix, "/hello");
@@ -747,11 +914,30 @@ mod tests {
             http_token: Some("s3cret".into()),
         };
         let config = Config::from_yaml(MINIMAL, &env).unwrap();
-        assert_eq!(config.consul.address.as_str(), "http://10.1.2.3:8500/");
+        assert_eq!(config.consul.addresses[0].as_str(), "http://10.1.2.3:8500/");
         assert_eq!(config.consul.token.expose(), "s3cret");
         let with_file = "consul:\n  address: http://127.0.0.9:8500\nservices:\n  - name: a\n";
         let config = Config::from_yaml(with_file, &env).unwrap();
-        assert_eq!(config.consul.address.as_str(), "http://127.0.0.9:8500/");
+        assert_eq!(
+            config.consul.addresses[0].as_str(),
+            "http://127.0.0.9:8500/"
+        );
+    }
+
+    #[test]
+    fn consul_address_may_be_a_list() {
+        let list = "consul:\n  address: [\"http://127.0.0.1:1\", \"127.0.0.2:2\"]\nservices:\n  - name: a\n";
+        let config = parse(list).unwrap();
+        let urls: Vec<_> = config.consul.addresses.iter().map(|u| u.as_str()).collect();
+        assert_eq!(urls, ["http://127.0.0.1:1/", "http://127.0.0.2:2/"]);
+        let comma = "consul:\n  address: \"http://127.0.0.1:1, http://127.0.0.3:3\"\nservices:\n  - name: a\n";
+        assert_eq!(parse(comma).unwrap().consul.addresses.len(), 2);
+        let bad =
+            "consul:\n  address: [\"http://127.0.0.1:1\", \"https://x\"]\nservices:\n  - name: a\n";
+        assert!(parse(bad)
+            .unwrap_err()
+            .to_string()
+            .contains("consul.address[1]"));
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::upstream::{Tried, Upstream, Upstreams};
 /// Body of a response to the client: streamed from an instance, or made by the gateway.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 /// Body of a request to an instance: buffered (replayable) or streamed from the client.
-type UpstreamBody = Either<Full<Bytes>, Incoming>;
+type UpstreamBody = Either<Full<Bytes>, Limited<Incoming>>;
 
 /// The header on every answer the gateway makes itself, naming the cause.
 pub const ERROR_HEADER: &str = "x-switchyard-error";
@@ -52,6 +52,8 @@ pub enum GatewayError {
     DeadlineExceeded,
     #[error("the request body could not be read")]
     BadRequestBody,
+    #[error("the request body is larger than this gateway accepts")]
+    PayloadTooLarge,
 }
 
 impl GatewayError {
@@ -63,6 +65,7 @@ impl GatewayError {
             GatewayError::BadGateway => "upstream-unreachable",
             GatewayError::DeadlineExceeded => "deadline-exceeded",
             GatewayError::BadRequestBody => "bad-request-body",
+            GatewayError::PayloadTooLarge => "body-too-large",
         }
     }
 
@@ -88,6 +91,7 @@ impl From<GatewayError> for StatusCode {
             GatewayError::BadGateway => StatusCode::BAD_GATEWAY,
             GatewayError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::BadRequestBody => StatusCode::BAD_REQUEST,
+            GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 }
@@ -301,8 +305,8 @@ fn is_bad_gateway_status(status: StatusCode) -> bool {
 enum HeldBody {
     /// Empty or buffered: can be sent any number of times.
     Replayable(Bytes),
-    /// Streamed from the client: can be sent once.
-    Streaming(Option<Incoming>),
+    /// Streamed from the client (cut at `server.max_body_bytes`): can be sent once.
+    Streaming(Option<Limited<Incoming>>),
 }
 
 impl HeldBody {
@@ -342,6 +346,7 @@ pub struct Gateway {
     router: Router,
     client: Client<HttpConnector, UpstreamBody>,
     max_replay_body_bytes: usize,
+    max_body_bytes: u64,
     unrouted: RequestMetrics,
 }
 
@@ -351,6 +356,7 @@ impl Gateway {
             router: Router::new(upstreams),
             client: build_client(&config.upstream),
             max_replay_body_bytes: config.upstream.max_replay_body_bytes,
+            max_body_bytes: config.server.max_body_bytes,
             unrouted,
         }
     }
@@ -394,6 +400,7 @@ impl Gateway {
         if table.is_empty() {
             return Err(GatewayError::NoHealthyInstance);
         }
+        let _in_flight = upstream.begin_request();
         let retry = upstream.config.retry;
         let deadline = Instant::now() + retry.timeout;
         let (mut parts, body) = request.into_parts();
@@ -404,6 +411,15 @@ impl Gateway {
         let mut tried = Tried::default();
         let mut last_response = None;
         for attempt in 0..retry.attempts {
+            // A retry must fit in the budget; the first try always goes.
+            let _retry_slot = if attempt > 0 {
+                match upstream.try_begin_retry() {
+                    Some(slot) => Some(slot),
+                    None => break,
+                }
+            } else {
+                None
+            };
             let Some(request_body) = body.take() else {
                 break;
             };
@@ -429,9 +445,17 @@ impl Gateway {
             let is_last = attempt + 1 == retry.attempts;
             let outcome = tokio::time::timeout_at(deadline, self.client.request(outgoing)).await;
             match outcome {
-                Err(_) => return Err(GatewayError::DeadlineExceeded),
+                Err(_) => {
+                    upstream.record_failure(&table, instance);
+                    return Err(GatewayError::DeadlineExceeded);
+                }
                 Ok(Ok(response)) => {
                     let status = response.status();
+                    if status.is_server_error() {
+                        upstream.record_failure(&table, instance);
+                    } else {
+                        upstream.record_success(instance);
+                    }
                     if !is_bad_gateway_status(status)
                         || is_last
                         || !may_retry(
@@ -446,6 +470,10 @@ impl Gateway {
                     last_response = Some(response);
                 }
                 Ok(Err(error)) => {
+                    if exceeded_body_limit(&error) {
+                        return Err(GatewayError::PayloadTooLarge);
+                    }
+                    upstream.record_failure(&table, instance);
                     let failure = if error.is_connect() {
                         TryFailure::BeforeSend
                     } else {
@@ -478,9 +506,12 @@ impl Gateway {
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > self.max_body_bytes) {
+            return Err(GatewayError::PayloadTooLarge);
+        }
         match declared {
-            Some(length) if length <= self.max_replay_body_bytes => {
+            Some(length) if length <= self.max_replay_body_bytes as u64 => {
                 let collected = tokio::time::timeout_at(
                     deadline,
                     Limited::new(body, self.max_replay_body_bytes).collect(),
@@ -490,9 +521,24 @@ impl Gateway {
                 .map_err(|_| GatewayError::BadRequestBody)?;
                 Ok(HeldBody::Replayable(collected.to_bytes()))
             }
-            _ => Ok(HeldBody::Streaming(Some(body))),
+            _ => Ok(HeldBody::Streaming(Some(Limited::new(
+                body,
+                usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
+            )))),
         }
     }
+}
+
+/// Whether a try failed because the client's streamed body passed `server.max_body_bytes`.
+fn exceeded_body_limit(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// An instance's response, ready for the client.
@@ -572,6 +618,7 @@ mod tests {
             (GatewayError::BadGateway, 502),
             (GatewayError::DeadlineExceeded, 504),
             (GatewayError::BadRequestBody, 400),
+            (GatewayError::PayloadTooLarge, 413),
         ] {
             let response = error.into_response();
             assert_eq!(response.status().as_u16(), status);

@@ -51,6 +51,8 @@ use crate::watcher::{ConsulDiscovery, WatchPacing};
 
 /// The admin listener only serves quick requests; it needs little time to drain.
 const ADMIN_GRACE: Duration = Duration::from_secs(1);
+/// Scrapers and probes only: a small cap keeps a misbehaving client from exhausting fds.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// A failure to start.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +87,7 @@ pub async fn run(
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
         upstreams: upstreams.clone(),
+        stale_after: config.consul.stale_after,
     });
     let mut admin_builder = Builder::new(TokioExecutor::new());
     admin_builder
@@ -99,6 +102,7 @@ pub async fn run(
             let admin = admin.clone();
             async move { admin.handle(&request) }
         },
+        ADMIN_MAX_CONNECTIONS,
         shutdown.clone(),
         ADMIN_GRACE,
     ));
@@ -133,6 +137,7 @@ pub async fn run(
             let gateway = gateway.clone();
             async move { gateway.handle(peer, request).await }
         },
+        config.server.max_connections,
         shutdown,
         config.server.shutdown_grace,
     )

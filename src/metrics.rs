@@ -32,6 +32,21 @@ pub struct Metrics {
     table_updates: IntCounterVec,
     consul_errors: IntCounterVec,
     consul_last_success: GaugeVec,
+    consul_hung: IntCounterVec,
+    consul_failing: GaugeVec,
+    ejections: IntCounterVec,
+    ejected: IntGaugeVec,
+    retry_budget_exhausted: IntCounterVec,
+}
+
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+) -> Result<IntCounterVec, prometheus::Error> {
+    let vec = IntCounterVec::new(Opts::new(name, help), &["service"])?;
+    registry.register(Box::new(vec.clone()))?;
+    Ok(vec)
 }
 
 impl Metrics {
@@ -95,6 +110,37 @@ impl Metrics {
         registry.register(Box::new(table_updates.clone()))?;
         registry.register(Box::new(consul_errors.clone()))?;
         registry.register(Box::new(consul_last_success.clone()))?;
+        let consul_hung = counter_vec(
+            &registry,
+            "switchyard_consul_hung_queries_total",
+            "Consul long-polls cut by the watchdog after hanging past wait plus slack.",
+        )?;
+        let consul_failing = GaugeVec::new(
+            Opts::new(
+                "switchyard_consul_failing_seconds",
+                "How long Consul queries have failed without a success in between (0 when fine).",
+            ),
+            &["service"],
+        )?;
+        registry.register(Box::new(consul_failing.clone()))?;
+        let ejections = counter_vec(
+            &registry,
+            "switchyard_ejections_total",
+            "Instances ejected by passive outlier detection.",
+        )?;
+        let ejected = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_ejected_instances",
+                "Instances ejected right now.",
+            ),
+            &["service"],
+        )?;
+        registry.register(Box::new(ejected.clone()))?;
+        let retry_budget_exhausted = counter_vec(
+            &registry,
+            "switchyard_retry_budget_exhausted_total",
+            "Retries refused because retries in flight reached the retry budget.",
+        )?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -108,6 +154,11 @@ impl Metrics {
             table_updates,
             consul_errors,
             consul_last_success,
+            consul_hung,
+            consul_failing,
+            ejections,
+            ejected,
+            retry_budget_exhausted,
         })
     }
 
@@ -130,6 +181,11 @@ impl Metrics {
             table_updates: self.table_updates.with_label_values(&[service]),
             consul_errors: self.consul_errors.with_label_values(&[service]),
             consul_last_success: self.consul_last_success.with_label_values(&[service]),
+            consul_hung: self.consul_hung.with_label_values(&[service]),
+            consul_failing: self.consul_failing.with_label_values(&[service]),
+            ejections: self.ejections.with_label_values(&[service]),
+            ejected: self.ejected.with_label_values(&[service]),
+            retry_budget_exhausted: self.retry_budget_exhausted.with_label_values(&[service]),
         }
     }
 
@@ -160,6 +216,11 @@ pub struct ServiceMetrics {
     table_updates: IntCounter,
     consul_errors: IntCounter,
     consul_last_success: Gauge,
+    consul_hung: IntCounter,
+    consul_failing: Gauge,
+    ejections: IntCounter,
+    ejected: IntGauge,
+    retry_budget_exhausted: IntCounter,
 }
 
 impl RequestMetrics {
@@ -199,6 +260,26 @@ impl ServiceMetrics {
 
     pub fn consul_error(&self) {
         self.consul_errors.inc();
+    }
+
+    pub fn consul_hung(&self) {
+        self.consul_hung.inc();
+    }
+
+    pub fn ejected(&self) {
+        self.ejections.inc();
+    }
+
+    pub fn retry_budget_exhausted(&self) {
+        self.retry_budget_exhausted.inc();
+    }
+
+    /// Gauges that depend on the clock, refreshed just before each scrape.
+    pub fn refresh(&self, failing_for: Option<Duration>, ejected_now: usize) {
+        self.consul_failing
+            .set(failing_for.map_or(0.0, |age| age.as_secs_f64()));
+        self.ejected
+            .set(i64::try_from(ejected_now).unwrap_or(i64::MAX));
     }
 
     pub fn consul_success(&self) {

@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::{Body, Incoming};
@@ -14,13 +15,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// Serves `listener` until `shutdown`, then drains for at most `grace`.
+/// Serves `listener` until `shutdown`, then drains for at most `grace`. At most
+/// `max_connections` are served at once; further clients wait in the kernel's backlog.
 ///
 /// `handler` answers each request; it gets the client's address and never fails (errors
 /// become responses).
@@ -29,6 +32,7 @@ pub async fn serve<H, F, B>(
     listener: TcpListener,
     builder: Builder<TokioExecutor>,
     handler: H,
+    max_connections: usize,
     shutdown: CancellationToken,
     grace: Duration,
 ) where
@@ -41,7 +45,15 @@ pub async fn serve<H, F, B>(
     let graceful = GracefulShutdown::new();
     // Cancelled when the grace period ends, to cut connections still open.
     let cut = CancellationToken::new();
+    let slots = Arc::new(Semaphore::new(max_connections));
     loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break, // the semaphore is never closed
+            },
+        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -67,6 +79,7 @@ pub async fn serve<H, F, B>(
         let connection = graceful.watch(connection);
         let cut = cut.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 result = connection => if let Err(error) = result {
                     debug!(listener = name, %peer, %error, "connection ended with an error");

@@ -6,18 +6,50 @@
 //! the request path takes a lock or allocates.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hyper::http::uri::Authority;
+use tracing::{info, warn};
 
 use crate::config::{Balance, ServiceConfig};
 use crate::metrics::{Metrics, ServiceMetrics};
 
+/// Milliseconds on a process-wide monotonic clock (never 0, so 0 can mean "unset").
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+}
+
+/// Passive health of one instance, learned from the gateway's own tries. Shared by every
+/// table that lists the instance, so a Consul update does not forgive an ejection.
+#[derive(Debug, Default)]
+pub struct InstanceHealth {
+    consecutive_failures: AtomicU32,
+    /// `now_ms()` until which the instance gets no traffic; 0 when not ejected.
+    ejected_until_ms: AtomicU64,
+    ejections: AtomicU32,
+}
+
+impl InstanceHealth {
+    /// `now` is computed only when an ejection is on record: the common case reads one atomic.
+    fn is_ejected(&self, now: &mut Option<u64>) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && *now.get_or_insert_with(now_ms) < until
+    }
+
+    pub fn ejected_for(&self) -> Option<Duration> {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        let now = now_ms();
+        (until > now).then(|| Duration::from_millis(until - now))
+    }
+}
+
 /// One healthy service instance, as Consul reported it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Instance {
     /// Consul's service ID, unique per agent; tables are sorted by it.
     pub id: String,
@@ -28,7 +60,20 @@ pub struct Instance {
     pub authority: Authority,
     pub tags: Vec<String>,
     pub meta: BTreeMap<String, String>,
+    pub health: Arc<InstanceHealth>,
 }
+
+/// Equal when discovery says the same thing; passive health is not part of identity.
+impl PartialEq for Instance {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.authority == other.authority
+            && self.tags == other.tags
+            && self.meta == other.meta
+    }
+}
+
+impl Eq for Instance {}
 
 /// Why an [`Instance`] could not be built from discovery data.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +105,7 @@ impl Instance {
                 authority,
                 tags,
                 meta,
+                health: Arc::default(),
             }),
             _ => Err(InvalidInstance { id, address, port }),
         }
@@ -115,20 +161,57 @@ impl ServiceTable {
         self.instances.is_empty()
     }
 
-    /// Picks an instance, preferring one not in `tried`. Returns its index in this table.
+    /// How many instances are ejected right now.
+    pub fn ejected_count(&self) -> usize {
+        let mut now = None;
+        self.instances
+            .iter()
+            .filter(|i| i.health.is_ejected(&mut now))
+            .count()
+    }
+
+    /// Draws beyond this fall back to a scan, bounding `pick` on large tables.
+    const MAX_DRAWS: usize = 8;
+
+    fn draw(&self, count: usize) -> usize {
+        match self.balance {
+            Balance::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % count,
+            Balance::Random => fastrand::usize(..count),
+        }
+    }
+
+    /// Picks an instance: one neither tried by this request nor ejected if there is one, else
+    /// an ejected one not tried, else any. Returns its index in this table.
     pub fn pick(&self, tried: &Tried) -> Option<(usize, &Instance)> {
         let count = self.instances.len();
         if count == 0 {
             return None;
         }
-        let start = match self.balance {
-            Balance::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % count,
-            Balance::Random => fastrand::usize(..count),
-        };
-        let index = (0..count)
-            .map(|offset| (start + offset) % count)
-            .find(|&i| !tried.contains(i))
-            .unwrap_or(start);
+        let mut now = None;
+        // Fresh draws first, so the turns of a skipped instance spread evenly over the others
+        // instead of all landing on its neighbour.
+        let mut start = None;
+        for _ in 0..count.min(Self::MAX_DRAWS) {
+            let i = self.draw(count);
+            start.get_or_insert(i);
+            if !tried.contains(i) && !self.instances[i].health.is_ejected(&mut now) {
+                return Some((i, &self.instances[i]));
+            }
+        }
+        let start = start.unwrap_or(0);
+        let mut ejected_fallback = None;
+        for offset in 0..count {
+            let i = (start + offset) % count;
+            if tried.contains(i) {
+                continue;
+            }
+            if self.instances[i].health.is_ejected(&mut now) {
+                ejected_fallback.get_or_insert(i);
+                continue;
+            }
+            return Some((i, &self.instances[i]));
+        }
+        let index = ejected_fallback.unwrap_or(start);
         Some((index, &self.instances[index]))
     }
 }
@@ -144,6 +227,20 @@ pub struct Upstream {
     last_sync_ms: AtomicU64,
     /// The discovery index (Consul's `X-Consul-Index`) of the current table.
     index: AtomicU64,
+    /// `now_ms()` of the first discovery error since the last success; 0 while healthy.
+    failing_since_ms: AtomicU64,
+    /// Requests and retries in flight, for the retry budget.
+    active_requests: AtomicUsize,
+    active_retries: AtomicUsize,
+}
+
+/// Counts a request in flight until dropped.
+pub struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Upstream {
@@ -156,6 +253,9 @@ impl Upstream {
             created: Instant::now(),
             last_sync_ms: AtomicU64::new(0),
             index: AtomicU64::new(0),
+            failing_since_ms: AtomicU64::new(0),
+            active_requests: AtomicUsize::new(0),
+            active_retries: AtomicUsize::new(0),
         }
     }
 
@@ -172,10 +272,21 @@ impl Upstream {
     /// Replaces the table when `instances` differ from the current set. Returns whether it
     /// did. Must be called by one writer only (the service's watcher).
     pub fn replace_instances(&self, instances: Vec<Instance>) -> bool {
-        let candidate = ServiceTable::new(instances, self.config.balance);
+        let mut candidate = ServiceTable::new(instances, self.config.balance);
         let current = self.table.load();
         if current.instances == candidate.instances {
             return false;
+        }
+        // An instance that stays keeps its passive health (and any ejection).
+        for instance in candidate.instances.iter_mut() {
+            if let Ok(i) = current
+                .instances
+                .binary_search_by(|old| old.id.as_str().cmp(&instance.id))
+            {
+                if current.instances[i].authority == instance.authority {
+                    instance.health = current.instances[i].health.clone();
+                }
+            }
         }
         // Carry the cursor over so a table change does not send the next request to the
         // first instance of every replica at once.
@@ -188,8 +299,111 @@ impl Upstream {
         true
     }
 
+    /// Records a failed discovery query (the table is left as it is).
+    pub fn record_discovery_error(&self) {
+        let _ = self.failing_since_ms.compare_exchange(
+            0,
+            now_ms(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        self.metrics.consul_error();
+    }
+
+    /// How long discovery has been failing without a success in between; `None` while fine.
+    pub fn failing_for(&self) -> Option<Duration> {
+        match self.failing_since_ms.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_millis(now_ms().saturating_sub(since))),
+        }
+    }
+
+    /// Whether the table is too stale to call the gateway ready.
+    pub fn is_stale(&self, limit: Duration) -> bool {
+        self.failing_for().is_some_and(|age| age > limit)
+    }
+
+    /// Counts a request in flight for the retry budget.
+    pub fn begin_request(&self) -> InFlight<'_> {
+        self.active_requests.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.active_requests)
+    }
+
+    /// Takes a retry from the budget, or `None` when retries already make up
+    /// `retry.budget_percent` of the requests in flight.
+    pub fn try_begin_retry(&self) -> Option<InFlight<'_>> {
+        let retry = &self.config.retry;
+        let requests = self.active_requests.load(Ordering::Relaxed);
+        let allowed = (requests * retry.budget_percent as usize / 100)
+            .max(retry.budget_min_concurrent as usize);
+        let retries = self.active_retries.fetch_add(1, Ordering::Relaxed);
+        if retries >= allowed {
+            self.active_retries.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.retry_budget_exhausted();
+            return None;
+        }
+        Some(InFlight(&self.active_retries))
+    }
+
+    /// A try on `instance` got an answer that was not a 5xx.
+    pub fn record_success(&self, instance: &Instance) {
+        // Read first: a store on every success would bounce the cache line between cores.
+        if instance.health.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            instance
+                .health
+                .consecutive_failures
+                .store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A try on `instance` failed (connect error, lost connection or 5xx). Ejects it after
+    /// `outlier.consecutive_failures` in a row, unless that would eject more than
+    /// `outlier.max_ejected_percent` of `table`.
+    pub fn record_failure(&self, table: &ServiceTable, instance: &Instance) {
+        let outlier = &self.config.outlier;
+        if outlier.consecutive_failures == 0 {
+            return;
+        }
+        let health = &instance.health;
+        let failures = health.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < outlier.consecutive_failures || health.ejected_for().is_some() {
+            return;
+        }
+        let total = table.instances().len();
+        let ejected = table.ejected_count();
+        if (ejected + 1) * 100 > total * outlier.max_ejected_percent as usize {
+            warn!(
+                service = self.name(),
+                instance = %instance.id,
+                ejected,
+                total,
+                "instance keeps failing but the ejection limit is reached; keeping it"
+            );
+            return;
+        }
+        let ejections = health.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let duration = outlier
+            .base_ejection_time
+            .saturating_mul(ejections)
+            .min(outlier.max_ejection_time);
+        let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX / 2);
+        health
+            .ejected_until_ms
+            .store(now_ms() + duration_ms, Ordering::Relaxed);
+        health.consecutive_failures.store(0, Ordering::Relaxed);
+        self.metrics.ejected();
+        info!(
+            service = self.name(),
+            instance = %instance.id,
+            failures,
+            ?duration,
+            "instance ejected"
+        );
+    }
+
     /// Records a successful discovery answer at `index`.
     pub fn record_sync(&self, index: u64) {
+        self.failing_since_ms.store(0, Ordering::Relaxed);
         let elapsed = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
         self.last_sync_ms.store(elapsed + 1, Ordering::Relaxed);
         self.index.store(index, Ordering::Relaxed);
@@ -255,7 +469,7 @@ impl Upstreams {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{RetryConfig, RouteConfig};
+    use crate::config::{OutlierConfig, RetryConfig, RouteConfig};
 
     fn instance(n: usize) -> Instance {
         Instance::new(
@@ -281,6 +495,14 @@ mod tests {
             retry: RetryConfig {
                 attempts: 3,
                 timeout: Duration::from_secs(1),
+                budget_percent: 20,
+                budget_min_concurrent: 3,
+            },
+            outlier: OutlierConfig {
+                consecutive_failures: 3,
+                base_ejection_time: Duration::from_secs(10),
+                max_ejection_time: Duration::from_secs(60),
+                max_ejected_percent: 50,
             },
         }
     }
@@ -349,6 +571,77 @@ mod tests {
         assert!(Arc::ptr_eq(&before, &upstream.table()));
         assert!(upstream.replace_instances(vec![instance(1)]));
         assert_eq!(upstream.table().instances().len(), 1);
+    }
+
+    #[test]
+    fn consecutive_failures_eject_within_the_limit_and_health_survives_updates() {
+        let metrics = Metrics::new().unwrap();
+        let upstream = Upstream::new(service(Balance::RoundRobin), metrics.for_service("svc"));
+        upstream.replace_instances((0..4).map(instance).collect());
+        let table = upstream.table();
+        let sick = &table.instances()[0];
+        for _ in 0..2 {
+            upstream.record_failure(&table, sick);
+        }
+        upstream.record_success(sick);
+        upstream.record_failure(&table, sick);
+        assert!(
+            sick.health.ejected_for().is_none(),
+            "a success resets the count"
+        );
+        for _ in 0..2 {
+            upstream.record_failure(&table, sick);
+        }
+        let ejected_for = sick.health.ejected_for().expect("ejected after 3 in a row");
+        assert!(ejected_for <= Duration::from_secs(10) && ejected_for > Duration::from_secs(9));
+        for _ in 0..40 {
+            let (i, _) = table.pick(&Tried::default()).unwrap();
+            assert_ne!(i, 0, "an ejected instance gets no traffic");
+        }
+        // A second instance may go (2 of 4 = 50%), a third may not.
+        for victim in 1..3 {
+            for _ in 0..3 {
+                upstream.record_failure(&table, &table.instances()[victim]);
+            }
+        }
+        assert_eq!(
+            table.ejected_count(),
+            2,
+            "max_ejected_percent caps ejections"
+        );
+        // A Consul update that keeps the instance keeps its ejection.
+        upstream.replace_instances((0..5).map(instance).collect());
+        assert_eq!(upstream.table().ejected_count(), 2);
+        assert!(upstream.table().instances()[0]
+            .health
+            .ejected_for()
+            .is_some());
+    }
+
+    #[test]
+    fn all_ejected_still_answers() {
+        let table = ServiceTable::new((0..2).map(instance).collect(), Balance::RoundRobin);
+        for i in table.instances() {
+            i.health
+                .ejected_until_ms
+                .store(now_ms() + 60_000, Ordering::Relaxed);
+        }
+        assert!(table.pick(&Tried::default()).is_some());
+    }
+
+    #[test]
+    fn retry_budget_caps_concurrent_retries() {
+        let metrics = Metrics::new().unwrap();
+        let upstream = Upstream::new(service(Balance::RoundRobin), metrics.for_service("svc"));
+        let requests: Vec<_> = (0..50).map(|_| upstream.begin_request()).collect();
+        // 20% of 50 in flight = 10 retries at once.
+        let retries: Vec<_> = (0..20).filter_map(|_| upstream.try_begin_retry()).collect();
+        assert_eq!(retries.len(), 10);
+        drop(retries);
+        drop(requests);
+        // With nothing in flight the minimum still allows a few.
+        let retries: Vec<_> = (0..20).filter_map(|_| upstream.try_begin_retry()).collect();
+        assert_eq!(retries.len(), 3);
     }
 
     #[test]

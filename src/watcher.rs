@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -187,11 +188,12 @@ impl Backoff {
 // ---------------------------------------------------------------------------------------------
 // Consul.
 
-/// Consul's `/v1/health/service/<name>` over HTTP.
-#[derive(Clone)]
+/// Consul's `/v1/health/service/<name>` over HTTP, failing over between the configured
+/// addresses: after an error every watch moves on to the next one.
 pub struct ConsulDiscovery {
     http: reqwest::Client,
-    base: reqwest::Url,
+    bases: Vec<reqwest::Url>,
+    current: AtomicUsize,
     datacenter: Option<String>,
     wait: Duration,
     hung_after: Duration,
@@ -221,7 +223,8 @@ impl ConsulDiscovery {
             .map_err(DiscoveryError::Transport)?;
         Ok(Self {
             http,
-            base: config.address.clone(),
+            bases: config.addresses.clone(),
+            current: AtomicUsize::new(0),
             datacenter: config.datacenter.clone(),
             wait: config.wait,
             hung_after,
@@ -234,8 +237,23 @@ impl ConsulDiscovery {
         self
     }
 
-    fn health_url(&self, service: &ServiceConfig, index: u64) -> reqwest::Url {
-        let mut url = self.base.clone();
+    /// After an error on address `failed`, moves every watch to the next address. Watches
+    /// that fail together move it once, not once each.
+    fn fail_over(&self, failed: usize) {
+        if self.bases.len() > 1 {
+            let next = (failed + 1) % self.bases.len();
+            if self
+                .current
+                .compare_exchange(failed, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                info!(from = %self.bases[failed], to = %self.bases[next], "moving to the next Consul address");
+            }
+        }
+    }
+
+    fn health_url(&self, base: &reqwest::Url, service: &ServiceConfig, index: u64) -> reqwest::Url {
+        let mut url = base.clone();
         url.set_path(&format!("/v1/health/service/{}", service.name));
         {
             let mut query = url.query_pairs_mut();
@@ -321,7 +339,36 @@ fn parse_index(headers: &HeaderMap) -> Option<u64> {
 
 impl Discovery for ConsulDiscovery {
     async fn fetch(&self, service: &ServiceConfig, index: u64) -> Result<Answer, DiscoveryError> {
-        let url = self.health_url(service, index);
+        let server = self.current.load(Ordering::Relaxed) % self.bases.len();
+        let result = self.fetch_from(server, service, index).await;
+        if let Err(error) = &result {
+            if error.is_server_side() {
+                self.fail_over(server);
+            }
+        }
+        result
+    }
+}
+
+impl DiscoveryError {
+    /// Whether another Consul server might do better (not, say, a malformed answer).
+    fn is_server_side(&self) -> bool {
+        match self {
+            DiscoveryError::Transport(_) | DiscoveryError::Hung(_) => true,
+            DiscoveryError::Status { status, .. } => *status >= 500 || *status == 429,
+            DiscoveryError::MissingIndex | DiscoveryError::Decode(_) => false,
+        }
+    }
+}
+
+impl ConsulDiscovery {
+    async fn fetch_from(
+        &self,
+        server: usize,
+        service: &ServiceConfig,
+        index: u64,
+    ) -> Result<Answer, DiscoveryError> {
+        let url = self.health_url(&self.bases[server], service, index);
         let send = async {
             let response = self
                 .http
@@ -423,7 +470,10 @@ pub async fn watch_service<D: Discovery>(
                 index = step.next_index();
             }
             Err(error) => {
-                upstream.metrics.consul_error();
+                upstream.record_discovery_error();
+                if let DiscoveryError::Hung(_) = error {
+                    upstream.metrics.consul_hung();
+                }
                 let delay = backoff.next_delay();
                 warn!(service = %name, %error, retry_in = ?delay, "Consul query failed; keeping the last table");
                 tokio::select! {
