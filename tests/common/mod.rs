@@ -19,10 +19,12 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use switchyard::config::{Config, ConsulEnv};
 use switchyard::Shutdown;
@@ -238,38 +240,77 @@ pub struct Backend {
     pub id: String,
     pub port: u16,
     pub hits: Arc<AtomicUsize>,
-    task: JoinHandle<()>,
+    behavior: Behavior,
+    /// Stop accepting, let in-flight requests finish.
+    stop: CancellationToken,
+    /// Drop every connection at once, like a crashed process.
+    kill: CancellationToken,
+    task: Option<JoinHandle<()>>,
 }
 
 impl Backend {
     pub async fn start(id: &str, behavior: Behavior) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Self::start_on(id, behavior, 0).await
+    }
+
+    /// Starts on `port` (0: any free one), e.g. to come back where a stopped one was.
+    pub async fn start_on(id: &str, behavior: Behavior, port: u16) -> Backend {
+        let listener = TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("binding a backend");
         let port = listener.local_addr().expect("backend address").port();
         let hits = Arc::new(AtomicUsize::new(0));
+        let (stop, kill) = (CancellationToken::new(), CancellationToken::new());
         let task = tokio::spawn(serve_backend(
             listener,
             id.to_owned(),
             behavior,
             hits.clone(),
+            stop.clone(),
+            kill.clone(),
         ));
         Backend {
             id: id.to_owned(),
             port,
             hits,
-            task,
+            behavior,
+            stop,
+            kill,
+            task: Some(task),
         }
     }
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
+
+    /// Crash: the listener and every open connection go away at once.
+    pub fn kill(&mut self) {
+        self.kill.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// Deploy-style stop: refuse new connections, finish in-flight requests, then return.
+    pub async fn stop_gracefully(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// A new process of the same instance on the same port.
+    pub async fn restart(&mut self) {
+        let fresh = Backend::start_on(&self.id, self.behavior, self.port).await;
+        let old = std::mem::replace(self, fresh);
+        drop(old);
+    }
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        self.task.abort();
+        self.kill();
     }
 }
 
@@ -278,14 +319,21 @@ async fn serve_backend(
     id: String,
     behavior: Behavior,
     hits: Arc<AtomicUsize>,
+    stop: CancellationToken,
+    kill: CancellationToken,
 ) {
+    let graceful = GracefulShutdown::new();
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
+        let mut stream = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
         };
-        let (id, hits) = (id.clone(), hits.clone());
-        tokio::spawn(async move {
-            if let Behavior::DropAfterRead = behavior {
+        let (id, hits, kill) = (id.clone(), hits.clone(), kill.clone());
+        if let Behavior::DropAfterRead = behavior {
+            tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut buf = [0u8; 4096];
                 while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -295,43 +343,155 @@ async fn serve_backend(
                     }
                 }
                 hits.fetch_add(1, Ordering::SeqCst);
-                return; // dropping the stream closes it unanswered
-            }
-            let service = service_fn(move |request: Request<Incoming>| {
-                let (id, hits) = (id.clone(), hits.clone());
-                async move {
-                    hits.fetch_add(1, Ordering::SeqCst);
-                    let echo = format!(
-                        "{} {} host={} xff={}",
-                        request.method(),
-                        request.uri(),
-                        header(&request, "host"),
-                        header(&request, "x-forwarded-for"),
-                    );
-                    let _ = request.into_body().collect().await;
-                    let status = match behavior {
-                        Behavior::Status(code) => {
-                            StatusCode::from_u16(code).unwrap_or(StatusCode::OK)
-                        }
-                        Behavior::Delay(delay) => {
-                            tokio::time::sleep(delay).await;
-                            StatusCode::OK
-                        }
-                        _ => StatusCode::OK,
-                    };
-                    let response = Response::builder()
-                        .status(status)
-                        .header("x-instance", id.as_str())
-                        .header("x-echo", echo)
-                        .body(Full::new(Bytes::from(id)))
-                        .expect("a valid response");
-                    Ok::<_, std::convert::Infallible>(response)
-                }
+                // dropping the stream closes it unanswered
             });
-            let _ = Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            continue;
+        }
+        let service = service_fn(move |request: Request<Incoming>| {
+            let (id, hits) = (id.clone(), hits.clone());
+            async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                let echo = format!(
+                    "{} {} host={} xff={}",
+                    request.method(),
+                    request.uri(),
+                    header(&request, "host"),
+                    header(&request, "x-forwarded-for"),
+                );
+                let _ = request.into_body().collect().await;
+                let status = match behavior {
+                    Behavior::Status(code) => StatusCode::from_u16(code).unwrap_or(StatusCode::OK),
+                    Behavior::Delay(delay) => {
+                        tokio::time::sleep(delay).await;
+                        StatusCode::OK
+                    }
+                    _ => StatusCode::OK,
+                };
+                let response = Response::builder()
+                    .status(status)
+                    .header("x-instance", id.as_str())
+                    .header("x-echo", echo)
+                    .body(Full::new(Bytes::from(id)))
+                    .expect("a valid response");
+                Ok::<_, std::convert::Infallible>(response)
+            }
         });
+        let connection = Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = connection => {}
+                _ = kill.cancelled() => {}
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load
+
+/// What a load run saw.
+#[derive(Debug, Default)]
+pub struct LoadStats {
+    pub ok: usize,
+    pub failures: Vec<String>,
+    pub latencies: Vec<Duration>,
+    pub by_instance: HashMap<String, usize>,
+}
+
+impl LoadStats {
+    pub fn total(&self) -> usize {
+        self.ok + self.failures.len()
+    }
+
+    pub fn p99(&mut self) -> Duration {
+        self.latencies.sort();
+        let n = self.latencies.len();
+        if n == 0 {
+            return Duration::ZERO;
+        }
+        self.latencies[(n * 99 / 100).min(n - 1)]
+    }
+
+    pub fn summary(&mut self) -> String {
+        let p99 = self.p99();
+        format!(
+            "{} failed / {} total, p99 {:?}",
+            self.failures.len(),
+            self.total(),
+            p99
+        )
+    }
+}
+
+/// `concurrency` loops of GETs against `url` until `finish`.
+pub struct Load {
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<LoadStats>>,
+}
+
+impl Load {
+    pub fn start(url: String, concurrency: usize) -> Load {
+        let stop = CancellationToken::new();
+        let client = http_client();
+        let tasks = (0..concurrency)
+            .map(|_| {
+                let (stop, client, url) = (stop.clone(), client.clone(), url.clone());
+                tokio::spawn(async move {
+                    let mut stats = LoadStats::default();
+                    while !stop.is_cancelled() {
+                        let started = Instant::now();
+                        match client.get(&url).send().await {
+                            Ok(response) if response.status().is_success() => {
+                                let instance = response
+                                    .headers()
+                                    .get("x-instance")
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("?")
+                                    .to_owned();
+                                let _ = response.bytes().await;
+                                stats.ok += 1;
+                                *stats.by_instance.entry(instance).or_insert(0) += 1;
+                            }
+                            Ok(response) => {
+                                let cause = response
+                                    .headers()
+                                    .get("x-switchyard-error")
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("")
+                                    .to_owned();
+                                stats
+                                    .failures
+                                    .push(format!("{} {cause}", response.status()));
+                            }
+                            Err(error) => stats.failures.push(format!("transport: {error}")),
+                        }
+                        stats.latencies.push(started.elapsed());
+                    }
+                    stats
+                })
+            })
+            .collect();
+        Load { stop, tasks }
+    }
+
+    pub async fn finish(self) -> LoadStats {
+        self.stop.cancel();
+        let mut total = LoadStats::default();
+        for task in self.tasks {
+            let stats = task.await.expect("load task");
+            total.ok += stats.ok;
+            total.failures.extend(stats.failures);
+            total.latencies.extend(stats.latencies);
+            for (instance, n) in stats.by_instance {
+                *total.by_instance.entry(instance).or_insert(0) += n;
+            }
+        }
+        total
     }
 }
 
@@ -359,9 +519,15 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway from YAML pointing at `consul` (the YAML's `consul.address` is set).
     pub async fn start(consul: &Consul, services_yaml: &str) -> Gateway {
+        Self::start_with(&[consul.url()], "", services_yaml).await
+    }
+
+    /// Starts a gateway watching `addresses`; `consul_extra` adds indented `consul:` keys and
+    /// `rest_yaml` the top-level keys (`services:` at least).
+    pub async fn start_with(addresses: &[String], consul_extra: &str, rest_yaml: &str) -> Gateway {
         let yaml = format!(
-            "consul:\n  address: {}\n  wait: 30s\n  backoff_base: 50ms\n  backoff_max: 500ms\nserver:\n  shutdown_grace: 5s\n{services_yaml}",
-            consul.url()
+            "consul:\n  address: [{}]\n  wait: 30s\n  backoff_base: 50ms\n  backoff_max: 500ms\n{consul_extra}server:\n  shutdown_grace: 5s\n{rest_yaml}",
+            addresses.join(", ")
         );
         Self::start_config(
             Config::from_yaml(&yaml, &ConsulEnv::default()).expect("valid test config"),
@@ -487,5 +653,217 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A Consul cluster of real server agents with data directories (state survives restarts).
+
+/// One `consul agent -server` of a [`ConsulCluster`].
+pub struct ConsulServer {
+    child: Option<Child>,
+    pub node: String,
+    pub http_port: u16,
+    serf_lan: u16,
+    serf_wan: u16,
+    pub server_port: u16,
+    data_dir: PathBuf,
+}
+
+impl ConsulServer {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+/// `size` Consul servers on loopback ports that form one cluster; killed on drop.
+pub struct ConsulCluster {
+    pub servers: Vec<ConsulServer>,
+    client: reqwest::Client,
+}
+
+impl ConsulCluster {
+    pub async fn start(size: usize) -> ConsulCluster {
+        let servers = (0..size)
+            .map(|i| {
+                let http_port = free_port();
+                ConsulServer {
+                    child: None,
+                    node: format!("server-{i}-{http_port}"),
+                    http_port,
+                    serf_lan: free_port(),
+                    serf_wan: free_port(),
+                    server_port: free_port(),
+                    data_dir: std::env::temp_dir()
+                        .join(format!("switchyard-test-consul-data-{http_port}")),
+                }
+            })
+            .collect();
+        let mut cluster = ConsulCluster {
+            servers,
+            client: http_client(),
+        };
+        for i in 0..size {
+            cluster.spawn(i);
+        }
+        cluster
+            .wait_for_leader(Duration::from_secs(60))
+            .await
+            .expect("the cluster elected no leader");
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let joins: Vec<String> = self
+            .servers
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.serf_lan))
+            .collect();
+        let expect = self.servers.len().to_string();
+        let server = &mut self.servers[i];
+        std::fs::create_dir_all(&server.data_dir).expect("creating a consul data dir");
+        let log = std::fs::File::create(server.data_dir.join("consul.log"))
+            .expect("creating the consul log");
+        let mut command = Command::new("consul");
+        command
+            .args([
+                "agent",
+                "-server",
+                "-bootstrap-expect",
+                &expect,
+                "-node",
+                &server.node,
+            ])
+            .args(["-bind", "127.0.0.1", "-client", "127.0.0.1"])
+            .arg("-data-dir")
+            .arg(&server.data_dir)
+            .args(["-http-port", &server.http_port.to_string()])
+            .args(["-dns-port", "-1", "-grpc-port", "-1"])
+            .args(["-serf-lan-port", &server.serf_lan.to_string()])
+            .args(["-serf-wan-port", &server.serf_wan.to_string()])
+            .args(["-server-port", &server.server_port.to_string()])
+            .args(["-hcl", "performance { raft_multiplier = 1 }"]);
+        for join in &joins {
+            command.args(["-retry-join", join]);
+        }
+        let child = command
+            .stdout(Stdio::from(log.try_clone().expect("cloning a file handle")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("starting `consul` (not on PATH? run scripts/install-consul.sh)");
+        server.child = Some(child);
+    }
+
+    /// The HTTP URLs of every server, for `consul.address`.
+    pub fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(ConsulServer::url).collect()
+    }
+
+    fn running(&self) -> impl Iterator<Item = &ConsulServer> {
+        self.servers.iter().filter(|s| s.is_running())
+    }
+
+    /// The index of the current leader, as the running servers see it.
+    pub async fn leader(&self) -> Option<usize> {
+        for server in self.running() {
+            let Ok(response) = self
+                .client
+                .get(format!("{}/v1/status/leader", server.url()))
+                .send()
+                .await
+            else {
+                continue;
+            };
+            let text = response.text().await.unwrap_or_default();
+            let port = text
+                .trim()
+                .trim_matches('"')
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse::<u16>().ok());
+            if let Some(i) = self
+                .servers
+                .iter()
+                .position(|s| Some(s.server_port) == port && s.is_running())
+            {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Option<usize> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(leader) = self.leader().await {
+                return Some(leader);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.servers[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts server `i` again with its data directory (its state survives).
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+    }
+
+    /// Writes go through the leader: retried through any running server until one accepts.
+    async fn catalog_write(&self, path: &str, body: Value) {
+        let start = Instant::now();
+        loop {
+            for server in self.running() {
+                let url = format!("{}/v1/catalog/{path}", server.url());
+                if let Ok(response) = self.client.put(&url).json(&body).send().await {
+                    if response.status().is_success() {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "catalog {path} kept failing"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Registers an instance on an external node (no agent owns it, so it survives any
+    /// server's death; no checks, so it is passing).
+    pub async fn register(&self, service: &str, id: &str, port: u16) {
+        self.catalog_write(
+            "register",
+            json!({
+                "Node": "external", "Address": "127.0.0.1",
+                "Service": {"ID": id, "Service": service, "Address": "127.0.0.1", "Port": port},
+            }),
+        )
+        .await;
+    }
+
+    pub async fn deregister(&self, id: &str) {
+        self.catalog_write("deregister", json!({"Node": "external", "ServiceID": id}))
+            .await;
+    }
+}
+
+impl Drop for ConsulCluster {
+    fn drop(&mut self) {
+        for i in 0..self.servers.len() {
+            self.kill(i);
+            let _ = std::fs::remove_dir_all(&self.servers[i].data_dir);
+        }
     }
 }
