@@ -93,8 +93,8 @@ async fn drill_rolling_deploy_under_load() {
         .is_some());
 
     let load = Load::start(gateway.url("/web"), LOAD_CONCURRENCY);
-    for i in 0..backends.len() {
-        let id = backends[i].id.clone();
+    for backend in backends.iter_mut() {
+        let id = backend.id.clone();
         let others: Vec<&str> = all.iter().copied().filter(|other| *other != id).collect();
         // 1. Deregister, and wait until the gateway stops sending new requests.
         consul.deregister(&id).await;
@@ -103,10 +103,10 @@ async fn drill_rolling_deploy_under_load() {
             .await
             .is_some());
         // 2. Stop once in-flight requests are done; 3. start the new version.
-        backends[i].stop_gracefully().await;
-        backends[i].restart().await;
+        backend.stop_gracefully().await;
+        backend.restart().await;
         // 4. Register again and wait until it is back in rotation.
-        consul.register("web", &id, backends[i].port, &[]).await;
+        consul.register("web", &id, backend.port, &[]).await;
         assert!(gateway
             .wait_for_instances("web", &all, Duration::from_secs(5))
             .await
