@@ -141,13 +141,10 @@ fn request_host(request: &Request<Incoming>) -> Option<&str> {
     Some(strip_port(raw))
 }
 
-fn strip_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        // [v6]:port
-        return rest
-            .split(']')
-            .next()
-            .map_or(host, |inner| &host[..inner.len() + 2]);
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // [v6]:port; a client may send a '[' without its ']'.
+        return host.find(']').map_or(host, |end| &host[..=end]);
     }
     host.rsplit_once(':').map_or(host, |(name, _)| name)
 }
@@ -242,7 +239,7 @@ impl Router {
 
 impl Route {
     /// The path and query to send to the instance.
-    fn upstream_path(&self, uri: &Uri) -> PathAndQuery {
+    pub fn upstream_path(&self, uri: &Uri) -> PathAndQuery {
         let original = uri.path_and_query().map_or("/", |pq| pq.as_str());
         if !self.strip_prefix || self.prefix == "/" {
             return uri
@@ -632,5 +629,10 @@ mod tests {
         assert_eq!(strip_port("example.com"), "example.com");
         assert_eq!(strip_port("[::1]:8080"), "[::1]");
         assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(
+            strip_port("[u0k."),
+            "[u0k.",
+            "found by tests/fuzz.rs: once a panic"
+        );
     }
 }
