@@ -117,6 +117,33 @@ pub struct ConsulConfig {
     /// (its table keeps serving).
     #[serde(with = "humantime_serde_compat")]
     pub stale_after: Duration,
+    /// Most HTTP connections the gateway opens to Consul (Consul refuses more than 200 per
+    /// client address by default).
+    pub max_connections: usize,
+    pub watch: WatchMode,
+}
+
+/// How services are watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchMode {
+    /// `per_service` while every service fits in `max_connections`, else `catalog`.
+    Auto,
+    /// One blocking query per service: the fastest propagation, one connection each.
+    PerService,
+    /// Two catalog-wide change detectors plus targeted fetches: bounded connections.
+    Catalog,
+}
+
+impl ConsulConfig {
+    /// The mode in effect for `services` services.
+    pub fn effective_watch(&self, services: usize) -> WatchMode {
+        match self.watch {
+            WatchMode::Auto if services + 2 <= self.max_connections => WatchMode::PerService,
+            WatchMode::Auto => WatchMode::Catalog,
+            mode => mode,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -257,6 +284,10 @@ struct RawConsul {
     backoff_max: String,
     #[serde(default = "default_stale_after")]
     stale_after: String,
+    #[serde(default = "default_consul_max_connections")]
+    max_connections: usize,
+    #[serde(default)]
+    watch: Option<String>,
 }
 
 /// `consul.address`: one address, a comma-separated list (handy in env overrides), or a list.
@@ -277,6 +308,8 @@ impl Default for RawConsul {
             backoff_base: default_backoff_base(),
             backoff_max: default_backoff_max(),
             stale_after: default_stale_after(),
+            max_connections: default_consul_max_connections(),
+            watch: None,
         }
     }
 }
@@ -292,6 +325,9 @@ fn default_backoff_max() -> String {
 }
 fn default_stale_after() -> String {
     "60s".into()
+}
+fn default_consul_max_connections() -> usize {
+    64
 }
 
 #[derive(Debug, Deserialize)]
@@ -663,9 +699,25 @@ impl RawConsul {
         }
         let datacenter = Some(self.datacenter.trim().to_owned()).filter(|d| !d.is_empty());
         let stale_after = parse_positive_duration("consul.stale_after", &self.stale_after)?;
+        if self.max_connections < 3 {
+            return Err(invalid("consul.max_connections", "must be at least 3"));
+        }
+        let watch = match self.watch.as_deref().map(str::trim) {
+            None | Some("auto") => WatchMode::Auto,
+            Some("per_service") => WatchMode::PerService,
+            Some("catalog") => WatchMode::Catalog,
+            Some(other) => {
+                return Err(invalid(
+                    "consul.watch",
+                    format!("{other:?} is not one of \"auto\", \"per_service\", \"catalog\""),
+                ))
+            }
+        };
         Ok(ConsulConfig {
             addresses,
             stale_after,
+            max_connections: self.max_connections,
+            watch,
             token,
             datacenter,
             wait,

@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub use config::Config;
+use config::WatchMode;
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
 use crate::admin::Admin;
@@ -77,12 +78,19 @@ pub async fn run(
 
     // Watchers outlive the listeners' drain so retries during it still see fresh tables.
     let stop_watchers = CancellationToken::new();
-    let watchers = watcher::spawn_watchers(
-        discovery,
-        &upstreams,
-        WatchPacing::from(&config.consul),
-        &stop_watchers,
-    );
+    let pacing = WatchPacing::from(&config.consul);
+    let watchers = match config.consul.effective_watch(config.services.len()) {
+        WatchMode::PerService | WatchMode::Auto => {
+            watcher::spawn_watchers(discovery, &upstreams, pacing, &stop_watchers)
+        }
+        WatchMode::Catalog => vec![tokio::spawn(watcher::watch_catalog(
+            discovery,
+            upstreams.clone(),
+            pacing,
+            config.consul.max_connections,
+            stop_watchers.clone(),
+        ))],
+    };
 
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),

@@ -37,6 +37,7 @@ pub struct Metrics {
     ejections: IntCounterVec,
     ejected: IntGaugeVec,
     retry_budget_exhausted: IntCounterVec,
+    propagation: Histogram,
 }
 
 fn counter_vec(
@@ -141,6 +142,14 @@ impl Metrics {
             "switchyard_retry_budget_exhausted_total",
             "Retries refused because retries in flight reached the retry budget.",
         )?;
+        let propagation = Histogram::with_opts(
+            HistogramOpts::new(
+                "switchyard_propagation_seconds",
+                "Time from Consul reporting a change (a watch or change detector answering) to the new table being swapped in.",
+            )
+            .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+        )?;
+        registry.register(Box::new(propagation.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -159,6 +168,7 @@ impl Metrics {
             ejections,
             ejected,
             retry_budget_exhausted,
+            propagation,
         })
     }
 
@@ -186,6 +196,7 @@ impl Metrics {
             ejections: self.ejections.with_label_values(&[service]),
             ejected: self.ejected.with_label_values(&[service]),
             retry_budget_exhausted: self.retry_budget_exhausted.with_label_values(&[service]),
+            propagation: self.propagation.clone(),
         }
     }
 
@@ -221,6 +232,7 @@ pub struct ServiceMetrics {
     ejections: IntCounter,
     ejected: IntGauge,
     retry_budget_exhausted: IntCounter,
+    propagation: Histogram,
 }
 
 impl RequestMetrics {
@@ -268,6 +280,10 @@ impl ServiceMetrics {
 
     pub fn ejected(&self) {
         self.ejections.inc();
+    }
+
+    pub fn observe_propagation(&self, elapsed: Duration) {
+        self.propagation.observe(elapsed.as_secs_f64());
     }
 
     pub fn retry_budget_exhausted(&self) {

@@ -401,13 +401,25 @@ impl Upstream {
         );
     }
 
+    /// Records that Consul answered (a change detector, in catalog mode) without a new table.
+    pub fn record_contact(&self) {
+        self.failing_since_ms.store(0, Ordering::Relaxed);
+        if self.is_synced() {
+            self.touch_sync();
+        }
+    }
+
+    fn touch_sync(&self) {
+        let elapsed = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.last_sync_ms.store(elapsed + 1, Ordering::Relaxed);
+        self.metrics.consul_success();
+    }
+
     /// Records a successful discovery answer at `index`.
     pub fn record_sync(&self, index: u64) {
         self.failing_since_ms.store(0, Ordering::Relaxed);
-        let elapsed = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
-        self.last_sync_ms.store(elapsed + 1, Ordering::Relaxed);
+        self.touch_sync();
         self.index.store(index, Ordering::Relaxed);
-        self.metrics.consul_success();
     }
 
     /// Whether discovery has answered at least once.

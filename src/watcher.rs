@@ -24,6 +24,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+mod catalog;
+
+pub use catalog::watch_catalog;
+
 use crate::config::{ConsulConfig, ServiceConfig};
 use crate::upstream::{Instance, Upstream, Upstreams};
 
@@ -251,25 +255,6 @@ impl ConsulDiscovery {
             }
         }
     }
-
-    fn health_url(&self, base: &reqwest::Url, service: &ServiceConfig, index: u64) -> reqwest::Url {
-        let mut url = base.clone();
-        url.set_path(&format!("/v1/health/service/{}", service.name));
-        {
-            let mut query = url.query_pairs_mut();
-            query.append_key_only("passing");
-            query.append_key_only("stale");
-            query.append_pair("index", &index.to_string());
-            query.append_pair("wait", &format!("{}ms", self.wait.as_millis()));
-            if let Some(dc) = &self.datacenter {
-                query.append_pair("dc", dc);
-            }
-            for tag in &service.tags {
-                query.append_pair("tag", tag);
-            }
-        }
-        url
-    }
 }
 
 #[derive(Deserialize)]
@@ -339,14 +324,24 @@ fn parse_index(headers: &HeaderMap) -> Option<u64> {
 
 impl Discovery for ConsulDiscovery {
     async fn fetch(&self, service: &ServiceConfig, index: u64) -> Result<Answer, DiscoveryError> {
-        let server = self.current.load(Ordering::Relaxed) % self.bases.len();
-        let result = self.fetch_from(server, service, index).await;
-        if let Err(error) = &result {
-            if error.is_server_side() {
-                self.fail_over(server);
-            }
-        }
-        result
+        let (index, body) = self
+            .get(
+                &format!("/v1/health/service/{}", service.name),
+                index,
+                |query| {
+                    query.append_key_only("passing");
+                    for tag in &service.tags {
+                        query.append_pair("tag", tag);
+                    }
+                },
+            )
+            .await?;
+        let entries: Vec<HealthEntry> =
+            serde_json::from_slice(&body).map_err(DiscoveryError::Decode)?;
+        Ok(Answer {
+            index,
+            instances: instances_from_entries(service, entries),
+        })
     }
 }
 
@@ -362,13 +357,38 @@ impl DiscoveryError {
 }
 
 impl ConsulDiscovery {
-    async fn fetch_from(
+    /// A (blocking, when `index > 0`) GET of `path` on the current Consul server, with the
+    /// common parameters (`stale`, `index`, `wait`, `dc`) plus those `add_query` appends.
+    /// Returns `X-Consul-Index` and the body. Moves to the next server on server-side errors.
+    pub(crate) async fn get(
         &self,
-        server: usize,
-        service: &ServiceConfig,
+        path: &str,
         index: u64,
-    ) -> Result<Answer, DiscoveryError> {
-        let url = self.health_url(&self.bases[server], service, index);
+        add_query: impl FnOnce(&mut url::form_urlencoded::Serializer<'_, url::UrlQuery<'_>>),
+    ) -> Result<(u64, bytes::Bytes), DiscoveryError> {
+        let server = self.current.load(Ordering::Relaxed) % self.bases.len();
+        let mut url = self.bases[server].clone();
+        url.set_path(path);
+        {
+            let mut query = url.query_pairs_mut();
+            add_query(&mut query);
+            query.append_key_only("stale");
+            query.append_pair("index", &index.to_string());
+            query.append_pair("wait", &format!("{}ms", self.wait.as_millis()));
+            if let Some(dc) = &self.datacenter {
+                query.append_pair("dc", dc);
+            }
+        }
+        let result = self.get_url(url).await;
+        if let Err(error) = &result {
+            if error.is_server_side() {
+                self.fail_over(server);
+            }
+        }
+        result
+    }
+
+    async fn get_url(&self, url: reqwest::Url) -> Result<(u64, bytes::Bytes), DiscoveryError> {
         let send = async {
             let response = self
                 .http
@@ -401,14 +421,9 @@ impl ConsulDiscovery {
         {
             // A stale read from a server that lost its leader may lag; it is still the best
             // data there is, and the next change will correct it.
-            debug!(service = %service.name, "Consul answered without a known leader");
+            debug!("Consul answered without a known leader");
         }
-        let entries: Vec<HealthEntry> =
-            serde_json::from_slice(&body).map_err(DiscoveryError::Decode)?;
-        Ok(Answer {
-            index,
-            instances: instances_from_entries(service, entries),
-        })
+        Ok((index, body))
     }
 }
 
@@ -457,10 +472,12 @@ pub async fn watch_service<D: Discovery>(
                 }
                 backoff.reset();
                 let step = IndexStep::from_indexes(index, answer.index);
+                let answered = Instant::now();
                 upstream.record_sync(answer.index);
                 if step != (IndexStep::Unchanged { next: index }) {
                     let count = answer.instances.len();
                     if upstream.replace_instances(answer.instances) {
+                        upstream.metrics.observe_propagation(answered.elapsed());
                         info!(service = %name, index = answer.index, instances = count, "table updated");
                     }
                 }

@@ -1,0 +1,132 @@
+//! Catalog mode (two change detectors + targeted fetches) against a real Consul: the same
+//! propagation guarantees as one blocking query per service.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Backend, Behavior, Consul, Gateway};
+
+const SERVICES: &str = "services:
+  - name: web
+  - name: api
+  - name: quiet
+";
+
+async fn gateway(consul: &Consul) -> Gateway {
+    Gateway::start_with(
+        &[consul.url()],
+        "  watch: catalog\n  max_connections: 4\n",
+        SERVICES,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_with_and_without_checks_propagate() {
+    let consul = Consul::start().await;
+    let backends = [
+        Backend::start("web-1", Behavior::Ok).await,
+        Backend::start("web-2", Behavior::Ok).await,
+        Backend::start("api-1", Behavior::Ok).await,
+    ];
+    consul
+        .register_with_ttl("web", "web-1", backends[0].port)
+        .await;
+    consul.register("api", "api-1", backends[2].port, &[]).await;
+    let gateway = gateway(&consul).await;
+    assert!(gateway
+        .wait_for_instances("web", &["web-1"], Duration::from_secs(10))
+        .await
+        .is_some());
+    assert!(gateway
+        .wait_for_instances("api", &["api-1"], Duration::from_secs(10))
+        .await
+        .is_some());
+
+    let timed = |what: &'static str, took: Option<Duration>| {
+        println!("catalog mode: {what}: {took:?}");
+        assert!(
+            took.is_some_and(|d| d < Duration::from_secs(1)),
+            "{what}: {took:?}"
+        );
+    };
+
+    // With a check: attributed through /v1/health/state/any.
+    let start = Instant::now();
+    consul
+        .register_with_ttl("web", "web-2", backends[1].port)
+        .await;
+    let took = gateway
+        .wait_for_instances("web", &["web-1", "web-2"], Duration::from_secs(5))
+        .await;
+    timed("register with check", took.map(|_| start.elapsed()));
+
+    let start = Instant::now();
+    consul.fail_check("web-1").await;
+    let took = gateway
+        .wait_for_instances("web", &["web-2"], Duration::from_secs(5))
+        .await;
+    timed("check critical", took.map(|_| start.elapsed()));
+
+    // Without checks: only /v1/catalog/services sees it, and a sweep finds it.
+    let start = Instant::now();
+    consul.register("api", "api-2", backends[1].port, &[]).await;
+    let took = gateway
+        .wait_for_instances("api", &["api-1", "api-2"], Duration::from_secs(5))
+        .await;
+    timed("register without check", took.map(|_| start.elapsed()));
+
+    let start = Instant::now();
+    consul.deregister("api-1").await;
+    let took = gateway
+        .wait_for_instances("api", &["api-2"], Duration::from_secs(5))
+        .await;
+    timed("deregister without check", took.map(|_| start.elapsed()));
+
+    let start = Instant::now();
+    consul.deregister("web-2").await;
+    let took = gateway
+        .wait_for_instances("web", &[], Duration::from_secs(5))
+        .await;
+    timed("deregister with check", took.map(|_| start.elapsed()));
+
+    let response = gateway.get("/api").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(gateway.get("/web").await.status(), 503);
+    let client = common::http_client();
+    let ready = client
+        .get(gateway.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.status(),
+        200,
+        "a service with no instances is synced, not stale"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_mode_survives_a_consul_outage() {
+    let mut consul = Consul::start().await;
+    let backend = Backend::start("web-1", Behavior::Ok).await;
+    consul.register("web", "web-1", backend.port, &[]).await;
+    let gateway = gateway(&consul).await;
+    assert!(gateway
+        .wait_for_instances("web", &["web-1"], Duration::from_secs(10))
+        .await
+        .is_some());
+    consul.stop();
+    let (hits, failures) = gateway.spread("/web", 50).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(hits.get("web-1"), Some(&50));
+    consul.restart().await;
+    let backend2 = Backend::start("web-2", Behavior::Ok).await;
+    consul.register("web", "web-1", backend.port, &[]).await;
+    consul.register("web", "web-2", backend2.port, &[]).await;
+    assert!(gateway
+        .wait_for_instances("web", &["web-1", "web-2"], Duration::from_secs(10))
+        .await
+        .is_some());
+}
