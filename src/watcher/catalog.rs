@@ -15,9 +15,11 @@
 //! Fetches are non-blocking `health/service` queries, at most `consul.max_connections - 2`
 //! at once, and one at a time per service so each table still has a single writer.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tokio::sync::{mpsc, Semaphore};
@@ -32,20 +34,34 @@ use crate::upstream::{Upstream, Upstreams};
 
 /// Raft indexes of recent check changes, kept to explain catalog changes that arrive later.
 const EXPLAINED_MEMORY: usize = 4096;
+/// How long a catalog change may wait for the checks detector to explain it before every
+/// service is swept. Encoding `/v1/health/state/any` takes Consul ~50-130 ms at 10,000 checks.
+const EXPLAIN_GRACE: Duration = Duration::from_millis(300);
 
+/// One check of `/v1/health/state/any`, borrowing from the body where JSON allows: a large
+/// catalog answers with megabytes of checks on every change.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct CheckEntry {
-    node: String,
-    #[serde(rename = "CheckID")]
-    check_id: String,
-    #[serde(default)]
-    service_name: String,
+struct CheckEntry<'a> {
+    #[serde(borrow)]
+    node: Cow<'a, str>,
+    #[serde(rename = "CheckID", borrow)]
+    check_id: Cow<'a, str>,
+    #[serde(default, borrow)]
+    service_name: Cow<'a, str>,
     modify_index: u64,
 }
 
-/// Every check in the catalog: (node, check ID) -> (service name, ModifyIndex).
-type ChecksSnapshot = HashMap<(String, String), (String, u64)>;
+/// Every check in the catalog: hash of (node, check ID) -> (service name, ModifyIndex).
+/// A 64-bit hash collision among a catalog's checks would cost at most one missed or extra
+/// fetch, and the odds are negligible next to keeping 10,000 key strings.
+type ChecksSnapshot = HashMap<u64, (String, u64)>;
+
+fn check_key(node: &str, check_id: &str) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (node, check_id).hash(&mut hasher);
+    hasher.finish()
+}
 
 /// What changed between two check snapshots.
 #[derive(Debug, Default, PartialEq)]
@@ -55,10 +71,15 @@ struct ChecksDiff {
     indexes: Vec<u64>,
 }
 
-fn snapshot(entries: Vec<CheckEntry>) -> ChecksSnapshot {
+fn snapshot(entries: Vec<CheckEntry<'_>>) -> ChecksSnapshot {
     entries
         .into_iter()
-        .map(|c| ((c.node, c.check_id), (c.service_name, c.modify_index)))
+        .map(|c| {
+            (
+                check_key(&c.node, &c.check_id),
+                (c.service_name.into_owned(), c.modify_index),
+            )
+        })
         .collect()
 }
 
@@ -203,6 +224,8 @@ struct Coordinator {
     checks: Option<ChecksSnapshot>,
     catalog: Option<(u64, HashSet<String>)>,
     explained: VecDeque<u64>,
+    /// A catalog change waiting for the checks detector, and until when.
+    unexplained: Option<(u64, tokio::time::Instant)>,
     recovering: bool,
 }
 
@@ -284,9 +307,14 @@ impl Coordinator {
             self.mark_dirty(&diff.services);
         }
         self.checks = Some(snapshot);
+        if let Some((index, _)) = self.unexplained {
+            if self.explained.contains(&index) {
+                self.unexplained = None;
+            }
+        }
     }
 
-    async fn on_catalog(&mut self, index: u64, names: HashSet<String>) {
+    fn on_catalog(&mut self, index: u64, names: HashSet<String>) {
         let Some((previous_index, previous_names)) = self.catalog.replace((index, names)) else {
             return; // the baseline
         };
@@ -296,25 +324,19 @@ impl Coordinator {
             .cloned()
             .collect();
         self.mark_dirty(&renamed);
-        if index == previous_index || self.explained.contains(&index) {
-            return;
+        if index != previous_index && !self.explained.contains(&index) {
+            // The checks detector may not have woken yet for the same write.
+            self.unexplained = Some((index, tokio::time::Instant::now() + EXPLAIN_GRACE));
         }
-        // The checks detector may not have woken yet for the same write: look now.
-        let slots = self.slots.clone();
-        let _slot = slots.acquire().await;
-        let fresh = match self.discovery.get("/v1/health/state/any", 0, |_| {}).await {
-            Ok((checks_index, body)) => match parse(Detector::Checks, checks_index, &body) {
-                Ok(Event::Checks { index, snapshot }) => Some((index, snapshot)),
-                _ => None,
-            },
-            Err(_) => None,
-        };
-        if let Some((checks_index, snapshot)) = fresh {
-            self.on_checks(checks_index, snapshot);
-        }
-        if !self.explained.contains(&index) {
-            // An instance registered without checks (or an unattributable change): fetch all.
-            self.sweep("catalog change not explained by a check change");
+    }
+
+    /// Sweeps if the catalog change still waits for an explanation.
+    fn explain_or_sweep(&mut self) {
+        if let Some((index, _)) = self.unexplained.take() {
+            if !self.explained.contains(&index) {
+                // An instance registered without checks (or an unattributable change).
+                self.sweep("catalog change not explained by a check change");
+            }
         }
     }
 
@@ -347,6 +369,13 @@ impl Coordinator {
     }
 }
 
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Watches every service of `upstreams` with two detectors and targeted fetches, using at
 /// most `max_connections` connections to Consul.
 pub async fn watch_catalog(
@@ -374,13 +403,15 @@ pub async fn watch_catalog(
         discovery,
         upstreams,
         by_name,
-        // Two connections belong to the detectors.
-        slots: Arc::new(Semaphore::new(max_connections.saturating_sub(2).max(1))),
+        // Two connections belong to the detectors; one more is kept spare because the HTTP
+        // pool may open a connection for the next long-poll before the last one is back.
+        slots: Arc::new(Semaphore::new(max_connections.saturating_sub(3).max(1))),
         events,
         fetches: HashMap::new(),
         checks: None,
         catalog: None,
         explained: VecDeque::new(),
+        unexplained: None,
         recovering: false,
     };
     info!(
@@ -389,8 +420,13 @@ pub async fn watch_catalog(
     );
     coordinator.sweep("start");
     loop {
+        let grace_end = coordinator.unexplained.map(|(_, deadline)| deadline);
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = sleep_until_some(grace_end) => {
+                coordinator.explain_or_sweep();
+                continue;
+            }
             event = inbox.recv() => match event {
                 Some(event) => event,
                 None => break,
@@ -403,7 +439,7 @@ pub async fn watch_catalog(
             }
             Event::Catalog { index, names } => {
                 coordinator.recovered();
-                coordinator.on_catalog(index, names).await;
+                coordinator.on_catalog(index, names);
             }
             Event::Contact => coordinator.contact(),
             Event::Failed(error) => {
@@ -429,7 +465,12 @@ pub async fn watch_catalog(
 mod tests {
     use super::*;
 
-    fn check(node: &str, id: &str, service: &str, modify_index: u64) -> CheckEntry {
+    fn check<'a>(
+        node: &'a str,
+        id: &'a str,
+        service: &'a str,
+        modify_index: u64,
+    ) -> CheckEntry<'a> {
         CheckEntry {
             node: node.into(),
             check_id: id.into(),

@@ -1,0 +1,302 @@
+//! Propagation and scale benchmark against a real Consul (`cargo bench --bench propagation`).
+//!
+//! For 1, 100 and 1,000 watched services (10 instances each) it measures the time from a
+//! Consul API call (register an instance, deregister it, turn a check critical) to the
+//! gateway's table change, read from the release binary's "table updated" log line, and the
+//! gateway's connections to Consul, RSS and idle CPU. Set `SIZES=1,100` to choose sizes and
+//! `CHANGES=40` for changes per kind and `GAP_MS=100` for the pause before each. Targets (issue 3): p99 < 50 ms at 100 services,
+//! < 200 ms at 1,000; at most 64 connections to Consul; RSS < 64 MiB.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+const INSTANCES: usize = 10;
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let sizes: Vec<usize> = std::env::var("SIZES")
+        .unwrap_or_else(|_| "1,100,1000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let changes: usize = std::env::var("CHANGES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    let status = Command::new("cargo")
+        .args(["build", "--release", "--quiet", "--bin", "switchyard"])
+        .status()
+        .expect("cargo build");
+    assert!(status.success());
+    println!("| services | mode | change | p50 | p99 | max | n |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    let mut footprint = Vec::new();
+    for size in sizes {
+        footprint.push(runtime.block_on(run(size, changes)));
+    }
+    println!();
+    println!("| services | instances | connections to Consul | RSS | idle CPU (5 s) |");
+    println!("| --- | --- | --- | --- | --- |");
+    for line in footprint {
+        println!("{line}");
+    }
+}
+
+struct Gateway {
+    child: std::process::Child,
+    updates: mpsc::Receiver<(String, Instant)>,
+    admin: u16,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn catalog(client: &reqwest::Client, consul: &str, op: &str, body: serde_json::Value) {
+    let response = client
+        .put(format!("{consul}/v1/catalog/{op}"))
+        .json(&body)
+        .send()
+        .await
+        .expect("consul catalog call");
+    assert!(
+        response.status().is_success(),
+        "{op}: {}",
+        response.status()
+    );
+}
+
+fn instance(service: usize, n: usize, port: u16, status: &str) -> serde_json::Value {
+    let id = format!("svc{service}-{n}");
+    json!({
+        "Node": "external", "Address": "127.0.0.1",
+        "Service": {"ID": id, "Service": format!("svc{service}"), "Address": "127.0.0.1", "Port": port},
+        "Checks": [{"CheckID": format!("check-{id}"), "Name": "external", "Status": status, "ServiceID": id}],
+    })
+}
+
+async fn run(size: usize, changes: usize) -> String {
+    let consul = common::Consul::start().await;
+    let url = consul.url();
+    let client = common::http_client();
+    let started = Instant::now();
+    for service in 0..size {
+        for n in 0..INSTANCES {
+            catalog(
+                &client,
+                &url,
+                "register",
+                instance(service, n, 20000 + n as u16, "passing"),
+            )
+            .await;
+        }
+    }
+    eprintln!(
+        "registered {size}x{INSTANCES} instances in {:?}",
+        started.elapsed()
+    );
+
+    let (port, admin) = (common::free_port(), common::free_port());
+    let dir = std::env::temp_dir().join(format!("switchyard-bench-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut yaml = format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nworkers: 1\nconsul:\n  address: {url}\nservices:\n");
+    for service in 0..size {
+        yaml.push_str(&format!("  - name: svc{service}\n"));
+    }
+    let config = dir.join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let mut child =
+        Command::new(env!("CARGO_MANIFEST_DIR").to_owned() + "/target/release/switchyard")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting switchyard");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, updates) = mpsc::channel();
+    let mode = std::sync::Arc::new(std::sync::Mutex::new(String::from("per-service")));
+    let mode_writer = mode.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("catalog mode") {
+                *mode_writer.lock().unwrap() = "catalog".into();
+            }
+            if line.contains("table updated") {
+                if let Some(service) = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("service="))
+                {
+                    let _ = tx.send((service.trim_matches('"').to_owned(), Instant::now()));
+                }
+            }
+        }
+    });
+    let gateway = Gateway {
+        child,
+        updates,
+        admin,
+    };
+    let ready = common::wait_until(Duration::from_secs(120), || async {
+        client
+            .get(format!("http://127.0.0.1:{}/readyz", gateway.admin))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ready.is_some(), "gateway not ready");
+    // Let the initial table builds drain.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    while gateway.updates.try_recv().is_ok() {}
+    let mode = mode.lock().unwrap().clone();
+
+    let mut results: HashMap<&str, Vec<Duration>> = HashMap::new();
+    let mut rng = fastrand::Rng::with_seed(7);
+    let gap = Duration::from_millis(
+        std::env::var("GAP_MS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(100),
+    );
+    for round in 0..changes {
+        let service = rng.usize(..size);
+        let name = format!("svc{service}");
+        let extra = INSTANCES + round;
+        let id = format!("svc{service}-{extra}");
+        let deregister = json!({"Node": "external", "ServiceID": id});
+        // (what is measured, the call, whether the table changes)
+        for (kind, body, op) in [
+            (
+                Some("register"),
+                instance(service, extra, 30000, "passing"),
+                "register",
+            ),
+            (Some("deregister"), deregister.clone(), "deregister"),
+            (None, instance(service, extra, 30000, "passing"), "register"),
+            (
+                Some("check critical"),
+                instance(service, extra, 30000, "critical"),
+                "register",
+            ),
+            (None, deregister, "deregister"),
+        ] {
+            let Some(kind) = kind else {
+                // Not measured, but wait for its update so it is not mistaken for the next.
+                catalog(&client, &url, op, body).await;
+                if op == "register" {
+                    while let Ok((updated, _)) =
+                        gateway.updates.recv_timeout(Duration::from_secs(10))
+                    {
+                        if updated == name {
+                            break;
+                        }
+                    }
+                }
+                continue;
+            };
+            // Isolated changes: let the watch's token bucket refill between them.
+            tokio::time::sleep(gap).await;
+            let sent = Instant::now();
+            catalog(&client, &url, op, body).await;
+            let took = loop {
+                match gateway.updates.recv_timeout(Duration::from_secs(10)) {
+                    Ok((updated, at)) if updated == name => {
+                        break Some(at.saturating_duration_since(sent))
+                    }
+                    Ok(_) => continue,
+                    Err(_) => break None,
+                }
+            };
+            match took {
+                Some(took) => results.entry(kind).or_default().push(took),
+                None => eprintln!("{kind} on {name}: no table update within 10 s"),
+            }
+        }
+    }
+    for kind in ["register", "check critical", "deregister"] {
+        let mut samples = results.remove(kind).unwrap_or_default();
+        samples.sort();
+        let at = |q: f64| {
+            samples
+                .get(((samples.len() as f64 * q) as usize).min(samples.len().saturating_sub(1)))
+                .map_or("-".to_owned(), |d| {
+                    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+                })
+        };
+        println!(
+            "| {size} | {mode} | {kind} | {} | {} | {} | {} |",
+            at(0.5),
+            at(0.99),
+            at(1.0),
+            samples.len()
+        );
+    }
+
+    let pid = gateway.child.id();
+    let connections = Command::new("ss")
+        .args([
+            "-Htnp",
+            "state",
+            "established",
+            "dport",
+            "=",
+            &format!(":{}", consul.http_port),
+        ])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.contains(&format!("pid={pid},")))
+                .count()
+        })
+        .unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
+        .unwrap_or_default();
+    let cpu = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        ticks(11) + ticks(12)
+    };
+    let before = cpu(pid);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle_ticks = cpu(pid) - before;
+    let _ = std::fs::remove_dir_all(&dir);
+    format!(
+        "| {size} | {} | {connections} | {:.1} MiB | {:.2}% |",
+        size * INSTANCES,
+        rss.parse::<f64>().unwrap_or(0.0) / 1024.0,
+        idle_ticks as f64 / 5.0 // 100 ticks per second: ticks/5 s = percent
+    )
+}
