@@ -8,7 +8,6 @@
 //! < 200 ms at 1,000; at most 64 connections to Consul; RSS < 64 MiB.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::collections::HashMap;
