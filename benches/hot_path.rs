@@ -1,0 +1,108 @@
+//! Micro-benchmarks of the request path's building blocks (`cargo bench --bench hot_path`):
+//! route lookup, `pick()` for round robin and random over 3/100/1000 instances, and building
+//! and swapping a table.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+
+use switchyard::config::{Balance, Config, ConsulEnv};
+use switchyard::gateway::Router;
+use switchyard::metrics::Metrics;
+use switchyard::upstream::{Instance, ServiceTable, Tried, Upstreams};
+
+fn instances(count: usize) -> Vec<Instance> {
+    (0..count)
+        .map(|n| {
+            Instance::new(
+                format!("web-{n:05}"),
+                format!("10.0.{}.{}", n / 250, n % 250 + 1),
+                8080,
+                vec!["v1".into()],
+                BTreeMap::new(),
+            )
+            .expect("a valid instance")
+        })
+        .collect()
+}
+
+fn config(services: usize) -> Config {
+    let mut yaml = String::from("services:\n");
+    for n in 0..services {
+        yaml.push_str(&format!(
+            "  - name: svc{n}\n    route: {{path_prefix: /svc{n}/}}\n"
+        ));
+    }
+    Config::from_yaml(&yaml, &ConsulEnv::default()).expect("a valid config")
+}
+
+fn route_lookup(c: &mut Criterion) {
+    let mut group = c.benchmark_group("route_lookup");
+    for services in [10, 100, 1000] {
+        let config = config(services);
+        let metrics = Metrics::new().unwrap();
+        let router = Router::new(&Upstreams::new(&config.services, &metrics));
+        let path = format!("/svc{}/orders/42?expand=1", services / 2);
+        group.bench_with_input(BenchmarkId::from_parameter(services), &path, |b, path| {
+            b.iter(|| {
+                black_box(router.find(black_box(Some("example.com")), black_box(path))).is_some()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn pick(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pick");
+    for balance in [Balance::RoundRobin, Balance::Random] {
+        for count in [3, 100, 1000] {
+            let table = ServiceTable::new(instances(count), balance);
+            let tried = Tried::default();
+            group.bench_with_input(
+                BenchmarkId::new(balance.as_str(), count),
+                &table,
+                |b, table| b.iter(|| black_box(table.pick(black_box(&tried))).map(|(i, _)| i)),
+            );
+        }
+    }
+    group.finish();
+}
+
+fn table_build_and_swap(c: &mut Criterion) {
+    let mut group = c.benchmark_group("table");
+    for count in [3, 100, 1000] {
+        group.bench_with_input(BenchmarkId::new("build", count), &count, |b, &count| {
+            let set = instances(count);
+            b.iter(|| black_box(ServiceTable::new(set.clone(), Balance::RoundRobin)))
+        });
+        let config = config(1);
+        let metrics = Metrics::new().unwrap();
+        let upstreams = Upstreams::new(&config.services, &metrics);
+        let upstream = upstreams.iter().next().unwrap().clone();
+        let (a, b_set) = (instances(count), instances(count + 1));
+        let mut flip = false;
+        group.bench_with_input(
+            BenchmarkId::new("replace_changed", count),
+            &count,
+            |b, _| {
+                b.iter(|| {
+                    flip = !flip;
+                    upstream.replace_instances(if flip { a.clone() } else { b_set.clone() })
+                })
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("replace_unchanged", count),
+            &count,
+            |b, _| {
+                upstream.replace_instances(a.clone());
+                b.iter(|| upstream.replace_instances(a.clone()))
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, route_lookup, pick, table_build_and_swap);
+criterion_main!(benches);
