@@ -192,8 +192,18 @@ def fmt_us(us):
     return f"{us / 1e6:.2f} s"
 
 
+def fmt_cpu(us):
+    return "n/a" if math.isnan(us) else f"{us:.1f} µs"
+
+
 def fmt_axis_us(us):
-    return "0" if us == 0 else fmt_us(us)
+    if us == 0:
+        return "0"
+    if us < 1000:
+        return f"{us:g} µs"
+    if us < 1e6:
+        return f"{us / 1000:g} ms"
+    return f"{us / 1e6:g} s"
 
 
 def fmt_axis_count(v):
@@ -328,7 +338,7 @@ def timeline_panel(svg, left, top, width, height, data, tmax, title, events, bad
     rmax = nice_max(max([d["ok_rate"] for d in data] + [1]))
     axis_y(svg, left, top, half, rmax, fmt_axis_count)
     svg.line(left, top + half, left + width, top + half, "#666")
-    svg.text(left - 48, top + half / 2, "2xx answers/s", size=10, anchor="middle", rotate=-90, fill="#555")
+    svg.text(left - 58, top + half / 2, "2xx answers/s", size=10, anchor="middle", rotate=-90, fill="#555")
     bmax = max([d["bad"] for d in data] + [0])
     for d in data:
         x = left + d["t"] * scale_x
@@ -348,7 +358,7 @@ def timeline_panel(svg, left, top, width, height, data, tmax, title, events, bad
     pmax = nice_max(max(values + [1]))
     axis_y(svg, left, ptop, half, pmax, fmt_axis_us)
     svg.line(left, ptop + half, left + width, ptop + half, "#666")
-    svg.text(left - 48, ptop + half / 2, f"p99 per {BIN} s", size=10, anchor="middle", rotate=-90, fill="#555")
+    svg.text(left - 58, ptop + half / 2, f"p99 per {BIN} s", size=10, anchor="middle", rotate=-90, fill="#555")
     points = [(left + (d["t"] + BIN / 2) * scale_x, ptop + half - half * d["p99_us"] / pmax)
               for d in data if d["p99_us"] is not None]
     if points:
@@ -421,7 +431,8 @@ def main():
             per_round.append((target, r, c50, c1, per_req, cpu[(r, target, "c50")], load[(r, target, "c50")]))
         results[target] = {
             "rps": median(rps), "p99": median(p99), "p50c1": median(p50c1), "cpu": median(cpu_us),
-            "rounds_rps": rps, "rounds_p99": p99, "errors": sum(errors),
+            "rounds_rps": rps, "rounds_p99": p99, "rounds_p50c1": p50c1, "rounds_cpu": cpu_us,
+            "errors": sum(errors),
         }
 
     direct_p50 = results["direct"]["p50c1"]
@@ -433,11 +444,16 @@ def main():
         + (" — **QUICK=1 smoke run: too short to quote**" if meta.get("quick") == "1" else "") + ".")
     add("See `loadtest/README.md` for what each number means and how it is measured.")
     add("")
+    spread = max(max(r["rounds_rps"]) / min(r["rounds_rps"]) for r in results.values())
     add(f"> **Noisy machine.** {meta.get('nproc')} cores, shared with other work (Rust builds) while "
         f"this ran: load average **{meta.get('loadavg_start')}** at start, "
         f"{meta.get('loadavg_end', 'n/a')} at the end. wrk, the proxy under test and the backend "
-        "nginx also share these cores. Read differences of a few percent as noise; the per-round "
-        "numbers below show the spread.")
+        "nginx also share these cores. "
+        + (f"In this run one target's RPS varied by up to {spread:.1f}× between rounds, so treat "
+           "RPS and latency differences smaller than that as noise; CPU per request, which does "
+           "not depend on how much CPU a process was given, is the steadiest column."
+           if len(rounds) > 1 else "With one round there is no measure of the noise.")
+        + " The spread over rounds is below the table.")
     add("")
     add("## Steady state")
     add("")
@@ -457,9 +473,22 @@ def main():
         else:
             added = res["p50c1"] - direct_p50
             p50 = f"{fmt_us(res['p50c1'])} ({'+' if added >= 0 else '−'}{fmt_us(abs(added))})"
-            cpu_cell = fmt_us(res["cpu"])
+            cpu_cell = fmt_cpu(res["cpu"])
         add(f"| {target} | {fmt_int(res['rps'])} | {fmt_us(res['p99'])} | {p50} | {cpu_cell} |")
     add("")
+    if len(rounds) > 1:
+        add(f"Spread over the {len(rounds)} rounds (min – max):")
+        add("")
+        add("| target | c=50 RPS | c=50 p99 | c=1 p50 | proxy CPU per request |")
+        add("| --- | ---: | ---: | ---: | ---: |")
+        for target in TARGETS:
+            res = results[target]
+            cpu_cell = "—" if target == "direct" else \
+                f"{fmt_cpu(min(res['rounds_cpu']))} – {fmt_cpu(max(res['rounds_cpu']))}"
+            add(f"| {target} | {fmt_int(min(res['rounds_rps']))} – {fmt_int(max(res['rounds_rps']))} | "
+                f"{fmt_us(min(res['rounds_p99']))} – {fmt_us(max(res['rounds_p99']))} | "
+                f"{fmt_us(min(res['rounds_p50c1']))} – {fmt_us(max(res['rounds_p50c1']))} | {cpu_cell} |")
+        add("")
     sy = results["switchyard"]
     comparisons = []
     for other in ("nginx", "haproxy"):
@@ -481,7 +510,7 @@ def main():
     add("| target | round | c=50 RPS | c=50 requests | c=50 p50 | c=50 p99 | c=1 p50 | c=1 p99 | CPU ticks (c=50) | CPU per request | errors | load avg before c=50 |")
     add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for target, r, c50, c1, per_req, ticks, loadavg in per_round:
-        cpu_cell = fmt_us(per_req) + (" (backend)" if target == "direct" else "")
+        cpu_cell = fmt_cpu(per_req) + (" (backend)" if target == "direct" else "")
         add(f"| {target} | {r} | {fmt_int(c50['rps'])} | {fmt_int(c50['requests'])} | {fmt_us(c50['p50'])} | "
             f"{fmt_us(c50['p99'])} | {fmt_us(c1['p50'])} | {fmt_us(c1['p99'])} | {ticks} | {cpu_cell} | "
             f"{c50['errors'] + c1['errors']} | {loadavg} |")

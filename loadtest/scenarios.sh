@@ -102,10 +102,13 @@ scenario_kill() {
   t0=$(now_us)
   sleep "$KILL_AT"
   printf '%s\n' "at second $KILL_AT: kill -KILL <victim nginx master> <its worker>" >>"$OUT/commands.txt"
-  # shellcheck disable=SC2086 # $workers is a list of pids
-  kill -KILL "$victim_pid" $workers
-  killed_at=$(secs_since "$t0")
-  wait "$victim_pid" 2>/dev/null || true
+  # The braces' 2>/dev/null also silences bash's "Killed" job notice.
+  {
+    # shellcheck disable=SC2086 # $workers is a list of pids
+    kill -KILL "$victim_pid" $workers
+    killed_at=$(secs_since "$t0")
+    wait "$victim_pid" || true
+  } 2>/dev/null
   forget_pid "$victim_pid"
   http_ok "http://127.0.0.1:$VICTIM/" && die "the victim backend still answers after SIGKILL"
   wait_oha "$sc"
