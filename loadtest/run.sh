@@ -94,9 +94,12 @@ check_alive() {
     kill -0 "$pid" 2>/dev/null || die "${NAME[$pid]:-pid $pid} exited unexpectedly; see $OUT/logs/"
   done
 }
+exec 3>&1 4>&2   # the script's own stdout/stderr, for cleanup
 cleanup() {
   local rc=$? i pid
   trap - EXIT INT TERM
+  # A signal's trap can run inside a command whose output is redirected to a result file.
+  exec 1>&3 2>&4
   log "stopping everything started by run.sh"
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
     kill -TERM "${PIDS[i]}" 2>/dev/null || true
@@ -391,10 +394,10 @@ measure() { # round target kind wrk-args...
   local before after load
   check_alive
   load=$(cut -d' ' -f1 /proc/loadavg)
-  before=$(cpu_ticks ${CPU_PIDS[$target]})
+  before=$(cpu_ticks "${CPU_PIDS[$target]}")
   run_logged wrk "$@" "${URL[$target]}" >"$OUT/steady/r$round-$target-$kind.txt" 2>&1 \
     || die "wrk failed against $target: $(cat "$OUT/steady/r$round-$target-$kind.txt")"
-  after=$(cpu_ticks ${CPU_PIDS[$target]})
+  after=$(cpu_ticks "${CPU_PIDS[$target]}")
   printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "$kind" "$((after - before))" "$load" >>"$OUT/steady/cpu.tsv"
   printf '   round %s %-10s %-3s %12s req/s  p50 %-9s p99 %s\n' "$round" "$target" "$kind" \
     "$(awk '/^Requests\/sec/ {print $2}' "$OUT/steady/r$round-$target-$kind.txt")" \

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Scenarios beside steady state, sourced by loadtest/run.sh (which defines OUT, URL, PIDS,
 # register/deregister, route_ids, wait_until, start_nginx, run_logged, ...). Both scenarios put
 # load on switchyard with oha and keep oha's per-request records (--db-url, sqlite) so
