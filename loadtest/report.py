@@ -461,7 +461,11 @@ def main():
         f"c=50: `wrk -t1 -c{meta.get('conns')} -d{meta.get('duration')}s --latency`; "
         f"c=1: `wrk -t1 -c1 -d{meta.get('c1_duration')}s --latency`. "
         "Every proxy forwards to the same 3 nginx backends (one nginx, 1 worker, 3 ports) "
-        "answering a fixed 100-byte 200; each proxy runs on one thread/worker.")
+        "answering a fixed 100-byte 200; each proxy runs on one thread/worker. "
+        + ("The c=1 runs pin wrk, the backends and the proxy to CPU 0 (`taskset`), so no hop "
+           "pays a cross-core wake-up; the c=50 runs are not pinned."
+           if meta.get("pin") == "1" else
+           "No CPU pinning (PIN=0): the scheduler placed every process."))
     add("")
     add("| target | c=50 RPS | c=50 p99 | c=1 p50 (added vs direct) | proxy CPU per request |")
     add("| --- | ---: | ---: | ---: | ---: |")

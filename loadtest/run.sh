@@ -5,6 +5,7 @@
 #   bash loadtest/run.sh                 # 3 interleaved rounds, 10 s per c=50 run (~6 min)
 #   QUICK=1 bash loadtest/run.sh         # smoke run: 1 round, 2 s runs, short scenarios
 #   ROUNDS=5 DURATION=20 bash loadtest/run.sh
+#   PIN=0 bash loadtest/run.sh           # do not pin the c=1 runs to one CPU (see README)
 #
 # Writes loadtest/RESULTS.md, loadtest/chart.svg and loadtest/scenarios.svg; raw outputs, configs
 # and logs go to loadtest/out/ (not committed). Everything listens on 127.0.0.1 on free ports,
@@ -30,6 +31,8 @@ fi
 ROUNDS="$(positive "$ROUNDS")"; DURATION="$(positive "$DURATION")"; C1_DURATION="$(positive "$C1_DURATION")"
 CHURN_SECONDS="$(positive "$CHURN_SECONDS")"; KILL_SECONDS="$(positive "$KILL_SECONDS")"; KILL_AT="$(positive "$KILL_AT")"
 (( KILL_AT < KILL_SECONDS )) || { echo "run.sh: KILL_AT ($KILL_AT) must be below KILL_SECONDS ($KILL_SECONDS)" >&2; exit 2; }
+PIN="${PIN:-1}"
+if [[ "$PIN" == 1 && $(nproc) -lt 2 ]]; then echo "run.sh: one CPU only; PIN=0"; PIN=0; fi
 CONNS=50          # the c=50 runs
 CHURN_EVERY_MS=100
 KILL_CONNS=20
@@ -67,7 +70,7 @@ if ! command -v oha >/dev/null 2>&1; then
   cargo install oha --locked
 fi
 bash scripts/install-consul.sh
-for tool in consul nginx haproxy wrk oha curl python3; do
+for tool in consul nginx haproxy wrk oha curl python3 taskset; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool is still missing after the install step"
 done
 
@@ -158,6 +161,20 @@ cpu_ticks() {
     total=$((total + fields[11] + fields[12]))   # fields 14 and 15: utime, stime
   done
   echo "$total"
+}
+
+# CPU placement of the c=1 runs (PIN=1). On a small VM a wake-up on another core costs tens of
+# microseconds, so where the scheduler happens to put wrk, the proxy and the backend changed the
+# c=1 p50 by 2-3x from one run to the next. For c=1 runs everything (wrk, the backends, the
+# proxies) is pinned to CPU 0: no hop pays a cross-core wake-up, and the difference to `direct`
+# is the proxy's own work on the request path. The c=50 runs are not pinned: there every
+# process is busy, and pinning (tried: proxy alone on CPU 1, the rest on CPU 0) made RPS lower
+# and p99 several times worse on a machine whose other tenants cannot be pinned away.
+ALL_CPUS="0-$(($(nproc) - 1))"
+pin() { # cpu-list pids... : every thread of these processes and of their children
+  [[ "$PIN" == 1 ]] || return 0
+  local cpus="$1" pid; shift
+  for pid in $(tree_pids "$@"); do taskset -a -p -c "$cpus" "$pid" >/dev/null; done
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -370,6 +387,7 @@ done
   echo "kill_at=$KILL_AT"
   echo "kill_conns=$KILL_CONNS"
   echo "quick=${QUICK:-0}"
+  echo "pin=$PIN"
 } >"$OUT/meta.txt"
 {
   rev="$(git rev-parse --short HEAD)"; git diff --quiet HEAD -- src Cargo.toml Cargo.lock || rev="$rev (with uncommitted changes)"
@@ -391,11 +409,16 @@ echo "   load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 printf 'round\ttarget\tkind\tticks\tloadavg1\n' >"$OUT/steady/cpu.tsv"
 measure() { # round target kind wrk-args...
   local round="$1" target="$2" kind="$3"; shift 3
-  local before after load
+  local before after load loadgen=()
   check_alive
+  if [[ "$kind" == c1 && "$PIN" == 1 ]]; then
+    pin 0 "${CPU_PIDS[@]}"; loadgen=(taskset -c 0)
+  else
+    pin "$ALL_CPUS" "${CPU_PIDS[@]}"
+  fi
   load=$(cut -d' ' -f1 /proc/loadavg)
   before=$(cpu_ticks "${CPU_PIDS[$target]}")
-  run_logged wrk "$@" "${URL[$target]}" >"$OUT/steady/r$round-$target-$kind.txt" 2>&1 \
+  run_logged "${loadgen[@]}" wrk "$@" "${URL[$target]}" >"$OUT/steady/r$round-$target-$kind.txt" 2>&1 \
     || die "wrk failed against $target: $(cat "$OUT/steady/r$round-$target-$kind.txt")"
   after=$(cpu_ticks "${CPU_PIDS[$target]}")
   printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "$kind" "$((after - before))" "$load" >>"$OUT/steady/cpu.tsv"
@@ -414,8 +437,10 @@ for ((round = 1; round <= ROUNDS; round++)); do
 done
 
 # ---------------------------------------------------------------------------------------------
-# Scenarios: churn in Consul, a backend killed under load (both through switchyard)
+# Scenarios: churn in Consul, a backend killed under load (both through switchyard).
+# No pinning: the scheduler places every process.
 # ---------------------------------------------------------------------------------------------
+pin "$ALL_CPUS" "${CPU_PIDS[@]}"
 # shellcheck source=loadtest/scenarios.sh
 source "$HERE/scenarios.sh"
 scenario_churn
