@@ -303,19 +303,21 @@ def bar_panel(svg, left, top, width, height, title, series, fmt_value, fmt_axis)
 
 
 def steady_chart(results, meta, path):
-    svg = Svg(900, 400)
-    svg.text(450, 24, "switchyard vs nginx vs HAProxy, 3 nginx backends, 100-byte answers, "
+    svg = Svg(1200, 400)
+    svg.text(600, 24, "switchyard vs nginx vs HAProxy, 3 nginx backends, 100-byte answers, "
              f"wrk -t1 -c{meta.get('conns', '50')}", size=15, anchor="middle", weight="bold")
-    svg.text(450, 42, f"bars: median of {meta.get('rounds')} round(s) of {meta.get('duration')} s; "
+    svg.text(600, 42, f"bars: median of {meta.get('rounds')} round(s) of {meta.get('duration')} s; "
              f"dots: each round; load generator, proxy and backends share one {meta.get('nproc')}-core "
-             "machine", size=11, anchor="middle",
-             fill="#555")
+             "machine", size=11, anchor="middle", fill="#555")
     rps = [(t, results[t]["rps"], results[t]["rounds_rps"]) for t in TARGETS]
     p99 = [(t, results[t]["p99"], results[t]["rounds_p99"]) for t in TARGETS]
-    bar_panel(svg, 80, 90, 340, 250, "requests per second (c=50, higher is better)", rps,
+    cpu = [(t, results[t]["cpu"], results[t]["rounds_cpu"]) for t in TARGETS[1:]]
+    bar_panel(svg, 80, 90, 320, 250, "requests per second (c=50, higher is better)", rps,
               fmt_int, fmt_axis_count)
-    bar_panel(svg, 530, 90, 340, 250, "p99 latency (c=50, lower is better)", p99,
+    bar_panel(svg, 480, 90, 320, 250, "p99 latency (c=50, lower is better)", p99,
               fmt_us, fmt_axis_us)
+    bar_panel(svg, 880, 90, 280, 250, "proxy CPU per request (lower is better)", cpu,
+              fmt_cpu, fmt_axis_us)
     path.write_text(svg.render())
 
 
@@ -445,13 +447,18 @@ def main():
     add("See `loadtest/README.md` for what each number means and how it is measured.")
     add("")
     spread = max(max(r["rounds_rps"]) / min(r["rounds_rps"]) for r in results.values())
+    cpu_spread = max(max(results[t]["rounds_cpu"]) - min(results[t]["rounds_cpu"]) for t in TARGETS[1:])
+    p50_spread = max(max(r["rounds_p50c1"]) - min(r["rounds_p50c1"]) for r in results.values())
     add(f"> **Noisy machine.** {meta.get('nproc')} cores, shared with other work (Rust builds) while "
         f"this ran: load average **{meta.get('loadavg_start')}** at start, "
         f"{meta.get('loadavg_end', 'n/a')} at the end. wrk, the proxy under test and the backend "
         "nginx also share these cores. "
-        + (f"In this run one target's RPS varied by up to {spread:.1f}× between rounds, so treat "
-           "RPS and latency differences smaller than that as noise; CPU per request, which does "
-           "not depend on how much CPU a process was given, is the steadiest column."
+        + (f"In this run one target's c=50 RPS varied by up to {spread:.1f}× between rounds, so "
+           "treat c=50 RPS and p99 differences smaller than that as noise. The steadiest columns "
+           "are the CPU per request, which does not depend on how much CPU a process was given "
+           f"(widest spread over rounds: {cpu_spread:.1f} µs)"
+           + (f", and the pinned c=1 p50 (widest spread: {p50_spread:.0f} µs)."
+              if meta.get("pin") == "1" else ".")
            if len(rounds) > 1 else "With one round there is no measure of the noise.")
         + " The spread over rounds is below the table.")
     add("")
@@ -524,7 +531,7 @@ def main():
     add("")
     add("</details>")
     add("")
-    add("![RPS and p99 per target](chart.svg)")
+    add("![RPS, p99 and proxy CPU per request per target](chart.svg)")
     add("")
 
     # Scenarios
