@@ -354,6 +354,7 @@ declare -A URL=(
 )
 declare -A CPU_PIDS=([direct]="$BACKENDS_PID" [switchyard]="$SY_PID" [nginx]="$NGX_PID" [haproxy]="$HAP_PID")
 for t in "${TARGETS[@]}"; do wait_until "$t" 10 http_ok "${URL[$t]}"; done
+for t in "${TARGETS[@]}"; do echo "# $t: ${URL[$t]}"; done >>"$OUT/commands.txt"
 
 # Every proxy must answer 200 with the 100-byte body and spread over all three backends.
 log "sanity: 30 requests per target over one connection"
@@ -413,8 +414,10 @@ measure() { # round target kind wrk-args...
   check_alive
   if [[ "$kind" == c1 && "$PIN" == 1 ]]; then
     pin 0 "${CPU_PIDS[@]}"; loadgen=(taskset -c 0)
+    echo "# round $round, $target, $kind (first: taskset -a -p -c 0 <each backend and proxy process>)" >>"$OUT/commands.txt"
   else
     pin "$ALL_CPUS" "${CPU_PIDS[@]}"
+    echo "# round $round, $target, $kind" >>"$OUT/commands.txt"
   fi
   load=$(cut -d' ' -f1 /proc/loadavg)
   before=$(cpu_ticks "${CPU_PIDS[$target]}")
