@@ -19,7 +19,8 @@ from pathlib import Path
 
 TARGETS = ["direct", "switchyard", "nginx", "haproxy"]
 COLORS = {"direct": "#8c8c8c", "switchyard": "#d9622b", "nginx": "#2f8f46", "haproxy": "#3461a8"}
-BIN = 0.25  # seconds per bin in the scenario charts
+BIN = 0.25  # seconds per bin in the scenario charts (and cpu_sampler.py's interval)
+CLK_TCK = 100  # set from meta.txt in main()
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +126,16 @@ def load_scenario(directory):
     for _, _, _, status in rows:
         statuses[status] = statuses.get(status, 0) + 1
     durations = sorted(r[2] for r in rows)
+    other = []  # (midpoint seconds, cores used outside the load test)
+    sampler = directory / "cpu.tsv"
+    if sampler.exists():
+        samples = [tuple(float(v) for v in line.split("\t"))
+                   for line in sampler.read_text().splitlines() if line.strip()]
+        for (t0, busy0, ours0), (t1, busy1, ours1) in zip(samples, samples[1:]):
+            if t1 > t0:
+                other.append(((t0 + t1) / 2, max(0.0, (busy1 - busy0) - (ours1 - ours0)) / CLK_TCK / (t1 - t0)))
     return {
+        "other": other,
         "summary": summary,
         "rows": rows,
         "meta": meta,
@@ -139,6 +149,14 @@ def load_scenario(directory):
         "max_us": (durations[-1] * 1e6) if durations else float("nan"),
         "rps": summary["summary"]["requestsPerSec"],
     }
+
+
+def other_row(scenario, meta):
+    values = [cores for _, cores in scenario["other"]]
+    if not values:
+        return "| CPU used by other processes | not sampled |"
+    return (f"| CPU used by processes outside the load test, mean / max per {BIN} s | "
+            f"{statistics.mean(values):.2f} / {max(values):.2f} of {meta.get('nproc')} cores |")
 
 
 def window_p99_us(rows, start, end):
@@ -321,7 +339,7 @@ def steady_chart(results, meta, path):
     path.write_text(svg.render())
 
 
-def timeline_panel(svg, left, top, width, height, data, tmax, title, events, bad_label):
+def timeline_panel(svg, left, top, width, height, data, tmax, title, events, bad_label, other, ncpu):
     """Two stacked plots: answers/s (ok) with errors; p99 per bin."""
     svg.text(left + width / 2, top - 14, title, size=14, anchor="middle", weight="bold")
     half = (height - 40) / 2
@@ -353,6 +371,17 @@ def timeline_panel(svg, left, top, width, height, data, tmax, title, events, bad
             svg.rect(x, top + half - eh, w, eh, "#c0392b", 1.0, f"t={d['t']:.2f}s: {d['bad']} errors")
     svg.text(left + width, top + half + 14, bad_label, size=10, anchor="end",
              fill="#c0392b" if bmax else "#2f8f46")
+    # CPU used outside the load test, on a right-hand axis of 0..ncpu cores.
+    if other:
+        for i in range(ncpu + 1):
+            y = top + half - half * i / ncpu
+            svg.line(left + width - 4, y, left + width, y, "#bbb")
+            svg.text(left + width + 4, y + 4, f"{i}", size=10, fill="#555")
+        svg.text(left + width + 22, top + half / 2, "other processes (cores)", size=10,
+                 anchor="middle", rotate=90, fill="#555")
+        points = [(left + t * scale_x, top + half - half * min(cores, ncpu) / ncpu)
+                  for t, cores in other if t <= tmax]
+        svg.polyline(points, "#444", 1.5)
 
     # Plot 2: p99 of the requests that finished in each bin.
     ptop = top + half + 40
@@ -371,10 +400,12 @@ def timeline_panel(svg, left, top, width, height, data, tmax, title, events, bad
         svg.text(x, ptop + half + 16, f"{second}s", size=10, anchor="middle", fill="#555")
 
 
-def scenario_chart(churn, kill, path):
-    svg = Svg(1000, 460)
-    svg.text(500, 24, "switchyard under change: answers/s, errors and p99 over time (oha per-request records)",
+def scenario_chart(churn, kill, path, ncpu):
+    svg = Svg(1020, 500)
+    svg.text(510, 24, "switchyard under change: answers/s, errors and p99 over time (oha per-request records)",
              size=15, anchor="middle", weight="bold")
+    svg.text(510, 42, "dark line, right axis: CPU used by processes outside the load test "
+             "(other tenants of the machine), from /proc/stat", size=11, anchor="middle", fill="#555")
     panels = []
     if churn:
         m = churn["meta"]
@@ -394,7 +425,8 @@ def scenario_chart(churn, kill, path):
             label += f"; {sum(scenario['transport_errors'].values())} transport errors (not binned)"
         elif errors == 0:
             label = "no errors"
-        timeline_panel(svg, 90 + i * 480, 80, 380, 350, data, tmax, title, events, label)
+        timeline_panel(svg, 90 + i * 500, 100, 380, 350, data, tmax, title, events, label,
+                       scenario["other"], ncpu)
     path.write_text(svg.render())
 
 
@@ -405,16 +437,19 @@ def scenario_chart(churn, kill, path):
 def main():
     out_dir = Path(sys.argv[1])
     dest = Path(sys.argv[2])
+    global CLK_TCK
     meta = read_kv(out_dir / "meta.txt")
-    clk_tck = int(meta.get("clk_tck", "100"))
+    clk_tck = CLK_TCK = int(meta.get("clk_tck", "100"))
     versions = (out_dir / "versions.txt").read_text().strip().splitlines()
     commands = (out_dir / "commands.txt").read_text().strip().splitlines()
 
-    cpu, load = {}, {}
+    cpu, load, other = {}, {}, {}
     for line in (out_dir / "steady" / "cpu.tsv").read_text().splitlines()[1:]:
-        round_, target, kind, ticks, loadavg = line.split("\t")
-        cpu[(int(round_), target, kind)] = int(ticks)
-        load[(int(round_), target, kind)] = loadavg
+        round_, target, kind, ticks, loadavg, other_ticks, seconds = line.split("\t")
+        key = (int(round_), target, kind)
+        cpu[key] = int(ticks)
+        load[key] = loadavg
+        other[key] = int(other_ticks) / clk_tck / float(seconds)
 
     rounds = sorted({r for r, _, _ in cpu})
     per_round = []
@@ -430,7 +465,8 @@ def main():
             p50c1.append(c1["p50"])
             cpu_us.append(per_req)
             errors.append(c50["errors"] + c1["errors"])
-            per_round.append((target, r, c50, c1, per_req, cpu[(r, target, "c50")], load[(r, target, "c50")]))
+            per_round.append((target, r, c50, c1, per_req, cpu[(r, target, "c50")],
+                              other[(r, target, "c50")], other[(r, target, "c1")]))
         results[target] = {
             "rps": median(rps), "p99": median(p99), "p50c1": median(p50c1), "cpu": median(cpu_us),
             "rounds_rps": rps, "rounds_p99": p99, "rounds_p50c1": p50c1, "rounds_cpu": cpu_us,
@@ -449,7 +485,7 @@ def main():
     spread = max(max(r["rounds_rps"]) / min(r["rounds_rps"]) for r in results.values())
     cpu_spread = max(max(results[t]["rounds_cpu"]) - min(results[t]["rounds_cpu"]) for t in TARGETS[1:])
     p50_spread = max(max(r["rounds_p50c1"]) - min(r["rounds_p50c1"]) for r in results.values())
-    add(f"> **Noisy machine.** {meta.get('nproc')} cores, shared with other work (Rust builds) while "
+    add(f"> **Noisy machine.** {meta.get('nproc')} cores, shared with other work while "
         f"this ran: load average **{meta.get('loadavg_start')}** at start, "
         f"{meta.get('loadavg_end', 'n/a')} at the end. wrk, the proxy under test and the backend "
         "nginx also share these cores. "
@@ -460,7 +496,10 @@ def main():
            + (f", and the pinned c=1 p50 (widest spread: {p50_spread:.0f} µs)."
               if meta.get("pin") == "1" else ".")
            if len(rounds) > 1 else "With one round there is no measure of the noise.")
-        + " The spread over rounds is below the table.")
+        + f" During the steady-state runs, processes outside the load test used "
+        f"{statistics.mean(other.values()):.2f} of the {meta.get('nproc')} cores on average "
+        f"({min(other.values()):.2f} – {max(other.values()):.2f} per run, measured from "
+        "`/proc/stat`). The spread over rounds is below the table.")
     add("")
     add("## Steady state")
     add("")
@@ -518,16 +557,18 @@ def main():
     add("")
     add("<details><summary>Every round</summary>")
     add("")
-    add("| target | round | c=50 RPS | c=50 requests | c=50 p50 | c=50 p99 | c=1 p50 | c=1 p99 | CPU ticks (c=50) | CPU per request | errors | load avg before c=50 |")
+    add("| target | round | c=50 RPS | c=50 requests | c=50 p50 | c=50 p99 | c=1 p50 | c=1 p99 | CPU ticks (c=50) | CPU per request | errors | other processes' CPU, c=50 / c=1 |")
     add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for target, r, c50, c1, per_req, ticks, loadavg in per_round:
+    for target, r, c50, c1, per_req, ticks, other50, other1 in per_round:
         cpu_cell = fmt_cpu(per_req) + (" (backend)" if target == "direct" else "")
         add(f"| {target} | {r} | {fmt_int(c50['rps'])} | {fmt_int(c50['requests'])} | {fmt_us(c50['p50'])} | "
             f"{fmt_us(c50['p99'])} | {fmt_us(c1['p50'])} | {fmt_us(c1['p99'])} | {ticks} | {cpu_cell} | "
-            f"{c50['errors'] + c1['errors']} | {loadavg} |")
+            f"{c50['errors'] + c1['errors']} | {other50:.2f} / {other1:.2f} cores |")
     add("")
     add(f"CPU ticks are 1/{clk_tck} s. For `direct` the CPU column is the backend nginx's own "
-        "cost, shown for scale only.")
+        "cost, shown for scale only. *Other processes' CPU* is the machine's busy time "
+        "(`/proc/stat`) minus that of every process of the load test (wrk, proxies, backends, "
+        "Consul), averaged over the run, in cores.")
     add("")
     add("</details>")
     add("")
@@ -573,6 +614,7 @@ def main():
             + (f" (non-2xx {churn['non2xx']}, transport {churn['transport_errors']})" if errs else "") + " |")
         add(f"| p50 / **p99** / max, whole run | {fmt_us(churn['p50_us'])} / **{fmt_us(churn['p99_us'])}** / {fmt_us(churn['max_us'])} |")
         add(f"| p99 inside the churn window / outside it | {fmt_us(in_p99)} ({fmt_int(in_n)} req) / {fmt_us(out_p99)} |")
+        add(other_row(churn, meta))
         add("")
     if kill:
         m = kill["meta"]
@@ -601,6 +643,7 @@ def main():
         add(f"| switchyard answers by status (`switchyard_requests_total`) | "
             + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items())) + " |")
         add(f"| instances switchyard routes to afterwards | {m['routes_after']} |")
+        add(other_row(kill, meta))
         add("")
     if churn or kill:
         add("![Scenarios over time](scenarios.svg)")
@@ -650,7 +693,7 @@ def main():
 
     (dest / "RESULTS.md").write_text("\n".join(lines).rstrip() + "\n")
     steady_chart(results, meta, dest / "chart.svg")
-    scenario_chart(churn, kill, dest / "scenarios.svg")
+    scenario_chart(churn, kill, dest / "scenarios.svg", int(meta.get("nproc", "2")))
 
 
 if __name__ == "__main__":

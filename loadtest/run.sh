@@ -125,6 +125,8 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+now_us() { echo "${EPOCHREALTIME//[.,]/}"; }
+secs_since() { local d=$(($(now_us) - $1)); printf '%d.%06d' $((d / 1000000)) $((d % 1000000)); }
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
@@ -161,6 +163,19 @@ cpu_ticks() {
     total=$((total + fields[11] + fields[12]))   # fields 14 and 15: utime, stime
   done
   echo "$total"
+}
+# This script plus the children it has waited for (wrk, curl): fields 14-17.
+self_ticks() {
+  local stat fields
+  stat="$(cat "/proc/$$/stat")"; stat="${stat##*) }"
+  read -r -a fields <<<"$stat"
+  echo $((fields[11] + fields[12] + fields[13] + fields[14]))
+}
+# The machine's busy time over all CPUs, from the first line of /proc/stat.
+machine_busy() {
+  local _cpu user nice system _idle _iowait irq softirq steal _rest
+  read -r _cpu user nice system _idle _iowait irq softirq steal _rest </proc/stat
+  echo $((user + nice + system + irq + softirq + steal))
 }
 
 # CPU placement of the c=1 runs (PIN=1). On a small VM a wake-up on another core costs tens of
@@ -407,10 +422,12 @@ echo "   load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 # ---------------------------------------------------------------------------------------------
 # Steady state: interleaved rounds; the order of targets rotates each round
 # ---------------------------------------------------------------------------------------------
-printf 'round\ttarget\tkind\tticks\tloadavg1\n' >"$OUT/steady/cpu.tsv"
+# cpu.tsv: the proxy's CPU ticks during each run, and how much CPU everything outside the load
+# test used meanwhile (machine busy ticks minus ours: every process started here, wrk, curl).
+printf 'round\ttarget\tkind\tticks\tloadavg1\tother_ticks\tseconds\n' >"$OUT/steady/cpu.tsv"
 measure() { # round target kind wrk-args...
   local round="$1" target="$2" kind="$3"; shift 3
-  local before after load loadgen=()
+  local before after load loadgen=() busy0 ours0 t0 busy1 ours1
   check_alive
   if [[ "$kind" == c1 && "$PIN" == 1 ]]; then
     pin 0 "${CPU_PIDS[@]}"; loadgen=(taskset -c 0)
@@ -420,11 +437,14 @@ measure() { # round target kind wrk-args...
     echo "# round $round, $target, $kind" >>"$OUT/commands.txt"
   fi
   load=$(cut -d' ' -f1 /proc/loadavg)
+  t0=$(now_us); busy0=$(machine_busy); ours0=$(($(cpu_ticks "${PIDS[@]}") + $(self_ticks)))
   before=$(cpu_ticks "${CPU_PIDS[$target]}")
   run_logged "${loadgen[@]}" wrk "$@" "${URL[$target]}" >"$OUT/steady/r$round-$target-$kind.txt" 2>&1 \
     || die "wrk failed against $target: $(cat "$OUT/steady/r$round-$target-$kind.txt")"
   after=$(cpu_ticks "${CPU_PIDS[$target]}")
-  printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "$kind" "$((after - before))" "$load" >>"$OUT/steady/cpu.tsv"
+  busy1=$(machine_busy); ours1=$(($(cpu_ticks "${PIDS[@]}") + $(self_ticks)))
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "$kind" "$((after - before))" "$load" \
+    "$(((busy1 - busy0) - (ours1 - ours0)))" "$(secs_since "$t0")" >>"$OUT/steady/cpu.tsv"
   printf '   round %s %-10s %-3s %12s req/s  p50 %-9s p99 %s\n' "$round" "$target" "$kind" \
     "$(awk '/^Requests\/sec/ {print $2}' "$OUT/steady/r$round-$target-$kind.txt")" \
     "$(awk '$1 == "50%" {print $2}' "$OUT/steady/r$round-$target-$kind.txt")" \

@@ -7,14 +7,14 @@
 #   scenario_churn: one extra instance registered / deregistered in Consul every 100 ms
 #   scenario_kill:  one of three backends SIGKILLed at second KILL_AT; its registration stays
 
+BIN_SECONDS=0.25   # sampling interval of cpu_sampler.py; report.py bins by the same width
+
 # Drops a pid from PIDS once it has been waited for, so cleanup never signals a reused pid.
 forget_pid() {
   local gone="$1" kept=() pid
   for pid in "${PIDS[@]}"; do [[ "$pid" != "$gone" ]] && kept+=("$pid"); done
   PIDS=("${kept[@]}")
 }
-now_us() { echo "${EPOCHREALTIME//[.,]/}"; }
-secs_since() { local d=$(($(now_us) - $1)); printf '%d.%06d' $((d / 1000000)) $((d % 1000000)); }
 metrics_to() { curl -fsS --max-time 2 "http://127.0.0.1:$SY_ADMIN/metrics" >"$1"; }
 # oha in the background: -w lets requests in flight at the deadline finish (so none are
 # counted as aborted), --db-url keeps every answered request with its start time and status.
@@ -24,11 +24,17 @@ start_oha() { # dir seconds connections
   oha -z "$2s" -c "$3" -w --no-tui --output-format json -o "$1/oha.json" --db-url "$1/oha.db" \
     "${URL[switchyard]}" >"$1/oha.out" 2>&1 &
   OHA_PID=$!; started oha "$OHA_PID"
+  # CPU used outside the load test, sampled alongside (see cpu_sampler.py).
+  # shellcheck disable=SC2046 # one argument per pid
+  python3 "$HERE/cpu_sampler.py" "$1/cpu.tsv" "$(($2 + 1))" "$BIN_SECONDS" $(tree_pids "${PIDS[@]}") &
+  SAMPLER_PID=$!; started cpu_sampler "$SAMPLER_PID"
 }
 wait_oha() {
   local rc=0
   wait "$OHA_PID" || rc=$?
   forget_pid "$OHA_PID"
+  wait "$SAMPLER_PID" || true
+  forget_pid "$SAMPLER_PID"
   [[ $rc -eq 0 ]] || die "oha failed (exit $rc): $(cat "$1/oha.out")"
   [[ -s "$1/oha.json" && -s "$1/oha.db" ]] || die "oha wrote no results to $1"
 }
