@@ -2,19 +2,23 @@
 # Runs every check and test of switchyard: formatting, clippy, unit and integration tests
 # (the integration tests start real `consul agent -dev` processes on free loopback ports).
 # Installs what the tests need when it is missing: consul (scripts/install-consul.sh) and
-# promtool (Debian package `prometheus`).
+# promtool and prometheus (Debian package `prometheus`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 
 bash scripts/install-consul.sh
-if ! command -v promtool >/dev/null 2>&1; then
-  echo "test.sh: installing promtool (Debian package prometheus)"
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  echo "test.sh: installing promtool and prometheus (Debian package prometheus)"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
+echo "== promtool: deploy/prometheus.yml, deploy/alerts.yml and its unit tests"
+promtool check config deploy/prometheus.yml
+promtool check rules deploy/alerts.yml
+promtool test rules deploy/alerts_test.yml
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
