@@ -10,7 +10,7 @@
 //!                               │                        upstream (one table per service)
 //!                               │                               │ load(), pick()
 //!                               └─> gateway (hyper server) ─────┘─> pooled client ─> instance
-//!                                   admin (/metrics /healthz /readyz /routes) reads both
+//!                                   admin (/ /metrics /healthz /readyz /routes) reads both
 //! ```
 //!
 //! - [`config`]: the file and env overrides, validated once into typed values.
