@@ -32,6 +32,7 @@ pub struct Metrics {
     table_updates: IntCounterVec,
     consul_errors: IntCounterVec,
     consul_last_success: GaugeVec,
+    access_log_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -88,6 +89,10 @@ impl Metrics {
             ),
             &["service"],
         )?;
+        let access_log_dropped = IntCounter::new(
+            "switchyard_access_log_dropped_total",
+            "Access log entries dropped because the writer fell behind.",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(retries.clone()))?;
@@ -95,6 +100,7 @@ impl Metrics {
         registry.register(Box::new(table_updates.clone()))?;
         registry.register(Box::new(consul_errors.clone()))?;
         registry.register(Box::new(consul_last_success.clone()))?;
+        registry.register(Box::new(access_log_dropped.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -108,7 +114,13 @@ impl Metrics {
             table_updates,
             consul_errors,
             consul_last_success,
+            access_log_dropped,
         })
+    }
+
+    /// The counter of access log entries dropped on overflow.
+    pub fn access_log_dropped(&self) -> IntCounter {
+        self.access_log_dropped.clone()
     }
 
     /// Request counters for a `service` label (also used for [`UNROUTED`]).
