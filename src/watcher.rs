@@ -424,6 +424,9 @@ pub async fn watch_service<D: Discovery>(
             }
             Err(error) => {
                 upstream.metrics.consul_error();
+                // Resync with a non-blocking query: blocking on the old index would leave a
+                // Consul that came back unchanged unconfirmed (and us stale) for a whole `wait`.
+                index = 0;
                 let delay = backoff.next_delay();
                 warn!(service = %name, %error, retry_in = ?delay, "Consul query failed; keeping the last table");
                 tokio::select! {
