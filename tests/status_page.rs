@@ -1,9 +1,9 @@
 //! The admin status page (`/`) in a real headless Chromium, driven over WebDriver by Debian's
 //! `chromedriver`: it lists each service with its route and healthy instances, turns traffic
 //! into requests/s, 5xx share and p99, drops a deregistered instance by itself (it polls),
-//! and raises no script error or console error on the way. A screenshot is checked to be a
-//! real PNG; with `SWITCHYARD_STATUS_SCREENSHOT=<path>` it is also written there (that is
-//! how `docs/status-page.png` was made).
+//! raises no script error or console error on the way, and says so when the gateway is gone.
+//! A screenshot is checked to be a real PNG; with `SWITCHYARD_STATUS_SCREENSHOT=<path>` it is
+//! also written there (that is how `docs/status-page.png` was made).
 
 mod common;
 
@@ -245,7 +245,7 @@ async fn status_page_shows_services_follows_consul_and_raises_no_errors() {
     let web2 = Backend::start("web-2", Behavior::Ok).await;
     consul.register("web", "web-1", web1.port, &["v1"]).await;
     consul.register("web", "web-2", web2.port, &["v1"]).await;
-    let gateway = Gateway::start(&consul, SERVICES).await;
+    let mut gateway = Gateway::start(&consul, SERVICES).await;
     assert!(gateway
         .wait_for_instances("web", &["web-1", "web-2"], Duration::from_secs(10))
         .await
@@ -352,6 +352,21 @@ async fn status_page_shows_services_follows_consul_and_raises_no_errors() {
         "the console log is not being read: {console:#?}"
     );
     assert!(severe.is_empty(), "console errors: {severe:#?}");
+
+    // The gateway goes away: the page says so and keeps the last picture. (After the console
+    // check: the failed fetches are console errors of their own.)
+    gateway.stop().await;
+    let page = wait_for_page(&browser, "the unreachable banner", |page| {
+        page["banner"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("Cannot reach the admin listener"))
+    })
+    .await;
+    assert_eq!(
+        instance_ids(&page, "web"),
+        ["web-1"],
+        "the last picture stays"
+    );
 
     // And the page's own error box, asserted empty above, does catch an uncaught error
     // (thrown by a script of the page's origin, as the page's own code would be).
