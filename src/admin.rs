@@ -1,6 +1,8 @@
 //! The admin listener: `/metrics` (Prometheus text format), `/healthz` (the process is up),
-//! `/readyz` (every service has had a successful discovery answer) and `/routes` (JSON: each
-//! service, its route, balancer, instances, discovery index and sync age).
+//! `/readyz` (every service has had a successful discovery answer), `/routes` (JSON: each
+//! service, its route, balancer, instances, discovery index, sync age and request totals) and
+//! `/`, a status page for people (`status.html`: one self-contained file that polls `/routes`
+//! and `/metrics` and computes rates and p99 in the browser, so the gateway keeps no history).
 //!
 //! It binds to 127.0.0.1 unless configured otherwise: `/routes` shows internal addresses.
 
@@ -17,6 +19,15 @@ use serde_json::json;
 use crate::metrics::Metrics;
 use crate::upstream::Upstreams;
 
+/// The status page, compiled into the binary: the admin listener serves no files.
+const STATUS_PAGE: &str = include_str!("status.html");
+
+/// The page's own inline script and style may run; nothing may be loaded from elsewhere, and
+/// it may fetch only from this listener. A leaked or injected reference cannot phone out.
+const STATUS_PAGE_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; \
+     style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; \
+     form-action 'none'; frame-ancestors 'none'";
+
 /// What the admin handlers read.
 pub struct Admin {
     pub metrics: Arc<Metrics>,
@@ -31,6 +42,15 @@ impl Admin {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
         }
         match request.uri().path() {
+            "/" => {
+                let mut response =
+                    with_type(StatusCode::OK, STATUS_PAGE, "text/html; charset=utf-8");
+                response.headers_mut().insert(
+                    header::CONTENT_SECURITY_POLICY,
+                    HeaderValue::from_static(STATUS_PAGE_CSP),
+                );
+                response
+            }
             "/metrics" => match self.refresh_and_encode() {
                 Ok(body) => with_type(
                     StatusCode::OK,
@@ -50,7 +70,7 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "admin endpoints: /metrics /healthz /readyz /routes\n",
+                "admin endpoints: / /metrics /healthz /readyz /routes\n",
             ),
         }
     }
@@ -131,6 +151,10 @@ impl Admin {
                     "synced": upstream.is_synced(),
                     "consul_failing_seconds": upstream.failing_for().map(|d| d.as_secs_f64()),
                     "last_sync_age_seconds": upstream.sync_age().map(|age| age.as_secs_f64()),
+                    // Cumulative, like the Prometheus counters: a reader computes rates
+                    // from two answers.
+                    "requests_total": upstream.metrics.requests.total(),
+                    "errors_5xx_total": upstream.metrics.requests.errors_5xx(),
                 })
             })
             .collect();

@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reqwest::Url;
@@ -96,6 +96,7 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
+    pub access_log: AccessLogConfig,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -225,6 +226,26 @@ pub struct UpstreamConfig {
     pub max_replay_body_bytes: usize,
 }
 
+/// Where the JSON-lines access log goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogTarget {
+    /// No access log (the default): the request path does no logging work at all.
+    Off,
+    /// Standard output (`path: "-"`); the process's own log goes to standard error.
+    Stdout,
+    /// Appended to this file, created if missing.
+    File(PathBuf),
+}
+
+/// The optional access log: one JSON object per answered request.
+#[derive(Debug, Clone, Serialize)]
+pub struct AccessLogConfig {
+    pub target: AccessLogTarget,
+    /// Entries queued for the writer; when it falls behind, more are dropped and counted.
+    pub buffer: usize,
+}
+
 fn serialize_urls<S: serde::Serializer>(urls: &[Url], serializer: S) -> Result<S::Ok, S::Error> {
     serializer.collect_seq(urls.iter().map(Url::as_str))
 }
@@ -260,6 +281,8 @@ struct RawConfig {
     server: RawServer,
     #[serde(default)]
     upstream: RawUpstream,
+    #[serde(default)]
+    access_log: RawAccessLog,
 }
 
 fn default_listen() -> String {
@@ -510,6 +533,28 @@ fn default_max_replay_body_bytes() -> usize {
     64 * 1024
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessLog {
+    #[serde(default)]
+    path: String,
+    #[serde(default = "default_access_log_buffer")]
+    buffer: usize,
+}
+
+impl Default for RawAccessLog {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            buffer: default_access_log_buffer(),
+        }
+    }
+}
+
+fn default_access_log_buffer() -> usize {
+    8192
+}
+
 // ---------------------------------------------------------------------------------------------
 // Loading.
 
@@ -648,6 +693,7 @@ impl RawConfig {
             services,
             server: self.server.validate()?,
             upstream: self.upstream.validate()?,
+            access_log: self.access_log.validate()?,
         })
     }
 }
@@ -870,6 +916,23 @@ impl RawServer {
     }
 }
 
+impl RawAccessLog {
+    fn validate(self) -> Result<AccessLogConfig, ConfigError> {
+        if self.buffer == 0 {
+            return Err(invalid("access_log.buffer", "must be at least 1"));
+        }
+        let target = match self.path.trim() {
+            "" => AccessLogTarget::Off,
+            "-" => AccessLogTarget::Stdout,
+            path => AccessLogTarget::File(PathBuf::from(path)),
+        };
+        Ok(AccessLogConfig {
+            target,
+            buffer: self.buffer,
+        })
+    }
+}
+
 impl RawUpstream {
     fn validate(self) -> Result<UpstreamConfig, ConfigError> {
         Ok(UpstreamConfig {
@@ -912,6 +975,27 @@ mod tests {
         assert_eq!(hello.balance, Balance::RoundRobin);
         assert_eq!(hello.retry.attempts, 3);
         assert_eq!(hello.retry.timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn access_log_is_off_unless_a_path_is_given() {
+        assert_eq!(
+            parse(MINIMAL).unwrap().access_log.target,
+            AccessLogTarget::Off
+        );
+        let on = parse(&format!(
+            "access_log:\n  path: /var/log/sy.jsonl\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(
+            on.access_log.target,
+            AccessLogTarget::File("/var/log/sy.jsonl".into())
+        );
+        assert_eq!(on.access_log.buffer, 8192);
+        let stdout = parse(&format!("access_log: {{path: \"-\"}}\n{MINIMAL}")).unwrap();
+        assert_eq!(stdout.access_log.target, AccessLogTarget::Stdout);
+        let err = parse(&format!("access_log: {{path: x, buffer: 0}}\n{MINIMAL}")).unwrap_err();
+        assert!(err.to_string().contains("access_log.buffer"), "{err}");
     }
 
     #[test]

@@ -5,18 +5,19 @@
 //! What it owns: the router (built once from config, read without locks), header hygiene
 //! (hop-by-hop removal, `X-Forwarded-*`), the retry rules, and the gateway's own answers
 //! (404/503/502/504/400, each with an `x-switchyard-error` header naming the cause).
-//! It reads upstream tables and never writes them; it does not know about Consul.
+//! It reads upstream tables and never writes them; it does not know about Consul. When the
+//! access log is on, it hands each answered request to it (a channel send, never a write).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Body, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
-use hyper::http::uri::{PathAndQuery, Scheme};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -24,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::access_log::{AccessLog, Entry};
 use crate::config::{Config, UpstreamConfig};
 use crate::metrics::RequestMetrics;
 use crate::upstream::{Tried, Upstream, Upstreams};
@@ -190,6 +192,8 @@ fn forward_headers(parts: &mut Parts, client: SocketAddr) {
 
 /// One route: requests for `host` (any host if `None`) whose path starts with `prefix`.
 pub struct Route {
+    /// The service's name, shared with access log entries without copying.
+    service: Arc<str>,
     host: Option<String>,
     prefix: String,
     strip_prefix: bool,
@@ -219,6 +223,7 @@ impl Router {
             .map(|upstream| {
                 let route = &upstream.config.route;
                 Route {
+                    service: Arc::from(upstream.name()),
                     host: route.host.clone(),
                     prefix: route.path_prefix.clone(),
                     strip_prefix: route.strip_prefix,
@@ -390,16 +395,31 @@ pub struct Gateway {
     max_replay_body_bytes: usize,
     max_body_bytes: u64,
     unrouted: RequestMetrics,
+    access_log: Option<AccessLog>,
+}
+
+/// What the tries of one request came to, for the access log.
+#[derive(Debug, Default)]
+struct Tries {
+    count: u32,
+    /// The instance of the last try; recorded only when the access log is on.
+    last: Option<Authority>,
 }
 
 impl Gateway {
-    pub fn new(config: &Config, upstreams: &Upstreams, unrouted: RequestMetrics) -> Self {
+    pub fn new(
+        config: &Config,
+        upstreams: &Upstreams,
+        unrouted: RequestMetrics,
+        access_log: Option<AccessLog>,
+    ) -> Self {
         Self {
             router: Router::new(upstreams),
             client: build_client(&config.upstream),
             max_replay_body_bytes: config.upstream.max_replay_body_bytes,
             max_body_bytes: config.server.max_body_bytes,
             unrouted,
+            access_log,
         }
     }
 
@@ -410,25 +430,62 @@ impl Gateway {
         request: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
+        // What the access log needs from the request, taken before `forward` consumes it,
+        // and only when the log is on.
+        let entry = self.access_log.as_ref().map(|_| Entry {
+            time: SystemTime::now(),
+            client: client.ip(),
+            method: request.method().clone(),
+            path: request.uri().path().to_owned(),
+            service: None,
+            instance: None,
+            status: 0,
+            duration: Duration::ZERO,
+            tries: 0,
+        });
         let Some(route) = self
             .router
             .find(request_host(&request), request.uri().path())
         else {
             let response = GatewayError::NoRoute.into_response();
+            let elapsed = started.elapsed();
             self.unrouted
-                .observe_request(response.status().as_u16(), started.elapsed());
+                .observe_request(response.status().as_u16(), elapsed);
+            self.log(entry, None, Tries::default(), &response, elapsed);
             return response;
         };
-        let response = match self.forward(route, client, request).await {
+        let mut tries = Tries::default();
+        let response = match self.forward(route, client, request, &mut tries).await {
             Ok(response) => response,
             Err(error) => error.into_response(),
         };
+        let elapsed = started.elapsed();
         route
             .upstream
             .metrics
             .requests
-            .observe_request(response.status().as_u16(), started.elapsed());
+            .observe_request(response.status().as_u16(), elapsed);
+        self.log(entry, Some(route), tries, &response, elapsed);
         response
+    }
+
+    /// Completes `entry` (present only when the access log is on) and queues it.
+    fn log(
+        &self,
+        entry: Option<Entry>,
+        route: Option<&Route>,
+        tries: Tries,
+        response: &Response<ProxyBody>,
+        elapsed: Duration,
+    ) {
+        if let (Some(log), Some(mut entry)) = (&self.access_log, entry) {
+            entry.service = route.map(|r| r.service.clone());
+            entry.instance = tries.last;
+            entry.tries = tries.count;
+            entry.status = response.status().as_u16();
+            entry.duration = elapsed;
+            log.record(entry);
+        }
     }
 
     async fn forward(
@@ -436,6 +493,7 @@ impl Gateway {
         route: &Route,
         client: SocketAddr,
         request: Request<Incoming>,
+        tries: &mut Tries,
     ) -> Result<Response<ProxyBody>, GatewayError> {
         let upstream = &route.upstream;
         let table = upstream.table();
@@ -469,6 +527,10 @@ impl Gateway {
                 break;
             };
             tried.insert(index);
+            tries.count += 1;
+            if self.access_log.is_some() {
+                tries.last = Some(instance.authority.clone());
+            }
             if attempt > 0 {
                 upstream.metrics.inc_retries();
             }

@@ -10,7 +10,7 @@
 //!                               │                        upstream (one table per service)
 //!                               │                               │ load(), pick()
 //!                               └─> gateway (hyper server) ─────┘─> pooled client ─> instance
-//!                                   admin (/metrics /healthz /readyz /routes) reads both
+//!                                   admin (/ /metrics /healthz /readyz /routes) reads both
 //! ```
 //!
 //! - [`config`]: the file and env overrides, validated once into typed values.
@@ -19,10 +19,12 @@
 //! - [`gateway`]: routing, header hygiene, forwarding and retries; reads tables.
 //! - [`metrics`]: the Prometheus registry and per-service handles (a leaf).
 //! - [`admin`]: the admin listener's endpoints.
+//! - [`access_log`]: the optional JSON-lines access log, written off the request path.
 //! - [`server`]: the accept loop with graceful shutdown, shared by both listeners.
 //!
 //! `watcher` and `gateway` never import each other: they meet only at the upstream tables.
 
+pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod gateway;
@@ -62,6 +64,8 @@ pub enum RunError {
     Metrics(#[from] prometheus::Error),
     #[error("Consul client: {0}")]
     Discovery(#[from] watcher::DiscoveryError),
+    #[error(transparent)]
+    AccessLog(#[from] access_log::AccessLogError),
 }
 
 /// Runs the gateway on `listener` and the admin endpoints on `admin_listener` until
@@ -75,6 +79,16 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new()?);
     let upstreams = Upstreams::new(&config.services, &metrics);
     let discovery = Arc::new(ConsulDiscovery::new(&config.consul)?);
+    // Opened before anything is spawned, so a bad path fails the start cleanly. The writer
+    // stops after the gateway listener has drained, so every answered request is logged.
+    let stop_access_log = CancellationToken::new();
+    let access_log = access_log::start(
+        &config.access_log,
+        metrics.access_log_dropped(),
+        stop_access_log.clone(),
+    )
+    .await?;
+    let (access_log, access_log_writer) = access_log.unzip();
 
     // Watchers outlive the listeners' drain so retries during it still see fresh tables.
     let stop_watchers = CancellationToken::new();
@@ -119,6 +133,7 @@ pub async fn run(
         &config,
         &upstreams,
         metrics.for_requests(metrics::UNROUTED),
+        access_log,
     ));
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -151,6 +166,10 @@ pub async fn run(
     )
     .await;
 
+    stop_access_log.cancel();
+    if let Some(writer) = access_log_writer {
+        let _ = writer.await;
+    }
     stop_watchers.cancel();
     let _ = admin_task.await;
     for watcher in watchers {

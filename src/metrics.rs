@@ -38,6 +38,7 @@ pub struct Metrics {
     ejected: IntGaugeVec,
     retry_budget_exhausted: IntCounterVec,
     propagation: Histogram,
+    access_log_dropped: IntCounter,
 }
 
 fn counter_vec(
@@ -104,6 +105,10 @@ impl Metrics {
             ),
             &["service"],
         )?;
+        let access_log_dropped = IntCounter::new(
+            "switchyard_access_log_dropped_total",
+            "Access log entries dropped because the writer fell behind.",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(retries.clone()))?;
@@ -150,6 +155,7 @@ impl Metrics {
             .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
         )?;
         registry.register(Box::new(propagation.clone()))?;
+        registry.register(Box::new(access_log_dropped.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -169,7 +175,13 @@ impl Metrics {
             ejected,
             retry_budget_exhausted,
             propagation,
+            access_log_dropped,
         })
+    }
+
+    /// The counter of access log entries dropped on overflow.
+    pub fn access_log_dropped(&self) -> IntCounter {
+        self.access_log_dropped.clone()
     }
 
     /// Request counters for a `service` label (also used for [`UNROUTED`]).
@@ -238,7 +250,13 @@ pub struct ServiceMetrics {
 impl RequestMetrics {
     /// Counts one answered request and its latency.
     pub fn observe_request(&self, status: u16, elapsed: Duration) {
-        let slot = usize::from(status.clamp(100, 600) - 100).min(CODE_SLOTS - 1);
+        // Out-of-range codes all share the last slot, so no two slots hold the same
+        // "other" counter (a clamp would have put codes below 100 in status 100's slot).
+        let slot = if (100..=599).contains(&status) {
+            usize::from(status - 100)
+        } else {
+            CODE_SLOTS - 1
+        };
         self.codes[slot]
             .get_or_init(|| {
                 let code = if (100..=599).contains(&status) {
@@ -251,6 +269,28 @@ impl RequestMetrics {
             })
             .inc();
         self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Requests answered so far, every status code together.
+    pub fn total(&self) -> u64 {
+        self.count(|_| true)
+    }
+
+    /// Requests answered so far with a 5xx status.
+    pub fn errors_5xx(&self) -> u64 {
+        self.count(|slot| (400..500).contains(&slot))
+    }
+
+    /// Sums the counters of the code slots `slot` selects (slot = status - 100). Reads
+    /// atomics only; for the admin endpoints, not the request path.
+    fn count(&self, slot: impl Fn(usize) -> bool) -> u64 {
+        self.codes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| slot(*i))
+            .filter_map(|(_, code)| code.get())
+            .map(IntCounter::get)
+            .sum()
     }
 }
 
@@ -333,5 +373,18 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"switchyard_request_duration_seconds_count{service="hello"} 4"#));
+    }
+
+    #[test]
+    fn totals_count_every_code_and_5xx_alone() {
+        let metrics = Metrics::new().unwrap();
+        let hello = metrics.for_service("hello");
+        for status in [200, 204, 404, 499, 500, 502, 599, 600, 42] {
+            hello
+                .requests
+                .observe_request(status, Duration::from_millis(1));
+        }
+        assert_eq!(hello.requests.total(), 9);
+        assert_eq!(hello.requests.errors_5xx(), 3);
     }
 }

@@ -673,12 +673,13 @@ mod tests {
         ));
         upstream.replace_instances((0..3).map(instance).collect());
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let picks = Arc::new(AtomicU64::new(0));
         let readers: Vec<_> = (0..4)
             .map(|_| {
                 let upstream = upstream.clone();
                 let stop = stop.clone();
+                let picks = picks.clone();
                 std::thread::spawn(move || {
-                    let mut picks = 0u64;
                     while !stop.load(Ordering::Relaxed) {
                         let table = upstream.table();
                         // Every table a reader sees is whole: 3 or 5 instances, never torn.
@@ -686,18 +687,26 @@ mod tests {
                         assert!(len == 3 || len == 5, "torn table of {len}");
                         let (_, chosen) = table.pick(&Tried::default()).unwrap();
                         assert!(table.instances().contains(chosen));
-                        picks += 1;
+                        picks.fetch_add(1, Ordering::Relaxed);
                     }
-                    picks
                 })
             })
             .collect();
-        for round in 0..2000 {
+        // At least 2000 swaps, and on until the readers really raced them: on a loaded
+        // machine the reader threads may not be scheduled before 2000 swaps are done. A
+        // reader that panicked has finished, which ends the loop so `join` reports it.
+        let mut round = 0u64;
+        while round < 2000
+            || (picks.load(Ordering::Relaxed) < 1000 && !readers.iter().any(|r| r.is_finished()))
+        {
             let count = if round % 2 == 0 { 5 } else { 3 };
             assert!(upstream.replace_instances((0..count).map(instance).collect()));
+            round += 1;
         }
         stop.store(true, Ordering::Relaxed);
-        let total: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
-        assert!(total > 0);
+        for reader in readers {
+            reader.join().unwrap();
+        }
+        assert!(picks.load(Ordering::Relaxed) >= 1000);
     }
 }

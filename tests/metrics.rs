@@ -1,5 +1,5 @@
 //! `/metrics` through a real gateway: valid exposition format (checked by Prometheus's own
-//! `promtool`) and a request counter that matches the traffic sent.
+//! `promtool`) and a request counter that matches the traffic sent, as do `/routes`' totals.
 
 mod common;
 
@@ -79,6 +79,20 @@ async fn metrics_pass_promtool_and_count_every_request() {
         ) > 1.0e9
     );
     assert!(metrics.contains("process_resident_memory_bytes"));
+
+    // /routes carries the same totals, for readers without a Prometheus (the status page).
+    let routes: serde_json::Value = client
+        .get(gateway.admin_url("/routes"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let web = &routes["services"][0];
+    assert_eq!(web["service"], "web");
+    assert_eq!(web["requests_total"], ok);
+    assert_eq!(web["errors_5xx_total"], 0);
 
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])

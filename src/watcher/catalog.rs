@@ -354,11 +354,14 @@ impl Coordinator {
         state.running = false;
     }
 
-    /// A detector answered: Consul is reachable; after an outage, catch up with a sweep.
+    /// A detector answered: Consul is reachable. Once both detectors have a baseline (at
+    /// start, and after an outage) sweep every service: any change before the baselines is
+    /// caught by the sweep, any change after them wakes a detector.
     fn recovered(&mut self) {
         self.contact();
-        if std::mem::take(&mut self.recovering) {
-            self.sweep("Consul answering again");
+        if self.recovering && self.checks.is_some() && self.catalog.is_some() {
+            self.recovering = false;
+            self.sweep("detectors have baselines");
         }
     }
 
@@ -412,13 +415,12 @@ pub async fn watch_catalog(
         catalog: None,
         explained: VecDeque::new(),
         unexplained: None,
-        recovering: false,
+        recovering: true,
     };
     info!(
         services = coordinator.by_name.len(),
         max_connections, "watching Consul in catalog mode"
     );
-    coordinator.sweep("start");
     loop {
         let grace_end = coordinator.unexplained.map(|(_, deadline)| deadline);
         let event = tokio::select! {
@@ -434,12 +436,12 @@ pub async fn watch_catalog(
         };
         match event {
             Event::Checks { index, snapshot } => {
-                coordinator.recovered();
                 coordinator.on_checks(index, snapshot);
+                coordinator.recovered();
             }
             Event::Catalog { index, names } => {
-                coordinator.recovered();
                 coordinator.on_catalog(index, names);
+                coordinator.recovered();
             }
             Event::Contact => coordinator.contact(),
             Event::Failed(error) => {
