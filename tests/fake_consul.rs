@@ -233,7 +233,8 @@ async fn hung_long_poll_is_cut_and_retried() {
         0,
         "the hung query is cut and a resync sent"
     );
-    assert!(hung_since.elapsed() >= Duration::from_millis(300));
+    // Cut about 300 ms after it was sent (which was a little before we heard of it).
+    assert!(hung_since.elapsed() >= Duration::from_millis(250));
     assert_eq!(next(&mut queries).await, 11);
     assert_eq!(ids(&watch.upstream), ["a", "b"]);
     let metrics = String::from_utf8(watch.metrics.encode().unwrap()).unwrap();
