@@ -8,6 +8,7 @@
 //! It reads upstream tables and never writes them; it does not know about Consul. When the
 //! access log is on, it hands each answered request to it (a channel send, never a write).
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -165,16 +166,27 @@ fn forward_headers(parts: &mut Parts, client: SocketAddr) {
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     remove_hop_by_hop(&mut parts.headers);
-    let client_ip = client.ip().to_string();
-    let forwarded_for = match parts
-        .headers
-        .get(&X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(previous) => format!("{previous}, {client_ip}"),
-        None => client_ip,
+    // Built in a stack buffer: `format!` here would cost two allocations per request.
+    let mut buffer = [0u8; 512];
+    let mut cursor = std::io::Cursor::new(&mut buffer[..]);
+    let previous = parts.headers.get(&X_FORWARDED_FOR);
+    let written = match previous {
+        Some(previous) => cursor
+            .write_all(previous.as_bytes())
+            .and_then(|()| write!(cursor, ", {}", client.ip())),
+        None => write!(cursor, "{}", client.ip()),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    let value = match written {
+        Ok(()) => {
+            let length = usize::try_from(cursor.position()).unwrap_or(0);
+            HeaderValue::from_bytes(&buffer[..length]).ok()
+        }
+        // A chain longer than the buffer: rare enough to allocate for.
+        Err(_) => previous
+            .and_then(|p| p.to_str().ok())
+            .and_then(|p| HeaderValue::from_str(&format!("{p}, {}", client.ip())).ok()),
+    };
+    if let Some(value) = value {
         parts.headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     parts
@@ -776,6 +788,44 @@ mod tests {
             build_router("services:\n  - {name: a, route: {path_prefix: /a, host: h.io}}\n");
         assert!(hostonly.find(Some("x.io"), "/a").is_none());
         assert!(hostonly.find(None, "/a").is_none());
+    }
+
+    #[test]
+    fn forwarded_for_is_set_or_appended() {
+        let client: SocketAddr = "10.1.2.3:5555".parse().unwrap();
+        let (mut parts, ()) = Request::builder()
+            .uri("/x")
+            .header("host", "gw.example")
+            .body(())
+            .unwrap()
+            .into_parts();
+        forward_headers(&mut parts, client);
+        assert_eq!(parts.headers[&X_FORWARDED_FOR], "10.1.2.3");
+        assert_eq!(parts.headers[&X_FORWARDED_HOST], "gw.example");
+        assert_eq!(parts.headers[&X_FORWARDED_PROTO], "http");
+        let (mut parts, ()) = Request::builder()
+            .uri("/x")
+            .header("x-forwarded-for", "192.0.2.1, 198.51.100.7")
+            .body(())
+            .unwrap()
+            .into_parts();
+        forward_headers(&mut parts, "[2001:db8::1]:80".parse().unwrap());
+        assert_eq!(
+            parts.headers[&X_FORWARDED_FOR],
+            "192.0.2.1, 198.51.100.7, 2001:db8::1"
+        );
+        let long = vec!["203.0.113.9"; 60].join(", ");
+        let (mut parts, ()) = Request::builder()
+            .uri("/x")
+            .header("x-forwarded-for", long.as_str())
+            .body(())
+            .unwrap()
+            .into_parts();
+        forward_headers(&mut parts, client);
+        assert_eq!(
+            parts.headers[&X_FORWARDED_FOR].to_str().unwrap(),
+            format!("{long}, 10.1.2.3")
+        );
     }
 
     #[test]

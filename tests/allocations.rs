@@ -98,10 +98,10 @@ async fn proxied_request_allocations_stay_low() {
         through as f64 / count as f64,
         direct as f64 / count as f64
     );
-    // Measured 24.0 when this bound was set; lower it as the hot path sheds allocations,
+    // Measured 22.0 when this bound was set; lower it as the hot path sheds allocations,
     // raise it only with a reason in the commit.
     assert!(
-        per_request <= 30.0,
+        per_request <= 25.0,
         "{per_request:.1} allocations per proxied request"
     );
 }
