@@ -70,8 +70,14 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if config.workers > 0 {
+    // One worker: a current-thread runtime does the same work without the multi-thread
+    // scheduler's cross-thread queues and wake-ups.
+    let mut runtime = if config.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if config.workers > 1 {
         runtime.worker_threads(config.workers);
     }
     let runtime = runtime
