@@ -97,6 +97,26 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub access_log: AccessLogConfig,
+    /// `None`: the gateway does not register itself in Consul.
+    pub register: Option<RegisterConfig>,
+}
+
+/// The gateway's own registration in Consul, with an HTTP check on the admin `/healthz`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegisterConfig {
+    pub name: String,
+    /// Empty: `<name>-<listen port>-<host name>` at start.
+    pub id: String,
+    /// The address other services should use; empty: the `listen` IP (or, when that is
+    /// unspecified, the agent's node address).
+    pub address: String,
+    pub tags: Vec<String>,
+    #[serde(with = "humantime_serde_compat")]
+    pub check_interval: Duration,
+    /// Consul removes the registration if its check stays critical this long (a crashed
+    /// gateway that never deregistered).
+    #[serde(with = "humantime_serde_compat")]
+    pub deregister_after: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -174,11 +194,11 @@ pub struct RetryConfig {
     /// Deadline for all tries together.
     #[serde(with = "humantime_serde_compat")]
     pub timeout: Duration,
-    /// Retries in flight may be at most this share (percent) of requests in flight, so
-    /// retries cannot multiply an overload (Envoy's and Linkerd's 20%).
+    /// Retries may be at most this share (percent) of requests, so retries cannot multiply
+    /// an overload (Envoy's and Linkerd's 20%)...
     pub budget_percent: u32,
-    /// ...but this many concurrent retries are always allowed (a quiet service can retry).
-    pub budget_min_concurrent: u32,
+    /// ...plus this many retries per second (so a quiet service can retry too).
+    pub budget_min_per_second: u32,
 }
 
 /// Passive outlier detection: instances that keep failing are ejected for a while.
@@ -283,6 +303,87 @@ struct RawConfig {
     upstream: RawUpstream,
     #[serde(default)]
     access_log: RawAccessLog,
+    #[serde(default)]
+    register: RawRegister,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegister {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default = "default_register_name")]
+    name: String,
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    address: String,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default = "default_register_interval")]
+    check_interval: String,
+    #[serde(default = "default_register_deregister_after")]
+    deregister_after: String,
+}
+
+impl Default for RawRegister {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            name: default_register_name(),
+            id: String::new(),
+            address: String::new(),
+            tags: Vec::new(),
+            check_interval: default_register_interval(),
+            deregister_after: default_register_deregister_after(),
+        }
+    }
+}
+
+fn default_register_name() -> String {
+    "switchyard".into()
+}
+fn default_register_interval() -> String {
+    "10s".into()
+}
+fn default_register_deregister_after() -> String {
+    "10m".into()
+}
+
+impl RawRegister {
+    fn validate(self) -> Result<Option<RegisterConfig>, ConfigError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        if !is_valid_service_name(self.name.trim()) {
+            return Err(invalid(
+                "register.name",
+                format!(
+                    "{:?} must be non-empty and use only letters, digits, '-', '_' and '.'",
+                    self.name
+                ),
+            ));
+        }
+        let deregister_after =
+            parse_positive_duration("register.deregister_after", &self.deregister_after)?;
+        if deregister_after < Duration::from_secs(60) {
+            return Err(invalid(
+                "register.deregister_after",
+                "Consul's minimum is 1m",
+            ));
+        }
+        Ok(Some(RegisterConfig {
+            name: self.name.trim().to_owned(),
+            id: self.id.trim().to_owned(),
+            address: self.address.trim().to_owned(),
+            tags: self.tags,
+            check_interval: parse_positive_duration(
+                "register.check_interval",
+                &self.check_interval,
+            )?,
+            deregister_after,
+        }))
+    }
 }
 
 fn default_listen() -> String {
@@ -425,8 +526,8 @@ struct RawRetry {
     timeout: String,
     #[serde(default = "default_budget_percent")]
     budget_percent: u32,
-    #[serde(default = "default_budget_min_concurrent")]
-    budget_min_concurrent: u32,
+    #[serde(default = "default_budget_min_per_second")]
+    budget_min_per_second: u32,
 }
 
 impl Default for RawRetry {
@@ -435,7 +536,7 @@ impl Default for RawRetry {
             attempts: default_attempts(),
             timeout: default_retry_timeout(),
             budget_percent: default_budget_percent(),
-            budget_min_concurrent: default_budget_min_concurrent(),
+            budget_min_per_second: default_budget_min_per_second(),
         }
     }
 }
@@ -449,8 +550,8 @@ fn default_retry_timeout() -> String {
 fn default_budget_percent() -> u32 {
     20
 }
-fn default_budget_min_concurrent() -> u32 {
-    3
+fn default_budget_min_per_second() -> u32 {
+    10
 }
 
 #[derive(Debug, Deserialize)]
@@ -694,6 +795,7 @@ impl RawConfig {
             server: self.server.validate()?,
             upstream: self.upstream.validate()?,
             access_log: self.access_log.validate()?,
+            register: self.register.validate()?,
         })
     }
 }
@@ -870,7 +972,7 @@ impl RawService {
         };
         let retry = RetryConfig {
             budget_percent: self.retry.budget_percent,
-            budget_min_concurrent: self.retry.budget_min_concurrent,
+            budget_min_per_second: self.retry.budget_min_per_second,
             attempts: self.retry.attempts,
             timeout: parse_positive_duration(&format!("{key}.retry.timeout"), &self.retry.timeout)?,
         };

@@ -512,7 +512,7 @@ impl Gateway {
         if table.is_empty() {
             return Err(GatewayError::NoHealthyInstance);
         }
-        let _in_flight = upstream.begin_request();
+        upstream.deposit_retry_budget();
         let retry = upstream.config.retry;
         let deadline = Instant::now() + retry.timeout;
         let (mut parts, body) = request.into_parts();
@@ -524,14 +524,9 @@ impl Gateway {
         let mut last_response = None;
         for attempt in 0..retry.attempts {
             // A retry must fit in the budget; the first try always goes.
-            let _retry_slot = if attempt > 0 {
-                match upstream.try_begin_retry() {
-                    Some(slot) => Some(slot),
-                    None => break,
-                }
-            } else {
-                None
-            };
+            if attempt > 0 && !upstream.try_take_retry() {
+                break;
+            }
             let Some(request_body) = body.take() else {
                 break;
             };

@@ -20,6 +20,7 @@
 //! - [`metrics`]: the Prometheus registry and per-service handles (a leaf).
 //! - [`admin`]: the admin listener's endpoints.
 //! - [`access_log`]: the optional JSON-lines access log, written off the request path.
+//! - [`registration`]: optional self-registration of the gateway in Consul.
 //! - [`server`]: the accept loop with graceful shutdown, shared by both listeners.
 //!
 //! `watcher` and `gateway` never import each other: they meet only at the upstream tables.
@@ -29,6 +30,7 @@ pub mod admin;
 pub mod config;
 pub mod gateway;
 pub mod metrics;
+pub mod registration;
 pub mod server;
 pub mod upstream;
 pub mod watcher;
@@ -152,6 +154,16 @@ pub async fn run(
         services = config.services.len(),
         "switchyard serving"
     );
+    // Registered once serving; deregistered as soon as shutdown starts, before the drain.
+    let registration = config.register.clone().map(|register| {
+        tokio::spawn(registration::maintain(
+            config.consul.clone(),
+            register,
+            config.listen,
+            config.admin_listen,
+            shutdown.clone(),
+        ))
+    });
     server::serve(
         "gateway",
         listener,
@@ -166,6 +178,9 @@ pub async fn run(
     )
     .await;
 
+    if let Some(registration) = registration {
+        let _ = registration.await;
+    }
     stop_access_log.cancel();
     if let Some(writer) = access_log_writer {
         let _ = writer.await;

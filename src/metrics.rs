@@ -145,7 +145,7 @@ impl Metrics {
         let retry_budget_exhausted = counter_vec(
             &registry,
             "switchyard_retry_budget_exhausted_total",
-            "Retries refused because retries in flight reached the retry budget.",
+            "Retries refused because the retry budget was spent.",
         )?;
         let propagation = Histogram::with_opts(
             HistogramOpts::new(

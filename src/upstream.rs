@@ -6,7 +6,7 @@
 //! the request path takes a lock or allocates.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -216,6 +216,20 @@ impl ServiceTable {
     }
 }
 
+/// The most the retry budget holds: ten seconds of the minimum rate, and at least 100
+/// retries, so a burst of failures (an instance crashing mid-request) is covered.
+fn retry_budget_cap(config: &ServiceConfig) -> i64 {
+    (i64::from(config.retry.budget_min_per_second) * 10).max(100) * MILLI
+}
+
+/// What `elapsed_ms` earns at `per_second` retries per second, in thousandths of a retry
+/// (per_second retries per 1000 ms = per_second thousandths per ms).
+fn time_refill(elapsed_ms: u64, per_second: u32) -> i64 {
+    i64::try_from(elapsed_ms)
+        .unwrap_or(i64::MAX / 4)
+        .saturating_mul(i64::from(per_second))
+}
+
 /// One configured service: its config, its current table and its discovery status.
 pub struct Upstream {
     pub config: ServiceConfig,
@@ -229,23 +243,19 @@ pub struct Upstream {
     index: AtomicU64,
     /// `now_ms()` of the first discovery error since the last success; 0 while healthy.
     failing_since_ms: AtomicU64,
-    /// Requests and retries in flight, for the retry budget.
-    active_requests: AtomicUsize,
-    active_retries: AtomicUsize,
+    /// The retry budget, in thousandths of a retry: each request deposits
+    /// `budget_percent` of one, time deposits `budget_min_per_second`, a retry takes one.
+    retry_tokens: AtomicI64,
+    retry_refilled_ms: AtomicU64,
 }
 
-/// Counts a request in flight until dropped.
-pub struct InFlight<'a>(&'a AtomicUsize);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+/// Thousandths of a retry, the unit of the retry budget.
+const MILLI: i64 = 1000;
 
 impl Upstream {
     pub fn new(config: ServiceConfig, metrics: ServiceMetrics) -> Self {
         let table = ServiceTable::new(Vec::new(), config.balance);
+        let retry_tokens = retry_budget_cap(&config);
         Self {
             config,
             metrics,
@@ -254,8 +264,8 @@ impl Upstream {
             last_sync_ms: AtomicU64::new(0),
             index: AtomicU64::new(0),
             failing_since_ms: AtomicU64::new(0),
-            active_requests: AtomicUsize::new(0),
-            active_retries: AtomicUsize::new(0),
+            retry_tokens: AtomicI64::new(retry_tokens),
+            retry_refilled_ms: AtomicU64::new(now_ms()),
         }
     }
 
@@ -323,26 +333,44 @@ impl Upstream {
         self.failing_for().is_some_and(|age| age > limit)
     }
 
-    /// Counts a request in flight for the retry budget.
-    pub fn begin_request(&self) -> InFlight<'_> {
-        self.active_requests.fetch_add(1, Ordering::Relaxed);
-        InFlight(&self.active_requests)
+    /// Credits the retry budget with one request (`budget_percent` of a retry).
+    pub fn deposit_retry_budget(&self) {
+        let cap = retry_budget_cap(&self.config);
+        // Load first: at the cap (the common case when nothing fails) no write is needed.
+        if self.retry_tokens.load(Ordering::Relaxed) < cap {
+            self.retry_tokens.fetch_add(
+                i64::from(self.config.retry.budget_percent) * MILLI / 100,
+                Ordering::Relaxed,
+            );
+        }
     }
 
-    /// Takes a retry from the budget, or `None` when retries already make up
-    /// `retry.budget_percent` of the requests in flight.
-    pub fn try_begin_retry(&self) -> Option<InFlight<'_>> {
+    /// Takes one retry from the budget; `false` (and counted) when it is spent. Retries are
+    /// thus held to `budget_percent` of requests plus `budget_min_per_second`, with bursts up
+    /// to the cap, as in Linkerd's retry budget: a crash that fails every in-flight request
+    /// at once is retried, a sustained overload is not multiplied.
+    pub fn try_take_retry(&self) -> bool {
         let retry = &self.config.retry;
-        let requests = self.active_requests.load(Ordering::Relaxed);
-        let allowed = (requests * retry.budget_percent as usize / 100)
-            .max(retry.budget_min_concurrent as usize);
-        let retries = self.active_retries.fetch_add(1, Ordering::Relaxed);
-        if retries >= allowed {
-            self.active_retries.fetch_sub(1, Ordering::Relaxed);
-            self.metrics.retry_budget_exhausted();
-            return None;
+        let cap = retry_budget_cap(&self.config);
+        let now = now_ms();
+        let elapsed = now.saturating_sub(self.retry_refilled_ms.swap(now, Ordering::Relaxed));
+        let refill = time_refill(elapsed, retry.budget_min_per_second).min(cap);
+        if refill > 0 {
+            let before = self.retry_tokens.fetch_add(refill, Ordering::Relaxed);
+            if before + refill > cap {
+                self.retry_tokens.fetch_min(cap, Ordering::Relaxed);
+            }
         }
-        Some(InFlight(&self.active_retries))
+        let taken = self
+            .retry_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tokens| {
+                (tokens >= MILLI).then_some(tokens - MILLI)
+            })
+            .is_ok();
+        if !taken {
+            self.metrics.retry_budget_exhausted();
+        }
+        taken
     }
 
     /// A try on `instance` got an answer that was not a 5xx.
@@ -508,7 +536,7 @@ mod tests {
                 attempts: 3,
                 timeout: Duration::from_secs(1),
                 budget_percent: 20,
-                budget_min_concurrent: 3,
+                budget_min_per_second: 10,
             },
             outlier: OutlierConfig {
                 consecutive_failures: 3,
@@ -642,18 +670,30 @@ mod tests {
     }
 
     #[test]
-    fn retry_budget_caps_concurrent_retries() {
+    fn retry_budget_allows_bursts_and_holds_the_rate() {
         let metrics = Metrics::new().unwrap();
         let upstream = Upstream::new(service(Balance::RoundRobin), metrics.for_service("svc"));
-        let requests: Vec<_> = (0..50).map(|_| upstream.begin_request()).collect();
-        // 20% of 50 in flight = 10 retries at once.
-        let retries: Vec<_> = (0..20).filter_map(|_| upstream.try_begin_retry()).collect();
-        assert_eq!(retries.len(), 10);
-        drop(retries);
-        drop(requests);
-        // With nothing in flight the minimum still allows a few.
-        let retries: Vec<_> = (0..20).filter_map(|_| upstream.try_begin_retry()).collect();
-        assert_eq!(retries.len(), 3);
+        // A full budget covers a burst of 100 retries (an instance dying mid-request)...
+        let burst = (0..150).filter(|_| upstream.try_take_retry()).count();
+        assert!((100..=102).contains(&burst), "{burst}");
+        // ...then retries are earned: 20% of requests (50 requests buy 10 retries).
+        upstream
+            .retry_refilled_ms
+            .store(now_ms(), Ordering::Relaxed);
+        for _ in 0..50 {
+            upstream.deposit_retry_budget();
+        }
+        let earned = (0..20).filter(|_| upstream.try_take_retry()).count();
+        assert!((10..=11).contains(&earned), "{earned}");
+        // Spent: no more until requests or time earn some.
+        upstream.retry_tokens.store(0, Ordering::Relaxed);
+        upstream
+            .retry_refilled_ms
+            .store(now_ms(), Ordering::Relaxed);
+        assert!(!upstream.try_take_retry());
+        // Time earns budget_min_per_second: 10/s is 5 retries in half a second.
+        assert_eq!(time_refill(500, 10), 5 * MILLI);
+        assert_eq!(time_refill(u64::MAX, 10), i64::MAX, "saturates");
     }
 
     #[test]
