@@ -31,7 +31,8 @@ const STATUS_PAGE_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; \
 /// What the admin handlers read.
 pub struct Admin {
     pub metrics: Arc<Metrics>,
-    pub upstreams: Upstreams,
+    /// Swapped on a config reload.
+    pub upstreams: arc_swap::ArcSwap<Upstreams>,
     /// `/readyz` fails once a service's Consul queries have failed for this long.
     pub stale_after: Duration,
 }
@@ -80,7 +81,7 @@ impl Admin {
     /// balancer in front to prefer a replica that sees Consul.
     fn readiness(&self) -> Response<Full<Bytes>> {
         let mut problems = Vec::new();
-        for upstream in self.upstreams.iter() {
+        for upstream in self.upstreams.load().iter() {
             if !upstream.is_synced() {
                 problems.push(format!("{}: no Consul answer yet", upstream.name()));
             } else if upstream.is_stale(self.stale_after) {
@@ -104,7 +105,7 @@ impl Admin {
     }
 
     fn refresh_and_encode(&self) -> Result<Vec<u8>, prometheus::Error> {
-        for upstream in self.upstreams.iter() {
+        for upstream in self.upstreams.load().iter() {
             upstream
                 .metrics
                 .refresh(upstream.failing_for(), upstream.table().ejected_count());
@@ -113,8 +114,8 @@ impl Admin {
     }
 
     fn routes(&self) -> serde_json::Value {
-        let services: Vec<_> = self
-            .upstreams
+        let upstreams = self.upstreams.load();
+        let services: Vec<_> = upstreams
             .iter()
             .map(|upstream| {
                 let config = &upstream.config;

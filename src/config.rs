@@ -167,7 +167,7 @@ impl ConsulConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ServiceConfig {
     pub name: String,
     /// An instance must carry all of these tags.
@@ -178,7 +178,7 @@ pub struct ServiceConfig {
     pub outlier: OutlierConfig,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RouteConfig {
     /// Always starts with `/`; the longest matching prefix wins.
     pub path_prefix: String,
@@ -187,7 +187,7 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
 }
 
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct RetryConfig {
     /// Total tries, the first included (>= 1).
     pub attempts: u32,
@@ -202,7 +202,7 @@ pub struct RetryConfig {
 }
 
 /// Passive outlier detection: instances that keep failing are ejected for a while.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct OutlierConfig {
     /// Consecutive failed tries (connect errors or 5xx) that eject an instance; 0 disables.
     pub consecutive_failures: u32,

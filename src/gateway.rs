@@ -2,7 +2,7 @@
 //! current table, forwards over one pooled HTTP client, and retries on another instance when
 //! that is safe.
 //!
-//! What it owns: the router (built once from config, read without locks), header hygiene
+//! What it owns: the router (built from config, swapped whole on reload, read without locks), header hygiene
 //! (hop-by-hop removal, `X-Forwarded-*`), the retry rules, and the gateway's own answers
 //! (404/503/502/504/400, each with an `x-switchyard-error` header naming the cause).
 //! It reads upstream tables and never writes them; it does not know about Consul. When the
@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Body, Incoming};
@@ -402,7 +403,8 @@ fn build_client(config: &UpstreamConfig) -> Client<HttpConnector, UpstreamBody> 
 
 /// The gateway's request handler and its shared, read-only state.
 pub struct Gateway {
-    router: Router,
+    /// Swapped whole on a config reload; requests in flight keep the one they started with.
+    router: ArcSwap<Router>,
     client: Client<HttpConnector, UpstreamBody>,
     max_replay_body_bytes: usize,
     max_body_bytes: u64,
@@ -426,13 +428,18 @@ impl Gateway {
         access_log: Option<AccessLog>,
     ) -> Self {
         Self {
-            router: Router::new(upstreams),
+            router: ArcSwap::from_pointee(Router::new(upstreams)),
             client: build_client(&config.upstream),
             max_replay_body_bytes: config.upstream.max_replay_body_bytes,
             max_body_bytes: config.server.max_body_bytes,
             unrouted,
             access_log,
         }
+    }
+
+    /// Routes new requests over `upstreams` (a reloaded config).
+    pub fn replace_routes(&self, upstreams: &Upstreams) {
+        self.router.store(Arc::new(Router::new(upstreams)));
     }
 
     /// Answers one client request. Never fails: errors become the gateway's own answers.
@@ -455,10 +462,8 @@ impl Gateway {
             duration: Duration::ZERO,
             tries: 0,
         });
-        let Some(route) = self
-            .router
-            .find(request_host(&request), request.uri().path())
-        else {
+        let router = self.router.load_full();
+        let Some(route) = router.find(request_host(&request), request.uri().path()) else {
             let response = GatewayError::NoRoute.into_response();
             let elapsed = started.elapsed();
             self.unrouted

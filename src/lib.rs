@@ -40,19 +40,22 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
+use std::collections::HashSet;
+
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use config::Config;
-use config::WatchMode;
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
 use crate::admin::Admin;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::upstream::Upstreams;
-use crate::watcher::{ConsulDiscovery, WatchPacing};
+use crate::watcher::{ConsulDiscovery, WatchSet};
 
 /// The admin listener only serves quick requests; it needs little time to drain.
 const ADMIN_GRACE: Duration = Duration::from_secs(1);
@@ -78,6 +81,126 @@ pub async fn run(
     admin_listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let (_no_reloads, reloads) = mpsc::channel(1);
+    run_with_reload(config, listener, admin_listener, shutdown, reloads).await
+}
+
+/// What a config reload replaces.
+struct Reload {
+    config: Config,
+    upstreams: Upstreams,
+    watches: WatchSet,
+    gateway: Arc<Gateway>,
+    admin: Arc<Admin>,
+    metrics: Arc<Metrics>,
+}
+
+/// Applies each config from `reloads` until `stop`, then stops the watches.
+async fn apply_reloads(
+    mut state: Reload,
+    mut reloads: mpsc::Receiver<Config>,
+    stop: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => break,
+            next = reloads.recv() => match next {
+                Some(next) => next,
+                None => {
+                    stop.cancelled().await;
+                    break;
+                }
+            },
+        };
+        state.apply(next);
+    }
+    state.watches.stop().await;
+}
+
+impl Reload {
+    /// Services and routes take effect at once; connections and in-flight requests are not
+    /// touched. Keys that shape listeners, runtime or clients need a restart: said in a log line.
+    fn apply(&mut self, next: Config) {
+        let upstreams = self.upstreams.rebuild(&next.services, &self.metrics);
+        let before: HashSet<&str> = self.upstreams.iter().map(|u| u.name()).collect();
+        let after: HashSet<&str> = upstreams.iter().map(|u| u.name()).collect();
+        let changed = upstreams
+            .iter()
+            .filter(|u| {
+                self.upstreams
+                    .get(u.name())
+                    .is_some_and(|old| !Arc::ptr_eq(old, u))
+            })
+            .count();
+        self.watches.reconcile(&upstreams);
+        self.gateway.replace_routes(&upstreams);
+        self.admin.upstreams.store(Arc::new(upstreams.clone()));
+        info!(
+            services = after.len(),
+            added = after.difference(&before).count(),
+            removed = before.difference(&after).count(),
+            changed,
+            "config reloaded"
+        );
+        let needs_restart = |name: &str, old: serde_json::Value, new: serde_json::Value| {
+            if old != new {
+                warn!(
+                    key = name,
+                    "changed in the reloaded config; takes effect on restart"
+                );
+            }
+        };
+        let json = |value: &dyn erased::Json| value.json();
+        needs_restart("listen", json(&self.config.listen), json(&next.listen));
+        needs_restart(
+            "admin_listen",
+            json(&self.config.admin_listen),
+            json(&next.admin_listen),
+        );
+        needs_restart("workers", json(&self.config.workers), json(&next.workers));
+        needs_restart("consul", json(&self.config.consul), json(&next.consul));
+        needs_restart("server", json(&self.config.server), json(&next.server));
+        needs_restart(
+            "upstream",
+            json(&self.config.upstream),
+            json(&next.upstream),
+        );
+        needs_restart(
+            "access_log",
+            json(&self.config.access_log),
+            json(&next.access_log),
+        );
+        needs_restart(
+            "register",
+            json(&self.config.register),
+            json(&next.register),
+        );
+        self.upstreams = upstreams;
+        self.config = next;
+    }
+}
+
+/// `serde_json::to_value` behind a trait object, to compare config sections uniformly.
+mod erased {
+    pub trait Json {
+        fn json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+        }
+    }
+}
+
+/// [`run`], also applying each config sent on `reloads` (SIGHUP in `main`): services and
+/// routes are added, changed and removed without touching connections or in-flight requests.
+pub async fn run_with_reload(
+    config: Config,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: CancellationToken,
+    reloads: mpsc::Receiver<Config>,
+) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new()?);
     let upstreams = Upstreams::new(&config.services, &metrics);
     let discovery = Arc::new(ConsulDiscovery::new(&config.consul)?);
@@ -94,23 +217,10 @@ pub async fn run(
 
     // Watchers outlive the listeners' drain so retries during it still see fresh tables.
     let stop_watchers = CancellationToken::new();
-    let pacing = WatchPacing::from(&config.consul);
-    let watchers = match config.consul.effective_watch(config.services.len()) {
-        WatchMode::PerService | WatchMode::Auto => {
-            watcher::spawn_watchers(discovery, &upstreams, pacing, &stop_watchers)
-        }
-        WatchMode::Catalog => vec![tokio::spawn(watcher::watch_catalog(
-            discovery,
-            upstreams.clone(),
-            pacing,
-            config.consul.max_connections,
-            stop_watchers.clone(),
-        ))],
-    };
-
+    let watches = WatchSet::start(discovery, &config.consul, &upstreams);
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
-        upstreams: upstreams.clone(),
+        upstreams: ArcSwap::from_pointee(upstreams.clone()),
         stale_after: config.consul.stale_after,
     });
     let mut admin_builder = Builder::new(TokioExecutor::new());
@@ -118,12 +228,13 @@ pub async fn run(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.server.header_read_timeout);
+    let admin_for_server = admin.clone();
     let admin_task = tokio::spawn(server::serve(
         "admin",
         admin_listener,
         admin_builder,
         move |_peer, request| {
-            let admin = admin.clone();
+            let admin = admin_for_server.clone();
             async move { admin.handle(&request) }
         },
         ADMIN_MAX_CONNECTIONS,
@@ -154,6 +265,18 @@ pub async fn run(
         services = config.services.len(),
         "switchyard serving"
     );
+    let reloader = tokio::spawn(apply_reloads(
+        Reload {
+            config: config.clone(),
+            upstreams,
+            watches,
+            gateway: gateway.clone(),
+            admin,
+            metrics: metrics.clone(),
+        },
+        reloads,
+        stop_watchers.clone(),
+    ));
     // Registered once serving; deregistered as soon as shutdown starts, before the drain.
     let registration = config.register.clone().map(|register| {
         tokio::spawn(registration::maintain(
@@ -187,9 +310,7 @@ pub async fn run(
     }
     stop_watchers.cancel();
     let _ = admin_task.await;
-    for watcher in watchers {
-        let _ = watcher.await;
-    }
+    let _ = reloader.await;
     info!("switchyard stopped");
     Ok(())
 }

@@ -60,7 +60,7 @@ fn main() -> ExitCode {
         println!("{}", config.to_masked_json());
         return ExitCode::SUCCESS;
     }
-    match serve(config) {
+    match serve(config, cli.config.clone()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("switchyard: {error:#}");
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     // One worker: a current-thread runtime does the same work without the multi-thread
     // scheduler's cross-thread queues and wake-ups.
     let mut runtime = if config.workers == 1 {
@@ -93,9 +93,38 @@ fn serve(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("binding `admin_listen` {}", config.admin_listen))?;
         let shutdown = Shutdown::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
-        switchyard::run(config, listener, admin_listener, shutdown).await?;
+        let (reload_tx, reloads) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(reload_on_sighup(config_path, reload_tx));
+        switchyard::run_with_reload(config, listener, admin_listener, shutdown, reloads).await?;
         Ok(())
     })
+}
+
+/// On each SIGHUP re-reads the config file: a valid one is applied, an invalid one is
+/// rejected with a log line naming the key, and the running config stays.
+async fn reload_on_sighup(path: PathBuf, reloads: tokio::sync::mpsc::Sender<Config>) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP; config reload disabled");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        match Config::load(&path) {
+            Ok(config) => {
+                tracing::info!(path = %path.display(), "SIGHUP: reloading config");
+                if reloads.send(config).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) => tracing::error!(
+                path = %path.display(),
+                %error,
+                "SIGHUP: config rejected; keeping the running one"
+            ),
+        }
+    }
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT.

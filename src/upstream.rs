@@ -492,6 +492,33 @@ impl Upstreams {
         Self { services }
     }
 
+    /// The services of a reloaded config: an unchanged service keeps its `Upstream` (table,
+    /// passive health, watch); a changed one gets a new `Upstream` seeded with the old table
+    /// when its tags did not change, so requests never see it empty; new ones start empty.
+    pub fn rebuild(&self, configs: &[ServiceConfig], metrics: &Metrics) -> Upstreams {
+        let services = configs
+            .iter()
+            .map(|config| match self.get(&config.name) {
+                Some(old) if old.config == *config => old.clone(),
+                Some(old) => {
+                    let fresh = Upstream::new(config.clone(), metrics.for_service(&config.name));
+                    if old.config.tags == config.tags {
+                        fresh.replace_instances(old.table().instances().to_vec());
+                        if old.is_synced() {
+                            fresh.record_sync(old.index());
+                        }
+                    }
+                    Arc::new(fresh)
+                }
+                None => Arc::new(Upstream::new(
+                    config.clone(),
+                    metrics.for_service(&config.name),
+                )),
+            })
+            .collect();
+        Upstreams { services }
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Upstream>> {
         self.services.iter()
     }

@@ -11,7 +11,7 @@
 //! The loop talks to Consul through the [`Discovery`] trait (typed answers for one service),
 //! so another source can be added beside Consul without touching the loop.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -28,7 +28,7 @@ mod catalog;
 
 pub use catalog::watch_catalog;
 
-use crate::config::{ConsulConfig, ServiceConfig};
+use crate::config::{ConsulConfig, ServiceConfig, WatchMode};
 use crate::upstream::{Instance, Upstream, Upstreams};
 
 /// Extra time beyond Consul's own `wait + wait/16` before a long-poll counts as hung.
@@ -506,6 +506,120 @@ pub async fn watch_service<D: Discovery>(
         }
     }
     debug!(service = %name, "watch stopped");
+}
+
+/// The running watches, reconciled with the services of each (re)loaded config.
+pub struct WatchSet {
+    discovery: Arc<ConsulDiscovery>,
+    pacing: WatchPacing,
+    consul: ConsulConfig,
+    mode: WatchMode,
+    /// Per-service mode: each service's upstream and its watch.
+    per_service: HashMap<String, (Arc<Upstream>, CancellationToken, JoinHandle<()>)>,
+    /// Catalog mode: the coordinator.
+    catalog: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+impl WatchSet {
+    pub fn start(
+        discovery: Arc<ConsulDiscovery>,
+        consul: &ConsulConfig,
+        upstreams: &Upstreams,
+    ) -> Self {
+        let mut set = WatchSet {
+            discovery,
+            pacing: WatchPacing::from(consul),
+            consul: consul.clone(),
+            mode: WatchMode::Auto,
+            per_service: HashMap::new(),
+            catalog: None,
+        };
+        set.reconcile(upstreams);
+        set
+    }
+
+    /// Watches exactly `upstreams`: unchanged ones (the same `Arc`) keep their watch, others
+    /// get a new one, and the watches of services no longer listed stop.
+    pub fn reconcile(&mut self, upstreams: &Upstreams) {
+        let mode = self.consul.effective_watch(upstreams.iter().count());
+        if mode != self.mode {
+            self.stop_all();
+            self.mode = mode;
+        }
+        match mode {
+            WatchMode::Catalog => {
+                if let Some((stop, _)) = self.catalog.take() {
+                    stop.cancel();
+                }
+                let stop = CancellationToken::new();
+                let task = tokio::spawn(watch_catalog(
+                    self.discovery.clone(),
+                    upstreams.clone(),
+                    self.pacing,
+                    self.consul.max_connections,
+                    stop.clone(),
+                ));
+                self.catalog = Some((stop, task));
+            }
+            WatchMode::PerService | WatchMode::Auto => {
+                let mut next = HashMap::new();
+                for upstream in upstreams.iter() {
+                    let name = upstream.name().to_owned();
+                    match self.per_service.remove(&name) {
+                        Some(entry) if Arc::ptr_eq(&entry.0, upstream) => {
+                            next.insert(name, entry);
+                        }
+                        previous => {
+                            if let Some((_, stop, _)) = previous {
+                                stop.cancel();
+                            }
+                            let stop = CancellationToken::new();
+                            let task = tokio::spawn(watch_service(
+                                self.discovery.clone(),
+                                upstream.clone(),
+                                self.pacing,
+                                stop.clone(),
+                            ));
+                            next.insert(name, (upstream.clone(), stop, task));
+                        }
+                    }
+                }
+                for (_, stop, _) in self.per_service.values() {
+                    stop.cancel(); // services no longer configured
+                }
+                self.per_service = next;
+            }
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for (_, stop, _) in self.per_service.values() {
+            stop.cancel();
+        }
+        self.per_service.clear();
+        if let Some((stop, _)) = self.catalog.take() {
+            stop.cancel();
+        }
+    }
+
+    /// Stops every watch and waits for them.
+    pub async fn stop(mut self) {
+        let mut tasks: Vec<JoinHandle<()>> = self
+            .per_service
+            .drain()
+            .map(|(_, (_, stop, task))| {
+                stop.cancel();
+                task
+            })
+            .collect();
+        if let Some((stop, task)) = self.catalog.take() {
+            stop.cancel();
+            tasks.push(task);
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
 }
 
 /// Starts one watch task per service.
