@@ -17,6 +17,10 @@ use switchyard::{Config, Shutdown};
 /// Environment: every key of the config file can be overridden as SWITCHYARD__<KEY> with `__`
 /// between levels (e.g. SWITCHYARD__CONSUL__ADDRESS); CONSUL_HTTP_ADDR and CONSUL_HTTP_TOKEN
 /// are used when the file leaves consul.address / consul.token out. RUST_LOG sets log levels.
+///
+/// Signals: SIGTERM or SIGINT stop accepting and drain in-flight requests (server.shutdown_grace);
+/// SIGHUP re-reads the config file and applies its services and routes (an invalid file is
+/// rejected and the running config kept).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
