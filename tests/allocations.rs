@@ -10,8 +10,6 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{Backend, Behavior, Consul, Gateway};
-
 struct Counting;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
@@ -71,14 +69,7 @@ fn allocations_for(addr: SocketAddr, path: &str, count: usize) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxied_request_allocations_stay_low() {
-    let consul = Consul::start().await;
-    let backend = Backend::start("web-1", Behavior::Ok).await;
-    consul.register("web", "web-1", backend.port, &[]).await;
-    let gateway = Gateway::start(&consul, "services:\n  - name: web\n").await;
-    assert!(gateway
-        .wait_for_instances("web", &["web-1"], Duration::from_secs(10))
-        .await
-        .is_some());
+    let (_consul, backend, gateway) = common::single_backend_gateway().await;
     let (gateway_addr, backend_addr) = (
         gateway.addr,
         SocketAddr::from(([127, 0, 0, 1], backend.port)),

@@ -17,11 +17,7 @@ const SERVICES: &str = "services:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_is_exact_and_random_uses_every_instance() {
     let consul = Consul::start().await;
-    let backends = [
-        Backend::start("web-1", Behavior::Ok).await,
-        Backend::start("web-2", Behavior::Ok).await,
-        Backend::start("web-3", Behavior::Ok).await,
-    ];
+    let backends = common::backends("web", 3).await;
     for b in &backends {
         consul.register("web", &b.id, b.port, &[]).await;
         consul
@@ -70,11 +66,7 @@ async fn round_robin_is_exact_and_random_uses_every_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registrations_deregistrations_and_failing_checks_propagate() {
     let consul = Consul::start().await;
-    let backends = [
-        Backend::start("web-1", Behavior::Ok).await,
-        Backend::start("web-2", Behavior::Ok).await,
-        Backend::start("web-3", Behavior::Ok).await,
-    ];
+    let backends = common::backends("web", 3).await;
     for b in &backends {
         consul.register_with_ttl("web", &b.id, b.port).await;
     }
@@ -136,11 +128,7 @@ async fn registrations_deregistrations_and_failing_checks_propagate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_outage_keeps_the_last_table_and_the_watch_resumes() {
     let mut consul = Consul::start().await;
-    let backends = [
-        Backend::start("web-1", Behavior::Ok).await,
-        Backend::start("web-2", Behavior::Ok).await,
-        Backend::start("web-3", Behavior::Ok).await,
-    ];
+    let backends = common::backends("web", 3).await;
     for b in &backends {
         consul.register("web", &b.id, b.port, &[]).await;
     }

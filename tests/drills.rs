@@ -12,11 +12,7 @@ const LOAD_CONCURRENCY: usize = 4;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_backend_crash_under_load() {
     let consul = Consul::start().await;
-    let mut backends = vec![
-        Backend::start("web-1", Behavior::Ok).await,
-        Backend::start("web-2", Behavior::Ok).await,
-        Backend::start("web-3", Behavior::Ok).await,
-    ];
+    let mut backends = common::backends("web", 3).await;
     for b in &backends {
         consul.register_with_ttl("web", &b.id, b.port).await;
     }
@@ -33,20 +29,11 @@ async fn drill_backend_crash_under_load() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     backends[2].kill(); // its Consul check still says passing
     let killed = Instant::now();
-    let client = common::http_client();
     let ejected = common::wait_until(Duration::from_secs(3), || async {
-        let routes: serde_json::Value = client
-            .get(gateway.admin_url("/routes"))
-            .send()
+        gateway
+            .instance_entries("web")
             .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        routes["services"][0]["instances"]
-            .as_array()
-            .into_iter()
-            .flatten()
+            .iter()
             .any(|i| i["id"] == "web-3" && i["ejected_for_seconds"].is_number())
     })
     .await;
@@ -64,27 +51,14 @@ async fn drill_backend_crash_under_load() {
         .is_some());
     tokio::time::sleep(Duration::from_secs(4)).await;
     let mut stats = load.finish().await;
-    println!(
-        "drill backend crash: {} {:?}",
-        stats.summary(),
-        stats.by_instance
-    );
-    assert!(
-        stats.failures.is_empty(),
-        "{:?}",
-        &stats.failures[..stats.failures.len().min(10)]
-    );
+    stats.expect_no_failures("drill backend crash");
     assert!(stats.total() > 100);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_rolling_deploy_under_load() {
     let consul = Consul::start().await;
-    let mut backends = vec![
-        Backend::start("web-1", Behavior::Ok).await,
-        Backend::start("web-2", Behavior::Ok).await,
-        Backend::start("web-3", Behavior::Ok).await,
-    ];
+    let mut backends = common::backends("web", 3).await;
     for b in &backends {
         consul.register("web", &b.id, b.port, &[]).await;
     }
@@ -117,16 +91,7 @@ async fn drill_rolling_deploy_under_load() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let mut stats = load.finish().await;
-    println!(
-        "drill rolling deploy: {} {:?}",
-        stats.summary(),
-        stats.by_instance
-    );
-    assert!(
-        stats.failures.is_empty(),
-        "{:?}",
-        &stats.failures[..stats.failures.len().min(10)]
-    );
+    stats.expect_no_failures("drill rolling deploy");
     assert!(
         backends.iter().all(|b| b.hits() > 0),
         "every restarted instance served again"
@@ -136,11 +101,7 @@ async fn drill_rolling_deploy_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_consul_leader_killed_under_load() {
     let mut cluster = ConsulCluster::start(3).await;
-    let backends = [
-        Backend::start("web-1", Behavior::Ok).await,
-        Backend::start("web-2", Behavior::Ok).await,
-        Backend::start("web-3", Behavior::Ok).await,
-    ];
+    let backends = common::backends("web", 3).await;
     for b in &backends[..2] {
         cluster.register("web", &b.id, b.port).await;
     }
@@ -176,26 +137,13 @@ async fn drill_consul_leader_killed_under_load() {
     assert!(applied.is_some());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut stats = load.finish().await;
-    println!(
-        "drill consul leader kill: {} {:?}",
-        stats.summary(),
-        stats.by_instance
-    );
-    assert!(
-        stats.failures.is_empty(),
-        "{:?}",
-        &stats.failures[..stats.failures.len().min(10)]
-    );
+    stats.expect_no_failures("drill consul leader kill");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_consul_restart_and_long_outage() {
     let mut cluster = ConsulCluster::start(1).await;
-    let backends = [
-        Backend::start("web-1", Behavior::Ok).await,
-        Backend::start("web-2", Behavior::Ok).await,
-        Backend::start("web-3", Behavior::Ok).await,
-    ];
+    let backends = common::backends("web", 3).await;
     for b in &backends {
         cluster.register("web", &b.id, b.port).await;
     }
@@ -252,16 +200,7 @@ async fn drill_consul_restart_and_long_outage() {
     );
     assert!(ready.is_some());
     let mut stats = load.finish().await;
-    println!(
-        "drill consul 30 s outage: {} {:?}",
-        stats.summary(),
-        stats.by_instance
-    );
-    assert!(
-        stats.failures.is_empty(),
-        "{:?}",
-        &stats.failures[..stats.failures.len().min(10)]
-    );
+    stats.expect_no_failures("drill consul 30 s outage");
     assert_eq!(stats.by_instance.len(), 3);
 }
 

@@ -5,29 +5,12 @@ mod common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use common::{Backend, Behavior, Consul, Gateway};
-
-fn counter(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
+use common::metric;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_and_count_every_request() {
-    let consul = Consul::start().await;
-    let backend = Backend::start("web-1", Behavior::Ok).await;
-    consul.register("web", "web-1", backend.port, &[]).await;
-    let gateway = Gateway::start(&consul, "services:\n  - name: web\n").await;
-    assert!(gateway
-        .wait_for_instances("web", &["web-1"], Duration::from_secs(10))
-        .await
-        .is_some());
+    let (_consul, _backend, gateway) = common::single_backend_gateway().await;
 
     let (ok, unrouted) = (137, 11);
     let (_, failures) = gateway.spread("/web", ok).await;
@@ -37,16 +20,9 @@ async fn metrics_pass_promtool_and_count_every_request() {
     }
 
     let client = common::http_client();
-    let metrics = client
-        .get(gateway.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gateway.admin_get("/metrics").await;
     assert_eq!(
-        counter(
+        metric(
             &metrics,
             r#"switchyard_requests_total{code="200",service="web"}"#
         ),
@@ -54,26 +30,26 @@ async fn metrics_pass_promtool_and_count_every_request() {
         "{metrics}"
     );
     assert_eq!(
-        counter(
+        metric(
             &metrics,
             r#"switchyard_requests_total{code="404",service="unrouted"}"#
         ),
         unrouted as f64
     );
     assert_eq!(
-        counter(
+        metric(
             &metrics,
             r#"switchyard_request_duration_seconds_count{service="web"}"#
         ),
         ok as f64
     );
     assert_eq!(
-        counter(&metrics, r#"switchyard_upstream_instances{service="web"}"#),
+        metric(&metrics, r#"switchyard_upstream_instances{service="web"}"#),
         1.0
     );
-    assert!(counter(&metrics, r#"switchyard_table_updates_total{service="web"}"#) >= 1.0);
+    assert!(metric(&metrics, r#"switchyard_table_updates_total{service="web"}"#) >= 1.0);
     assert!(
-        counter(
+        metric(
             &metrics,
             r#"switchyard_consul_last_success_timestamp_seconds{service="web"}"#
         ) > 1.0e9

@@ -10,11 +10,7 @@ use common::{free_port, Backend, Behavior, Consul, Gateway};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_instance_costs_no_failed_request() {
     let consul = Consul::start().await;
-    let live = [
-        Backend::start("web-1", Behavior::Ok).await,
-        Backend::start("web-2", Behavior::Ok).await,
-        Backend::start("web-3", Behavior::Ok).await,
-    ];
+    let live = common::backends("web", 3).await;
     for b in &live {
         consul.register("web", &b.id, b.port, &[]).await;
     }
@@ -48,22 +44,8 @@ async fn dead_instance_costs_no_failed_request() {
             .unwrap();
         assert_eq!(response.status(), 200);
     }
-    let metrics = client
-        .get(gateway.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |series: &str| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(series))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let metrics = gateway.admin_get("/metrics").await;
+    let value = |series: &str| common::metric(&metrics, series);
     let retries = value("switchyard_retries_total{service=\"web\"}");
     println!("retries: {retries}");
     // Passive outlier detection ejects the dead instance after 5 failed tries in a row, so
@@ -71,21 +53,12 @@ async fn dead_instance_costs_no_failed_request() {
     assert!((5.0..20.0).contains(&retries), "{retries}");
     assert_eq!(value("switchyard_ejections_total{service=\"web\"}"), 1.0);
     assert_eq!(value("switchyard_ejected_instances{service=\"web\"}"), 1.0);
-    let routes: serde_json::Value = client
-        .get(gateway.admin_url("/routes"))
-        .send()
+    let dead = gateway
+        .instance_entries("web")
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let dead = routes["services"][0]["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
+        .into_iter()
         .find(|i| i["id"] == "web-dead")
-        .cloned()
-        .unwrap();
+        .expect("the dead instance is still listed");
     assert!(
         dead["ejected_for_seconds"]
             .as_f64()

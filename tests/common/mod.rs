@@ -64,6 +64,24 @@ pub fn http_client() -> reqwest::Client {
         .expect("building an HTTP client")
 }
 
+/// The value of one series (exactly as written, labels included) in Prometheus text; 0 if absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Starts `count` healthy backends named `<prefix>-1`, `<prefix>-2`, ...
+pub async fn backends(prefix: &str, count: usize) -> Vec<Backend> {
+    let mut backends = Vec::with_capacity(count);
+    for n in 1..=count {
+        backends.push(Backend::start(&format!("{prefix}-{n}"), Behavior::Ok).await);
+    }
+    backends
+}
+
 // ---------------------------------------------------------------------------------------------
 // Consul
 
@@ -169,47 +187,47 @@ impl Consul {
     }
 
     async fn register_json(&self, body: Value) {
-        let response = self
-            .client
-            .put(format!("{}/v1/agent/service/register", self.url()))
-            .json(&body)
-            .send()
-            .await
-            .expect("registering in consul");
-        assert!(
-            response.status().is_success(),
-            "register: {}",
-            response.status()
-        );
+        self.agent_put("/v1/agent/service/register", Some(body))
+            .await;
     }
 
     pub async fn deregister(&self, id: &str) {
-        let response = self
-            .client
-            .put(format!("{}/v1/agent/service/deregister/{id}", self.url()))
-            .send()
-            .await
-            .expect("deregistering in consul");
-        assert!(
-            response.status().is_success(),
-            "deregister: {}",
-            response.status()
-        );
+        self.agent_put(&format!("/v1/agent/service/deregister/{id}"), None)
+            .await;
     }
 
     pub async fn fail_check(&self, id: &str) {
-        let response = self
-            .client
-            .put(format!("{}/v1/agent/check/fail/ttl-{id}", self.url()))
-            .send()
-            .await
-            .expect("failing a check");
+        self.agent_put(&format!("/v1/agent/check/fail/ttl-{id}"), None)
+            .await;
+    }
+
+    /// A PUT on the agent's API that must succeed.
+    async fn agent_put(&self, path: &str, body: Option<Value>) {
+        let mut request = self.client.put(format!("{}{path}", self.url()));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("calling the consul agent");
         assert!(
             response.status().is_success(),
-            "check fail: {}",
+            "PUT {path}: {}",
             response.status()
         );
     }
+}
+
+/// A Consul agent, one backend `web-1` registered as `web`, and a gateway routing `/web` to
+/// it, ready (the instance is in the table).
+pub async fn single_backend_gateway() -> (Consul, Backend, Gateway) {
+    let consul = Consul::start().await;
+    let backend = Backend::start("web-1", Behavior::Ok).await;
+    consul.register("web", "web-1", backend.port, &[]).await;
+    let gateway = Gateway::start(&consul, "services:\n  - name: web\n").await;
+    assert!(gateway
+        .wait_for_instances("web", &["web-1"], Duration::from_secs(10))
+        .await
+        .is_some());
+    (consul, backend, gateway)
 }
 
 impl Drop for Consul {
@@ -417,6 +435,16 @@ impl LoadStats {
         self.latencies[(n * 99 / 100).min(n - 1)]
     }
 
+    /// Prints the figures of the run named `drill` and asserts it had no failure.
+    pub fn expect_no_failures(&mut self, drill: &str) {
+        println!("{drill}: {} {:?}", self.summary(), self.by_instance);
+        assert!(
+            self.failures.is_empty(),
+            "{drill}: {:?}",
+            &self.failures[..self.failures.len().min(10)]
+        );
+    }
+
     pub fn summary(&mut self) -> String {
         let p99 = self.p99();
         format!(
@@ -581,23 +609,36 @@ impl Gateway {
 
     /// The instance IDs in `service`'s current table, from `/routes`.
     pub async fn instances(&self, service: &str) -> Vec<String> {
-        let routes: Value = self
-            .client
-            .get(self.admin_url("/routes"))
-            .send()
+        self.instance_entries(service)
             .await
-            .expect("GET /routes")
-            .json()
-            .await
-            .expect("/routes is JSON");
+            .iter()
+            .filter_map(|i| i["id"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// `service`'s instances as `/routes` shows them (id, address, ejection, ...).
+    pub async fn instance_entries(&self, service: &str) -> Vec<Value> {
+        let routes: Value =
+            serde_json::from_str(&self.admin_get("/routes").await).expect("/routes is JSON");
         routes["services"]
             .as_array()
             .into_iter()
             .flatten()
             .filter(|s| s["service"] == service)
             .flat_map(|s| s["instances"].as_array().cloned().unwrap_or_default())
-            .filter_map(|i| i["id"].as_str().map(str::to_owned))
             .collect()
+    }
+
+    /// The body of an admin endpoint.
+    pub async fn admin_get(&self, path: &str) -> String {
+        self.client
+            .get(self.admin_url(path))
+            .send()
+            .await
+            .expect("GET on the admin listener")
+            .text()
+            .await
+            .expect("an admin answer")
     }
 
     /// Waits until `service`'s table holds exactly `ids` (in any order); returns how long.
