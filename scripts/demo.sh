@@ -5,6 +5,7 @@
 #
 #   ./scripts/demo.sh            # 300 requests, then the same after one instance leaves
 #   DEMO_KEEP=1 ./scripts/demo.sh  # keep everything running until Ctrl-C
+#   DEMO_NO_OHA=1 ./scripts/demo.sh  # skip installing oha (no load phase then)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,11 @@ as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 need() { command -v "$1" >/dev/null 2>&1 || { as_root apt-get update -qq && as_root apt-get install -y -qq "$2" >/dev/null; }; }
 need curl curl
 bash scripts/install-consul.sh
+if ! command -v oha >/dev/null 2>&1 && [[ -z "${DEMO_NO_OHA:-}" ]]; then
+  echo "== installing oha, the load generator (cargo install oha --locked; once, a few minutes)"
+  cargo install oha --locked --quiet
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
 
 free_port() {
   # Ask the kernel for a free port.
@@ -91,7 +97,7 @@ if command -v oha >/dev/null 2>&1; then
   echo "== oha: 5 s of load, 50 connections"
   oha -z 5s -c 50 --no-tui "http://127.0.0.1:$GW/hello" | sed -n '1,20p'
 else
-  echo "== (install oha with 'cargo install oha --locked' for a load run here)"
+  echo "== (no oha: DEMO_NO_OHA was set; 'cargo install oha --locked' adds the load phase)"
 fi
 
 echo "== metrics"
