@@ -99,6 +99,24 @@ pub struct Config {
     pub access_log: AccessLogConfig,
     /// `None`: the gateway does not register itself in Consul.
     pub register: Option<RegisterConfig>,
+    /// `Some(interval)`: also reload when the config file changes (checked every interval),
+    /// besides SIGHUP.
+    #[serde(with = "optional_duration")]
+    pub watch_config: Option<Duration>,
+}
+
+mod optional_duration {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(
+        value: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(d) => serializer.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => serializer.serialize_none(),
+        }
+    }
 }
 
 /// The gateway's own registration in Consul, with an HTTP check on the admin `/healthz`.
@@ -305,6 +323,9 @@ struct RawConfig {
     access_log: RawAccessLog,
     #[serde(default)]
     register: RawRegister,
+    /// "" or "off": SIGHUP only; a duration ("2s"): also poll the file for changes.
+    #[serde(default)]
+    watch_config: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -796,6 +817,10 @@ impl RawConfig {
             upstream: self.upstream.validate()?,
             access_log: self.access_log.validate()?,
             register: self.register.validate()?,
+            watch_config: match self.watch_config.trim() {
+                "" | "off" => None,
+                text => Some(parse_positive_duration("watch_config", text)?),
+            },
         })
     }
 }

@@ -2,7 +2,7 @@
 //! over to [`switchyard::run`] until SIGTERM or SIGINT.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -98,6 +98,13 @@ fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         let shutdown = Shutdown::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         let (reload_tx, reloads) = tokio::sync::mpsc::channel(4);
+        if let Some(interval) = config.watch_config {
+            tokio::spawn(reload_on_change(
+                config_path.clone(),
+                interval,
+                reload_tx.clone(),
+            ));
+        }
         tokio::spawn(reload_on_sighup(config_path, reload_tx));
         switchyard::run_with_reload(config, listener, admin_listener, shutdown, reloads).await?;
         Ok(())
@@ -115,18 +122,51 @@ async fn reload_on_sighup(path: PathBuf, reloads: tokio::sync::mpsc::Sender<Conf
         }
     };
     while hangups.recv().await.is_some() {
-        match Config::load(&path) {
-            Ok(config) => {
-                tracing::info!(path = %path.display(), "SIGHUP: reloading config");
-                if reloads.send(config).await.is_err() {
-                    return;
-                }
+        if !reload(&path, "SIGHUP", &reloads).await {
+            return;
+        }
+    }
+}
+
+/// Loads `path` and hands it over; an invalid file is logged and the running config stays.
+/// Returns false once the gateway no longer takes reloads.
+async fn reload(path: &Path, cause: &str, reloads: &tokio::sync::mpsc::Sender<Config>) -> bool {
+    match Config::load(path) {
+        Ok(config) => {
+            tracing::info!(path = %path.display(), cause, "reloading config");
+            reloads.send(config).await.is_ok()
+        }
+        Err(error) => {
+            tracing::error!(path = %path.display(), cause, %error, "config rejected; keeping the running one");
+            true
+        }
+    }
+}
+
+/// `watch_config`: reloads when the file's modification time or size changes. Polling (no
+/// inotify crate) is enough at seconds' granularity and also sees a file replaced by a
+/// ConfigMap-style symlink swap.
+async fn reload_on_change(
+    path: PathBuf,
+    interval: std::time::Duration,
+    reloads: tokio::sync::mpsc::Sender<Config>,
+) {
+    let stamp = |path: &Path| {
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut last = stamp(&path);
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let now = stamp(&path);
+        if now != last {
+            last = now;
+            if !reload(&path, "file changed", &reloads).await {
+                return;
             }
-            Err(error) => tracing::error!(
-                path = %path.display(),
-                %error,
-                "SIGHUP: config rejected; keeping the running one"
-            ),
         }
     }
 }

@@ -52,9 +52,16 @@ async fn wait_log(log: &std::sync::mpsc::Receiver<String>, needle: &str) -> Stri
     }
 }
 
+/// Writes a config; `services` is the YAML after `consul:` (a `services:` list, maybe with
+/// other top-level keys before it) — or, without a `services:` key, the list's items.
 fn write_config(path: &Path, port: u16, admin: u16, consul: &str, services: &str) {
+    let services = if services.contains("services:") {
+        services.to_owned()
+    } else {
+        format!("services:\n{services}")
+    };
     let yaml = format!(
-        "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nconsul:\n  address: {consul}\n  wait: 30s\nservices:\n{services}"
+        "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nconsul:\n  address: {consul}\n  wait: 30s\n{services}"
     );
     std::fs::write(path, yaml).expect("writing the config");
 }
@@ -190,6 +197,68 @@ async fn sighup_adds_changes_and_removes_services_without_dropping_requests() {
         "{routes}"
     );
 
+    signal(&child, "-TERM");
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_config_reloads_when_the_file_changes() {
+    let consul = Consul::start().await;
+    let backends = common::backends("web", 1).await;
+    let api = Backend::start("api-1", Behavior::Ok).await;
+    consul.register("web", "web-1", backends[0].port, &[]).await;
+    consul.register("api", "api-1", api.port, &[]).await;
+    let (port, admin) = (common::free_port(), common::free_port());
+    let dir = std::env::temp_dir().join(format!("switchyard-watch-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.yaml");
+    let services = "watch_config: 100ms\nservices:\n  - name: web\n";
+    write_config(&path, port, admin, &consul.url(), services);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("--config")
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting switchyard");
+    let log = log_lines(&mut child);
+    let client = common::http_client();
+    let status = |p: &'static str| {
+        let (client, url) = (client.clone(), format!("http://127.0.0.1:{port}{p}"));
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    assert!(common::wait_until(Duration::from_secs(10), || async {
+        status("/web").await == 200
+    })
+    .await
+    .is_some());
+    assert_eq!(status("/api").await, 404);
+
+    // No signal: the file changing is enough.
+    write_config(
+        &path,
+        port,
+        admin,
+        &consul.url(),
+        "watch_config: 100ms\nservices:\n  - name: web\n  - name: api\n",
+    );
+    wait_log(&log, "config reloaded").await;
+    assert!(common::wait_until(Duration::from_secs(5), || async {
+        status("/api").await == 200
+    })
+    .await
+    .is_some());
     signal(&child, "-TERM");
     let exit = tokio::task::spawn_blocking(move || child.wait())
         .await
