@@ -15,6 +15,7 @@
 //!
 //! - [`config`]: the file and env overrides, validated once into typed values.
 //! - [`watcher`]: Consul blocking queries, index rules, rate limit, backoff; writes tables.
+//!   Per service, or (many services) catalog-wide change detectors plus targeted fetches.
 //! - [`upstream`]: immutable per-service tables behind `ArcSwap`, and the balancers.
 //! - [`gateway`]: routing, header hygiene, forwarding and retries; reads tables.
 //! - [`metrics`]: the Prometheus registry and per-service handles (a leaf).
@@ -24,6 +25,8 @@
 //! - [`server`]: the accept loop with graceful shutdown, shared by both listeners.
 //!
 //! `watcher` and `gateway` never import each other: they meet only at the upstream tables.
+//! A config reload ([`run_with_reload`]) rebuilds the tables' set, the router and the watches
+//! and swaps them in; requests in flight keep what they started with.
 
 pub mod access_log;
 pub mod admin;
