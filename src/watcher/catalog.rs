@@ -227,6 +227,9 @@ struct Coordinator {
     /// A catalog change waiting for the checks detector, and until when.
     unexplained: Option<(u64, tokio::time::Instant)>,
     recovering: bool,
+    /// This coordinator's stop: its fetches must not write tables once a successor (after a
+    /// config reload) may be writing them.
+    shutdown: CancellationToken,
 }
 
 impl Coordinator {
@@ -247,14 +250,22 @@ impl Coordinator {
     }
 
     fn spawn_fetch(&self, upstream: Arc<Upstream>, woke: Instant) {
-        let (discovery, slots, events) = (
+        let (discovery, slots, events, stopped) = (
             self.discovery.clone(),
             self.slots.clone(),
             self.events.clone(),
+            self.shutdown.clone(),
         );
         tokio::spawn(async move {
             if let Ok(_slot) = slots.acquire().await {
-                match discovery.fetch(&upstream.config, 0).await {
+                let fetched = tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    fetched = discovery.fetch(&upstream.config, 0) => fetched,
+                };
+                if stopped.is_cancelled() {
+                    return; // one table, one writer: a successor owns it now
+                }
+                match fetched {
                     Ok(answer) => {
                         let count = answer.instances.len();
                         if upstream.replace_instances(answer.instances) {
@@ -416,6 +427,7 @@ pub async fn watch_catalog(
         explained: VecDeque::new(),
         unexplained: None,
         recovering: true,
+        shutdown: shutdown.clone(),
     };
     info!(
         services = coordinator.by_name.len(),
