@@ -130,3 +130,50 @@ async fn catalog_mode_survives_a_consul_outage() {
         .await
         .is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_restarts_the_coordinator_and_keeps_tables() {
+    let consul = Consul::start().await;
+    let web = Backend::start("web-1", Behavior::Ok).await;
+    let api = Backend::start("api-1", Behavior::Ok).await;
+    consul.register_with_ttl("web", "web-1", web.port).await;
+    consul.register_with_ttl("api", "api-1", api.port).await;
+    let gateway = gateway(&consul).await;
+    assert!(gateway
+        .wait_for_instances("web", &["web-1"], Duration::from_secs(10))
+        .await
+        .is_some());
+    assert_eq!(gateway.get("/other").await.status(), 404);
+
+    // Add a service routed at /other and change web's balance: the coordinator restarts.
+    let mut next = gateway.config.clone();
+    let yaml = format!(
+        "consul:\n  address: {}\n  watch: catalog\n  max_connections: 4\nservices:\n  - name: web\n    balance: random\n  - name: api\n    route: {{path_prefix: /other}}\n",
+        consul.url()
+    );
+    let reloaded = switchyard::Config::from_yaml(&yaml, &Default::default()).unwrap();
+    next.services = reloaded.services;
+    gateway.reload.send(next).await.unwrap();
+    let routed = common::wait_until(Duration::from_secs(5), || async {
+        gateway
+            .get("/other")
+            .await
+            .headers()
+            .get("x-instance")
+            .is_some_and(|v| v == "api-1")
+    })
+    .await;
+    assert!(routed.is_some(), "the added service was not routed");
+    // web's table carried over (no 503 gap) and changes still propagate after the restart.
+    assert_eq!(gateway.get("/web").await.status(), 200);
+    let start = Instant::now();
+    consul.fail_check("web-1").await;
+    let took = gateway
+        .wait_for_instances("web", &[], Duration::from_secs(5))
+        .await;
+    println!(
+        "catalog mode after reload: check critical -> {:?}",
+        took.map(|_| start.elapsed())
+    );
+    assert!(took.is_some());
+}

@@ -541,6 +541,10 @@ pub struct Gateway {
     pub admin: SocketAddr,
     pub shutdown: Shutdown,
     pub task: Option<JoinHandle<()>>,
+    /// Sends a new config, as SIGHUP does in the binary.
+    pub reload: tokio::sync::mpsc::Sender<Config>,
+    /// The config it started with (its listen addresses are the real ones).
+    pub config: Config,
     client: reqwest::Client,
 }
 
@@ -574,10 +578,12 @@ impl Gateway {
         config.admin_listen = admin_listener.local_addr().expect("admin address");
         let (addr, admin) = (config.listen, config.admin_listen);
         let shutdown = Shutdown::new();
+        let (reload, reloads) = tokio::sync::mpsc::channel(4);
+        let started_with = config.clone();
         let task = tokio::spawn({
             let shutdown = shutdown.clone();
             async move {
-                switchyard::run(config, listener, admin_listener, shutdown)
+                switchyard::run_with_reload(config, listener, admin_listener, shutdown, reloads)
                     .await
                     .expect("gateway run");
             }
@@ -587,6 +593,8 @@ impl Gateway {
             admin,
             shutdown,
             task: Some(task),
+            reload,
+            config: started_with,
             client: http_client(),
         }
     }
