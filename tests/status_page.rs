@@ -332,6 +332,35 @@ async fn status_page_shows_services_follows_consul_and_raises_no_errors() {
     .await;
     assert_eq!(page["banner"], "");
 
+    // Passive health shows too: an instance Consul calls healthy but nothing answers at is
+    // ejected after its failed tries, and the page marks it.
+    consul
+        .register("web", "web-dead", common::free_port(), &["v1"])
+        .await;
+    assert!(gateway
+        .wait_for_instances("web", &["web-1", "web-dead"], Duration::from_secs(5))
+        .await
+        .is_some());
+    for _ in 0..12 {
+        assert_eq!(gateway.get("/web").await.status(), 200);
+    }
+    let page = wait_for_page(&browser, "web-dead ejected", |page| {
+        field(page, "web", "ejected") == "1 ejected"
+    })
+    .await;
+    assert!(
+        page["services"]["web"]["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ejected ("),
+        "{page:#}"
+    );
+    consul.deregister("web-dead").await;
+    wait_for_page(&browser, "web-dead gone", |page| {
+        instance_ids(page, "web") == ["web-1"]
+    })
+    .await;
+
     // Nothing went wrong in the console either (a failed load, a CSP violation, an error).
     // A console error of our own first proves the log is read at all.
     browser
