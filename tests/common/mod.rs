@@ -95,22 +95,44 @@ pub struct Consul {
 }
 
 impl Consul {
+    /// Starts an agent on free ports. A port picked free can be taken (by another test's
+    /// agent or an outgoing connection) before consul binds it; then consul exits at once, and
+    /// the start is retried on new ports.
     pub async fn start() -> Consul {
-        let ports = [free_port(), free_port(), free_port(), free_port()];
-        let http_port = free_port();
-        let log = std::env::temp_dir().join(format!("switchyard-test-consul-{http_port}.log"));
-        let mut consul = Consul {
-            child: None,
-            ports,
-            http_port,
-            log,
-            client: http_client(),
-        };
-        consul.spawn().await;
-        consul
+        let mut last_log = String::new();
+        for _ in 0..3 {
+            let http_port = free_port();
+            let mut consul = Consul {
+                child: None,
+                ports: [free_port(), free_port(), free_port(), free_port()],
+                http_port,
+                log: std::env::temp_dir().join(format!("switchyard-test-consul-{http_port}.log")),
+                client: http_client(),
+            };
+            if consul.try_spawn().await {
+                return consul;
+            }
+            last_log = std::fs::read_to_string(&consul.log).unwrap_or_default();
+        }
+        let tail: Vec<&str> = last_log.lines().rev().take(15).collect();
+        panic!(
+            "consul did not elect a leader in 3 tries; last log lines:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
     }
 
+    /// Starts the agent on this instance's ports; panics if it does not come up (a restart
+    /// must keep its ports).
     async fn spawn(&mut self) {
+        if !self.try_spawn().await {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            panic!("consul did not come back on its ports; its log:\n{log}");
+        }
+    }
+
+    /// Starts the agent and waits for a leader; false (agent stopped) if it exited or did not
+    /// elect one in time.
+    async fn try_spawn(&mut self) -> bool {
         let [serf_lan, serf_wan, server, _] = self.ports;
         let log = std::fs::File::create(&self.log).expect("creating the consul log file");
         let child = Command::new("consul")
@@ -135,9 +157,18 @@ impl Consul {
         self.child = Some(child);
         let url = format!("{}/v1/status/leader", self.url());
         let client = self.client.clone();
-        let ready = wait_until(Duration::from_secs(30), || {
+        let child = std::cell::RefCell::new(self.child.take());
+        let ready = wait_until(Duration::from_secs(20), || {
             let (client, url) = (client.clone(), url.clone());
+            // An agent that exited (a port taken) will never answer: give up at once.
+            let exited = child
+                .borrow_mut()
+                .as_mut()
+                .is_none_or(|c| c.try_wait().ok().flatten().is_some());
             async move {
+                if exited {
+                    return true;
+                }
                 match client.get(&url).send().await {
                     Ok(r) => r.text().await.map(|t| t.len() > 2).unwrap_or(false),
                     Err(_) => false,
@@ -145,11 +176,16 @@ impl Consul {
             }
         })
         .await;
-        assert!(
-            ready.is_some(),
-            "consul did not elect a leader; see {}",
-            self.log.display()
-        );
+        self.child = child.into_inner();
+        let exited = self
+            .child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+        if ready.is_some() && !exited {
+            return true;
+        }
+        self.stop();
+        false
     }
 
     pub fn url(&self) -> String {
