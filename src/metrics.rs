@@ -305,11 +305,6 @@ impl ServiceMetrics {
             .set(i64::try_from(instance_count).unwrap_or(i64::MAX));
     }
 
-    pub fn set_instances(&self, instance_count: usize) {
-        self.instances
-            .set(i64::try_from(instance_count).unwrap_or(i64::MAX));
-    }
-
     pub fn consul_error(&self) {
         self.consul_errors.inc();
     }

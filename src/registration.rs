@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -47,13 +46,8 @@ pub async fn register(
     listen: SocketAddr,
     admin: SocketAddr,
 ) -> Result<Registration, RegistrationError> {
-    let mut headers = HeaderMap::new();
-    if !consul.token.is_empty() {
-        let mut token = HeaderValue::from_str(consul.token.expose())
-            .map_err(|_| RegistrationError::BadToken)?;
-        token.set_sensitive(true);
-        headers.insert("x-consul-token", token);
-    }
+    let headers =
+        crate::watcher::consul_headers(consul).map_err(|_| RegistrationError::BadToken)?;
     let http = reqwest::Client::builder()
         .default_headers(headers)
         .timeout(Duration::from_secs(10))

@@ -526,11 +526,6 @@ impl Upstreams {
     pub fn get(&self, name: &str) -> Option<&Arc<Upstream>> {
         self.services.iter().find(|u| u.name() == name)
     }
-
-    /// Ready once every service has had one successful discovery answer.
-    pub fn all_synced(&self) -> bool {
-        self.services.iter().all(|u| u.is_synced())
-    }
 }
 
 #[cfg(test)]

@@ -52,6 +52,20 @@ pub enum DiscoveryError {
     MissingIndex,
     #[error("Consul answer is not the expected JSON: {0}")]
     Decode(#[source] serde_json::Error),
+    #[error("consul.token contains characters not allowed in a header")]
+    InvalidToken,
+}
+
+/// Headers every Consul call carries: the ACL token, marked sensitive so it is never logged.
+pub fn consul_headers(config: &ConsulConfig) -> Result<HeaderMap, DiscoveryError> {
+    let mut headers = HeaderMap::new();
+    if !config.token.is_empty() {
+        let mut token = HeaderValue::from_str(config.token.expose())
+            .map_err(|_| DiscoveryError::InvalidToken)?;
+        token.set_sensitive(true);
+        headers.insert("x-consul-token", token);
+    }
+    Ok(headers)
 }
 
 /// One answer of a discovery source for one service.
@@ -207,17 +221,7 @@ pub struct ConsulDiscovery {
 
 impl ConsulDiscovery {
     pub fn new(config: &ConsulConfig) -> Result<Self, DiscoveryError> {
-        let mut headers = HeaderMap::new();
-        if !config.token.is_empty() {
-            let mut token = HeaderValue::from_str(config.token.expose()).map_err(|_| {
-                DiscoveryError::Status {
-                    status: 0,
-                    body: "consul.token contains characters not allowed in a header".into(),
-                }
-            })?;
-            token.set_sensitive(true);
-            headers.insert("x-consul-token", token);
-        }
+        let headers = consul_headers(config)?;
         // Consul adds up to wait/16 of jitter to every blocking query.
         let hung_after = config.wait + config.wait / 16 + LONG_POLL_SLACK;
         let http = reqwest::Client::builder()
@@ -353,7 +357,9 @@ impl DiscoveryError {
         match self {
             DiscoveryError::Transport(_) | DiscoveryError::Hung(_) => true,
             DiscoveryError::Status { status, .. } => *status >= 500 || *status == 429,
-            DiscoveryError::MissingIndex | DiscoveryError::Decode(_) => false,
+            DiscoveryError::MissingIndex
+            | DiscoveryError::Decode(_)
+            | DiscoveryError::InvalidToken => false,
         }
     }
 }
@@ -620,26 +626,6 @@ impl WatchSet {
             let _ = task.await;
         }
     }
-}
-
-/// Starts one watch task per service.
-pub fn spawn_watchers<D: Discovery>(
-    discovery: Arc<D>,
-    upstreams: &Upstreams,
-    pacing: WatchPacing,
-    shutdown: &CancellationToken,
-) -> Vec<JoinHandle<()>> {
-    upstreams
-        .iter()
-        .map(|upstream| {
-            tokio::spawn(watch_service(
-                discovery.clone(),
-                upstream.clone(),
-                pacing,
-                shutdown.clone(),
-            ))
-        })
-        .collect()
 }
 
 #[cfg(test)]

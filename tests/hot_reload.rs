@@ -18,6 +18,24 @@ fn signal(child: &Child, name: &str) {
     assert!(status.success());
 }
 
+/// Starts the binary on `path`; returns it and its log lines.
+fn start_gateway(path: &Path) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("--config")
+        .arg(path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting switchyard");
+    let log = log_lines(&mut child);
+    (child, log)
+}
+
+/// The status code of a GET, or 0 when the request failed.
+fn status_of(client: &reqwest::Client, url: String) -> impl std::future::Future<Output = u16> {
+    let request = client.get(url).send();
+    async move { request.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+}
+
 /// The gateway's log lines, as they come.
 fn log_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     use std::io::BufRead;
@@ -87,26 +105,10 @@ async fn sighup_adds_changes_and_removes_services_without_dropping_requests() {
         &consul.url(),
         "  - name: web\n  - name: slow\n",
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .arg("--config")
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting switchyard");
-    let log = log_lines(&mut child);
+    let (mut child, log) = start_gateway(&path);
     let client = common::http_client();
     let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
-    let status = |p: &'static str| {
-        let (client, url) = (client.clone(), url(p));
-        async move {
-            client
-                .get(url)
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-                .unwrap_or(0)
-        }
-    };
+    let status = |p: &'static str| status_of(&client, url(p));
     assert!(common::wait_until(Duration::from_secs(10), || async {
         status("/web").await == 200
     })
@@ -219,25 +221,9 @@ async fn watch_config_reloads_when_the_file_changes() {
     let path = dir.join("gateway.yaml");
     let services = "watch_config: 100ms\nservices:\n  - name: web\n";
     write_config(&path, port, admin, &consul.url(), services);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .arg("--config")
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting switchyard");
-    let log = log_lines(&mut child);
+    let (mut child, log) = start_gateway(&path);
     let client = common::http_client();
-    let status = |p: &'static str| {
-        let (client, url) = (client.clone(), format!("http://127.0.0.1:{port}{p}"));
-        async move {
-            client
-                .get(url)
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-                .unwrap_or(0)
-        }
-    };
+    let status = |p: &'static str| status_of(&client, format!("http://127.0.0.1:{port}{p}"));
     assert!(common::wait_until(Duration::from_secs(10), || async {
         status("/web").await == 200
     })

@@ -511,23 +511,13 @@ impl Load {
                         let started = Instant::now();
                         match client.get(&url).send().await {
                             Ok(response) if response.status().is_success() => {
-                                let instance = response
-                                    .headers()
-                                    .get("x-instance")
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or("?")
-                                    .to_owned();
+                                let instance = header_or(response.headers(), "x-instance", "?");
                                 let _ = response.bytes().await;
                                 stats.ok += 1;
                                 *stats.by_instance.entry(instance).or_insert(0) += 1;
                             }
                             Ok(response) => {
-                                let cause = response
-                                    .headers()
-                                    .get("x-switchyard-error")
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or("")
-                                    .to_owned();
+                                let cause = header_or(response.headers(), "x-switchyard-error", "");
                                 stats
                                     .failures
                                     .push(format!("{} {cause}", response.status()));
@@ -560,11 +550,15 @@ impl Load {
 }
 
 fn header(request: &Request<Incoming>, name: &str) -> String {
-    request
-        .headers()
+    header_or(request.headers(), name, "-")
+}
+
+/// A header's text, or `default` when it is missing or not text.
+pub fn header_or(headers: &hyper::HeaderMap, name: &str, default: &str) -> String {
+    headers
         .get(name)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
+        .unwrap_or(default)
         .to_owned()
 }
 
@@ -715,12 +709,7 @@ impl Gateway {
                 failures.push(response.status().as_u16());
                 continue;
             }
-            let instance = response
-                .headers()
-                .get("x-instance")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("?")
-                .to_owned();
+            let instance = header_or(response.headers(), "x-instance", "?");
             *hits.entry(instance).or_insert(0) += 1;
         }
         (hits, failures)
