@@ -99,6 +99,8 @@ pub struct Config {
     pub access_log: AccessLogConfig,
     /// `None`: the gateway does not register itself in Consul.
     pub register: Option<RegisterConfig>,
+    /// `None`: no TLS listener.
+    pub tls: Option<TlsConfig>,
     /// `Some(interval)`: also reload when the config file changes (checked every interval),
     /// besides SIGHUP.
     #[serde(with = "optional_duration")]
@@ -117,6 +119,25 @@ mod optional_duration {
             None => serializer.serialize_none(),
         }
     }
+}
+
+/// TLS termination: a second client listener. The files are read by the `tls` module, at
+/// start and on every reload; only their paths live here (never key material).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TlsConfig {
+    pub listen: SocketAddr,
+    /// SNI picks among these by the names each certificate is valid for; the first is the
+    /// default (no SNI, or a name none of them has).
+    pub certificates: Vec<CertificateConfig>,
+    /// The plain listener answers every request with a 308 to the https URL.
+    pub redirect_http: bool,
+}
+
+/// One certificate: a PEM chain (leaf first) and its private key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CertificateConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// The gateway's own registration in Consul, with an HTTP check on the admin `/healthz`.
@@ -323,6 +344,8 @@ struct RawConfig {
     access_log: RawAccessLog,
     #[serde(default)]
     register: RawRegister,
+    #[serde(default)]
+    tls: Option<RawTls>,
     /// "" or "off": SIGHUP only; a duration ("2s"): also poll the file for changes.
     #[serde(default)]
     watch_config: String,
@@ -657,6 +680,30 @@ fn default_max_replay_body_bytes() -> usize {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawTls {
+    #[serde(default = "default_tls_listen")]
+    listen: String,
+    #[serde(default)]
+    certificates: Vec<RawCertificate>,
+    #[serde(default)]
+    redirect_http: bool,
+}
+
+fn default_tls_listen() -> String {
+    "0.0.0.0:8443".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    #[serde(default)]
+    cert_file: String,
+    #[serde(default)]
+    key_file: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawAccessLog {
     #[serde(default)]
     path: String,
@@ -817,6 +864,10 @@ impl RawConfig {
             upstream: self.upstream.validate()?,
             access_log: self.access_log.validate()?,
             register: self.register.validate()?,
+            tls: self
+                .tls
+                .map(|tls| tls.validate(listen, admin_listen))
+                .transpose()?,
             watch_config: match self.watch_config.trim() {
                 "" | "off" => None,
                 text => Some(parse_positive_duration("watch_config", text)?),
@@ -1043,6 +1094,53 @@ impl RawServer {
     }
 }
 
+impl RawTls {
+    /// Paths only: the files are read (and their errors named) by the `tls` module.
+    fn validate(
+        self,
+        listen: SocketAddr,
+        admin_listen: SocketAddr,
+    ) -> Result<TlsConfig, ConfigError> {
+        let tls_listen = parse_socket_addr("tls.listen", &self.listen)?;
+        if tls_listen == listen || tls_listen == admin_listen {
+            return Err(invalid(
+                "tls.listen",
+                "must differ from `listen` and `admin_listen`",
+            ));
+        }
+        if self.certificates.is_empty() {
+            return Err(invalid(
+                "tls.certificates",
+                "at least one certificate is required",
+            ));
+        }
+        let certificates = self
+            .certificates
+            .into_iter()
+            .enumerate()
+            .map(|(i, raw)| raw.validate(&format!("tls.certificates[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TlsConfig {
+            listen: tls_listen,
+            certificates,
+            redirect_http: self.redirect_http,
+        })
+    }
+}
+
+impl RawCertificate {
+    fn validate(self, key: &str) -> Result<CertificateConfig, ConfigError> {
+        let path = |field: &str, text: String| match text.trim() {
+            "" => Err(invalid(format!("{key}.{field}"), "is required")),
+            path => Ok(PathBuf::from(path)),
+        };
+        Ok(CertificateConfig {
+            cert_file: path("cert_file", self.cert_file)?,
+            key_file: path("key_file", self.key_file)?,
+        })
+    }
+}
+
 impl RawAccessLog {
     fn validate(self) -> Result<AccessLogConfig, ConfigError> {
         if self.buffer == 0 {
@@ -1201,6 +1299,43 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("consul.address[1]"));
+    }
+
+    #[test]
+    fn tls_is_off_unless_configured_and_names_its_keys() {
+        assert!(parse(MINIMAL).unwrap().tls.is_none());
+        let tls = parse(&format!(
+            "tls:\n  certificates:\n    - {{cert_file: /c.pem, key_file: /k.pem}}\n{MINIMAL}"
+        ))
+        .unwrap()
+        .tls
+        .expect("tls configured");
+        assert_eq!(tls.listen, "0.0.0.0:8443".parse().unwrap());
+        assert!(!tls.redirect_http);
+        assert_eq!(tls.certificates[0].key_file, PathBuf::from("/k.pem"));
+        let cases = [
+            ("tls: {certificates: []}", "tls.certificates"),
+            (
+                "tls:\n  certificates:\n    - {cert_file: /c, key_file: /k}\n    - {cert_file: /c}",
+                "tls.certificates[1].key_file",
+            ),
+            (
+                "tls: {listen: nowhere, certificates: [{cert_file: /c, key_file: /k}]}",
+                "tls.listen",
+            ),
+            (
+                "tls: {certificates: [{cert_file: /c, key_file: /k, password: x}]}",
+                "unknown field `password`",
+            ),
+            (
+                "listen: 0.0.0.0:8443\ntls: {certificates: [{cert_file: /c, key_file: /k}]}",
+                "tls.listen",
+            ),
+        ];
+        for (yaml, key) in cases {
+            let err = parse(&format!("{yaml}\n{MINIMAL}")).unwrap_err();
+            assert!(err.to_string().contains(key), "{key}: {err}");
+        }
     }
 
     #[test]
