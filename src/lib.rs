@@ -35,6 +35,7 @@ pub mod gateway;
 pub mod metrics;
 pub mod registration;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 pub mod watcher;
 

@@ -39,6 +39,7 @@ pub struct Metrics {
     retry_budget_exhausted: IntCounterVec,
     propagation: Histogram,
     access_log_dropped: IntCounter,
+    tls_handshakes: IntCounterVec,
 }
 
 fn counter_vec(
@@ -156,6 +157,14 @@ impl Metrics {
         )?;
         registry.register(Box::new(propagation.clone()))?;
         registry.register(Box::new(access_log_dropped.clone()))?;
+        let tls_handshakes = IntCounterVec::new(
+            Opts::new(
+                "switchyard_tls_handshakes_total",
+                "TLS handshakes on the TLS listener, by result: ok, error (failed or not TLS), timeout (not done within server.header_read_timeout).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(tls_handshakes.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -176,7 +185,17 @@ impl Metrics {
             retry_budget_exhausted,
             propagation,
             access_log_dropped,
+            tls_handshakes,
         })
+    }
+
+    /// The handshake counters of the TLS listener, resolved once (each series starts at 0).
+    pub fn tls_handshakes(&self) -> HandshakeMetrics {
+        HandshakeMetrics {
+            ok: self.tls_handshakes.with_label_values(&["ok"]),
+            error: self.tls_handshakes.with_label_values(&["error"]),
+            timeout: self.tls_handshakes.with_label_values(&["timeout"]),
+        }
     }
 
     /// The counter of access log entries dropped on overflow.
@@ -218,6 +237,14 @@ impl Metrics {
         TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
         Ok(buffer)
     }
+}
+
+/// `switchyard_tls_handshakes_total{result}`, one handle per result.
+#[derive(Clone)]
+pub struct HandshakeMetrics {
+    pub ok: IntCounter,
+    pub error: IntCounter,
+    pub timeout: IntCounter,
 }
 
 /// Status codes 100..=599 each get a slot; anything else shares the last one.
