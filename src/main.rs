@@ -45,7 +45,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    let config = match Config::load(&cli.config) {
+    let config = match load_checked(&cli.config) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("switchyard: config {}: {error}", cli.config.display());
@@ -71,6 +71,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The config, with its certificate and key files read and checked (parse, key matches the
+/// certificate, not expired), so `--check` and the start refuse them before binding.
+fn load_checked(path: &Path) -> Result<Config, Box<dyn std::error::Error>> {
+    let config = Config::load(path)?;
+    if let Some(tls) = &config.tls {
+        switchyard::tls::Certificates::load(&tls.certificates)?;
+    }
+    Ok(config)
 }
 
 fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
