@@ -8,10 +8,11 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 
@@ -256,7 +257,7 @@ pub struct OutlierConfig {
 }
 
 /// Limits of the client-facing listener.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ServerConfig {
     /// How long in-flight requests may run after SIGTERM/SIGINT before being cut.
     #[serde(with = "humantime_serde_compat")]
@@ -270,6 +271,23 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     /// Client connections served at once; further ones wait in the listen backlog.
     pub max_connections: usize,
+    /// Connections one client address may hold open at once; 0: no limit. More are closed
+    /// at accept (nginx's `limit_conn`, HAProxy's `src_conn_cur`).
+    pub max_connections_per_client: usize,
+    /// A connection with no request in flight and none started for this long is closed
+    /// (HTTP/2 gets a GOAWAY first).
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// Requests per second one client address may abandon before its answer (an HTTP/2
+    /// RST_STREAM, a closed connection); beyond, its requests get 429 for a second. 0: no limit.
+    pub client_reset_rate: u32,
+    /// Peers whose `X-Forwarded-*`, `Forwarded` and `X-Real-IP` headers are kept (and
+    /// appended to); from any other peer they are replaced. Empty: trust no one.
+    #[serde(serialize_with = "serialize_display_list")]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Resolve `.`/`..` segments (also percent-encoded) and merge repeated slashes before
+    /// routing, and forward the result (Envoy's `normalize_path` + `merge_slashes`).
+    pub normalize_path: bool,
 }
 
 /// How the gateway talks to service instances.
@@ -283,6 +301,9 @@ pub struct UpstreamConfig {
     /// Request bodies up to this size (by Content-Length) are buffered so a retry can resend
     /// them; larger or unsized bodies are streamed and never retried after sending.
     pub max_replay_body_bytes: usize,
+    /// Requests in flight to one instance at once (over HTTP/1.1, its connections); more wait
+    /// up to `connect_timeout` for a slot, then try another instance or get 503.
+    pub max_connections_per_instance: usize,
 }
 
 /// Where the JSON-lines access log goes.
@@ -303,6 +324,14 @@ pub struct AccessLogConfig {
     pub target: AccessLogTarget,
     /// Entries queued for the writer; when it falls behind, more are dropped and counted.
     pub buffer: usize,
+}
+
+fn serialize_display_list<S, T>(items: &[T], serializer: S) -> Result<S::Ok, S::Error>
+where
+    S: serde::Serializer,
+    T: fmt::Display,
+{
+    serializer.collect_seq(items.iter().map(ToString::to_string))
 }
 
 fn serialize_urls<S: serde::Serializer>(urls: &[Url], serializer: S) -> Result<S::Ok, S::Error> {
@@ -611,6 +640,16 @@ struct RawServer {
     max_body_bytes: u64,
     #[serde(default = "default_max_connections")]
     max_connections: usize,
+    #[serde(default = "default_max_connections_per_client")]
+    max_connections_per_client: usize,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout: String,
+    #[serde(default = "default_client_reset_rate")]
+    client_reset_rate: u32,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+    #[serde(default = "default_true")]
+    normalize_path: bool,
 }
 
 impl Default for RawServer {
@@ -621,6 +660,11 @@ impl Default for RawServer {
             max_header_bytes: default_max_header_bytes(),
             max_body_bytes: default_max_body_bytes(),
             max_connections: default_max_connections(),
+            max_connections_per_client: default_max_connections_per_client(),
+            idle_timeout: default_idle_timeout(),
+            client_reset_rate: default_client_reset_rate(),
+            trusted_proxies: Vec::new(),
+            normalize_path: true,
         }
     }
 }
@@ -640,6 +684,18 @@ fn default_max_body_bytes() -> u64 {
 fn default_max_connections() -> usize {
     10_000
 }
+fn default_max_connections_per_client() -> usize {
+    512
+}
+fn default_idle_timeout() -> String {
+    "60s".into()
+}
+fn default_client_reset_rate() -> u32 {
+    100
+}
+fn default_true() -> bool {
+    true
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -652,6 +708,8 @@ struct RawUpstream {
     pool_max_idle_per_host: usize,
     #[serde(default = "default_max_replay_body_bytes")]
     max_replay_body_bytes: usize,
+    #[serde(default = "default_max_connections_per_instance")]
+    max_connections_per_instance: usize,
 }
 
 impl Default for RawUpstream {
@@ -661,6 +719,7 @@ impl Default for RawUpstream {
             pool_idle_timeout: default_pool_idle_timeout(),
             pool_max_idle_per_host: default_pool_max_idle_per_host(),
             max_replay_body_bytes: default_max_replay_body_bytes(),
+            max_connections_per_instance: default_max_connections_per_instance(),
         }
     }
 }
@@ -676,6 +735,9 @@ fn default_pool_max_idle_per_host() -> usize {
 }
 fn default_max_replay_body_bytes() -> usize {
     64 * 1024
+}
+fn default_max_connections_per_instance() -> usize {
+    1024
 }
 
 #[derive(Debug, Deserialize)]
@@ -1090,6 +1152,11 @@ impl RawServer {
             max_header_bytes: self.max_header_bytes,
             max_body_bytes: self.max_body_bytes,
             max_connections: self.max_connections,
+            max_connections_per_client: self.max_connections_per_client,
+            idle_timeout: parse_positive_duration("server.idle_timeout", &self.idle_timeout)?,
+            client_reset_rate: self.client_reset_rate,
+            trusted_proxies: parse_networks("server.trusted_proxies", &self.trusted_proxies)?,
+            normalize_path: self.normalize_path,
         })
     }
 }
@@ -1141,6 +1208,26 @@ impl RawCertificate {
     }
 }
 
+/// CIDRs (`10.0.0.0/8`) or single addresses (`192.0.2.7`, `::1`).
+fn parse_networks(key: &str, texts: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let text = text.trim();
+            text.parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| {
+                    invalid(
+                        format!("{key}[{i}]"),
+                        format!("{text:?} is not an address or CIDR like \"10.0.0.0/8\""),
+                    )
+                })
+        })
+        .collect()
+}
+
 impl RawAccessLog {
     fn validate(self) -> Result<AccessLogConfig, ConfigError> {
         if self.buffer == 0 {
@@ -1171,6 +1258,15 @@ impl RawUpstream {
             )?,
             pool_max_idle_per_host: self.pool_max_idle_per_host,
             max_replay_body_bytes: self.max_replay_body_bytes,
+            max_connections_per_instance: match self.max_connections_per_instance {
+                0 => {
+                    return Err(invalid(
+                        "upstream.max_connections_per_instance",
+                        "must be at least 1",
+                    ))
+                }
+                n => n,
+            },
         })
     }
 }

@@ -30,6 +30,7 @@ use tracing::debug;
 use crate::access_log::{AccessLog, Entry};
 use crate::config::{Config, UpstreamConfig};
 use crate::metrics::RequestMetrics;
+use crate::server::ClientConnection;
 use crate::upstream::{Tried, Upstream, Upstreams};
 
 /// Body of a response to the client: streamed from an instance, or made by the gateway.
@@ -445,10 +446,11 @@ impl Gateway {
     /// Answers one client request. Never fails: errors become the gateway's own answers.
     pub async fn handle(
         &self,
-        client: SocketAddr,
+        connection: Arc<ClientConnection>,
         request: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
+        let client = connection.peer;
         // What the access log needs from the request, taken before `forward` consumes it,
         // and only when the log is on.
         let entry = self.access_log.as_ref().map(|_| Entry {

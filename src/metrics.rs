@@ -40,6 +40,7 @@ pub struct Metrics {
     propagation: Histogram,
     access_log_dropped: IntCounter,
     tls_handshakes: IntCounterVec,
+    connections: ConnectionFamilies,
 }
 
 fn counter_vec(
@@ -165,6 +166,7 @@ impl Metrics {
             &["result"],
         )?;
         registry.register(Box::new(tls_handshakes.clone()))?;
+        let connections = ConnectionFamilies::register(&registry)?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -186,7 +188,13 @@ impl Metrics {
             propagation,
             access_log_dropped,
             tls_handshakes,
+            connections,
         })
+    }
+
+    /// Handles for one listener's connection lifecycle (`listener`: "gateway", "admin", ...).
+    pub fn for_connections(&self, listener: &str) -> ConnectionMetrics {
+        self.connections.for_listener(listener)
     }
 
     /// The handshake counters of the TLS listener, resolved once (each series starts at 0).
@@ -245,6 +253,74 @@ pub struct HandshakeMetrics {
     pub ok: IntCounter,
     pub error: IntCounter,
     pub timeout: IntCounter,
+}
+
+/// The families of client-connection series, labelled by listener.
+struct ConnectionFamilies {
+    open: IntGaugeVec,
+    closed: IntCounterVec,
+    resets: IntCounterVec,
+}
+
+impl ConnectionFamilies {
+    fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let open = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_client_connections",
+                "Client connections open now, by listener.",
+            ),
+            &["listener"],
+        )?;
+        let closed = IntCounterVec::new(
+            Opts::new(
+                "switchyard_client_connections_closed_total",
+                "Client connections the gateway closed itself, by listener and reason: \
+                 first_request_timeout, idle, per_client_limit (refused at accept).",
+            ),
+            &["listener", "reason"],
+        )?;
+        let resets = IntCounterVec::new(
+            Opts::new(
+                "switchyard_client_resets_total",
+                "Requests the client abandoned before their answer (HTTP/2 RST_STREAM, closed connection).",
+            ),
+            &["listener"],
+        )?;
+        registry.register(Box::new(open.clone()))?;
+        registry.register(Box::new(closed.clone()))?;
+        registry.register(Box::new(resets.clone()))?;
+        Ok(Self {
+            open,
+            closed,
+            resets,
+        })
+    }
+
+    fn for_listener(&self, listener: &str) -> ConnectionMetrics {
+        let closed = |reason: &str| self.closed.with_label_values(&[listener, reason]);
+        ConnectionMetrics {
+            open: self.open.with_label_values(&[listener]),
+            first_request_timeout: closed("first_request_timeout"),
+            idle: closed("idle"),
+            per_client_limit: closed("per_client_limit"),
+            resets: self.resets.with_label_values(&[listener]),
+        }
+    }
+}
+
+/// Pre-resolved connection series of one listener.
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    /// Connections open now.
+    pub open: IntGauge,
+    /// Closed because no request started within the header read timeout.
+    pub first_request_timeout: IntCounter,
+    /// Closed after `server.idle_timeout` without a request.
+    pub idle: IntCounter,
+    /// Refused at accept: the client address already holds its share.
+    pub per_client_limit: IntCounter,
+    /// Requests abandoned by the client before their answer.
+    pub resets: IntCounter,
 }
 
 /// Status codes 100..=599 each get a slot; anything else shares the last one.
