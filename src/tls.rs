@@ -302,14 +302,6 @@ pub struct TlsSettings {
     pub handshake_timeout: Duration,
 }
 
-/// The application protocol a handshake settled on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Alpn {
-    Http2,
-    /// `http/1.1`, or no ALPN at all.
-    Http1,
-}
-
 /// Accepts TLS connections with the current certificates; reloadable.
 pub struct TlsTerminator {
     resolver: Arc<Resolver>,
@@ -360,7 +352,10 @@ impl TlsTerminator {
 
     /// Runs the server side of a handshake on `stream`, bounded by the handshake timeout.
     /// `None` (counted and logged at debug) when it failed or took too long.
-    pub async fn accept<S>(&self, stream: S) -> Option<(TlsStream<S>, Alpn)>
+    ///
+    /// HTTP then follows the negotiated ALPN on its own: a client that settled on `h2` opens
+    /// with the HTTP/2 preface, which the connection reads first.
+    pub async fn accept<S>(&self, stream: S) -> Option<TlsStream<S>>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -368,11 +363,7 @@ impl TlsTerminator {
         match tokio::time::timeout(self.handshake_timeout, handshake).await {
             Ok(Ok(stream)) => {
                 self.handshakes.ok.inc();
-                let alpn = match stream.get_ref().1.alpn_protocol() {
-                    Some(b"h2") => Alpn::Http2,
-                    _ => Alpn::Http1,
-                };
-                Some((stream, alpn))
+                Some(stream)
             }
             Ok(Err(error)) => {
                 self.handshakes.error.inc();
