@@ -59,6 +59,8 @@ pub enum GatewayError {
     BadRequestBody,
     #[error("the request body is larger than this gateway accepts")]
     PayloadTooLarge,
+    #[error("the request has no usable Host to redirect to")]
+    BadRequestHost,
 }
 
 impl GatewayError {
@@ -71,6 +73,7 @@ impl GatewayError {
             GatewayError::DeadlineExceeded => "deadline-exceeded",
             GatewayError::BadRequestBody => "bad-request-body",
             GatewayError::PayloadTooLarge => "body-too-large",
+            GatewayError::BadRequestHost => "bad-host",
         }
     }
 
@@ -97,6 +100,7 @@ impl From<GatewayError> for StatusCode {
             GatewayError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::BadRequestBody => StatusCode::BAD_REQUEST,
             GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BadRequestHost => StatusCode::BAD_REQUEST,
         }
     }
 }
@@ -159,8 +163,9 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Prepares the client's headers for an instance: hop-by-hop removed, the client's Host
-/// kept, and `X-Forwarded-For` (appended), `-Proto` and `-Host` (set by this hop).
-fn forward_headers(parts: &mut Parts, client: SocketAddr) {
+/// kept, and `X-Forwarded-For` (appended), `-Proto` (`https` when `secure`) and `-Host` (set
+/// by this hop).
+fn forward_headers(parts: &mut Parts, client: SocketAddr, secure: bool) {
     let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
             .uri
@@ -191,14 +196,56 @@ fn forward_headers(parts: &mut Parts, client: SocketAddr) {
     if let Some(value) = value {
         parts.headers.insert(X_FORWARDED_FOR.clone(), value);
     }
+    let proto = if secure { "https" } else { "http" };
     parts
         .headers
-        .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     if let Some(host) = original_host {
         parts.headers.insert(X_FORWARDED_HOST.clone(), host.clone());
         // HTTP/2 clients send no Host header; an HTTP/1.1 instance needs one.
         parts.headers.entry(header::HOST).or_insert(host);
     }
+}
+
+/// `tls.redirect_http`: the answer to every plain request, a 308 to
+/// `https://<host>[:<https_port> unless 443]<path?query>`. A request without a usable Host
+/// gets 400 (there is nowhere to send it).
+pub fn https_redirect<B>(request: &Request<B>, https_port: u16) -> Response<ProxyBody> {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()))
+        .map(strip_port)
+        .filter(|host| is_plain_host(host));
+    let Some(host) = host else {
+        return GatewayError::BadRequestHost.into_response();
+    };
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or("/");
+    let location = if https_port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{https_port}{path}")
+    };
+    let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(location) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}
+
+/// A host name or address, nothing that could change where a redirect leads (`@`, `/`, ...).
+fn is_plain_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':')
+        })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -411,6 +458,8 @@ pub struct Gateway {
     max_body_bytes: u64,
     unrouted: RequestMetrics,
     access_log: Option<AccessLog>,
+    /// `tls.redirect_http`: plain requests get a 308 to this HTTPS port instead of a route.
+    redirect_https: Option<u16>,
 }
 
 /// What the tries of one request came to, for the access log.
@@ -435,6 +484,11 @@ impl Gateway {
             max_body_bytes: config.server.max_body_bytes,
             unrouted,
             access_log,
+            redirect_https: config
+                .tls
+                .as_ref()
+                .filter(|tls| tls.redirect_http)
+                .map(|tls| tls.listen.port()),
         }
     }
 
@@ -464,17 +518,18 @@ impl Gateway {
             duration: Duration::ZERO,
             tries: 0,
         });
+        if let Some(port) = self.redirect_https.filter(|_| !connection.secure) {
+            let response = https_redirect(&request, port);
+            return self.answer_unrouted(entry, response, started);
+        }
         let router = self.router.load_full();
         let Some(route) = router.find(request_host(&request), request.uri().path()) else {
             let response = GatewayError::NoRoute.into_response();
-            let elapsed = started.elapsed();
-            self.unrouted
-                .observe_request(response.status().as_u16(), elapsed);
-            self.log(entry, None, Tries::default(), &response, elapsed);
-            return response;
+            return self.answer_unrouted(entry, response, started);
         };
         let mut tries = Tries::default();
-        let response = match self.forward(route, client, request, &mut tries).await {
+        let forwarded = self.forward(route, (client, connection.secure), request, &mut tries);
+        let response = match forwarded.await {
             Ok(response) => response,
             Err(error) => error.into_response(),
         };
@@ -485,6 +540,20 @@ impl Gateway {
             .requests
             .observe_request(response.status().as_u16(), elapsed);
         self.log(entry, Some(route), tries, &response, elapsed);
+        response
+    }
+
+    /// Counts and logs an answer that went to no service (no route, redirect).
+    fn answer_unrouted(
+        &self,
+        entry: Option<Entry>,
+        response: Response<ProxyBody>,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        let elapsed = started.elapsed();
+        self.unrouted
+            .observe_request(response.status().as_u16(), elapsed);
+        self.log(entry, None, Tries::default(), &response, elapsed);
         response
     }
 
@@ -510,7 +579,7 @@ impl Gateway {
     async fn forward(
         &self,
         route: &Route,
-        client: SocketAddr,
+        (client, secure): (SocketAddr, bool),
         request: Request<Incoming>,
         tries: &mut Tries,
     ) -> Result<Response<ProxyBody>, GatewayError> {
@@ -525,7 +594,7 @@ impl Gateway {
         let (mut parts, body) = request.into_parts();
         let mut body = self.hold_body(&parts, body, deadline).await?;
         let path = route.upstream_path(&parts.uri);
-        forward_headers(&mut parts, client);
+        forward_headers(&mut parts, client, secure);
 
         let mut tried = Tried::default();
         let mut last_response = None;
@@ -801,7 +870,7 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        forward_headers(&mut parts, client);
+        forward_headers(&mut parts, client, false);
         assert_eq!(parts.headers[&X_FORWARDED_FOR], "10.1.2.3");
         assert_eq!(parts.headers[&X_FORWARDED_HOST], "gw.example");
         assert_eq!(parts.headers[&X_FORWARDED_PROTO], "http");
@@ -811,7 +880,8 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        forward_headers(&mut parts, "[2001:db8::1]:80".parse().unwrap());
+        forward_headers(&mut parts, "[2001:db8::1]:80".parse().unwrap(), true);
+        assert_eq!(parts.headers[&X_FORWARDED_PROTO], "https");
         assert_eq!(
             parts.headers[&X_FORWARDED_FOR],
             "192.0.2.1, 198.51.100.7, 2001:db8::1"
@@ -823,11 +893,42 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        forward_headers(&mut parts, client);
+        forward_headers(&mut parts, client, false);
         assert_eq!(
             parts.headers[&X_FORWARDED_FOR].to_str().unwrap(),
             format!("{long}, 10.1.2.3")
         );
+    }
+
+    #[test]
+    fn https_redirect_keeps_host_path_and_query() {
+        let location = |host: &str, target: &str, port: u16| {
+            let request = Request::builder()
+                .uri(target)
+                .header("host", host)
+                .body(())
+                .unwrap();
+            let response = https_redirect(&request, port);
+            let location = response.headers().get(header::LOCATION).cloned();
+            (
+                response.status().as_u16(),
+                location.map(|l| l.to_str().unwrap().to_owned()),
+            )
+        };
+        assert_eq!(
+            location("gw.example:8080", "/a/b?x=1&y", 8443),
+            (308, Some("https://gw.example:8443/a/b?x=1&y".into()))
+        );
+        assert_eq!(
+            location("gw.example", "/", 443),
+            (308, Some("https://gw.example/".into()))
+        );
+        assert_eq!(
+            location("[::1]:80", "/v6", 8443),
+            (308, Some("https://[::1]:8443/v6".into()))
+        );
+        assert_eq!(location("evil.example/x@", "/", 443).0, 400);
+        assert_eq!(location("", "/", 443).0, 400);
     }
 
     #[test]
