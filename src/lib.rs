@@ -58,7 +58,8 @@ pub use tokio_util::sync::CancellationToken as Shutdown;
 use crate::admin::Admin;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
-use crate::server::ServeSettings;
+use crate::server::{ServeSettings, Transport};
+use crate::tls::{TlsSettings, TlsTerminator};
 use crate::upstream::Upstreams;
 use crate::watcher::{ConsulDiscovery, WatchSet};
 
@@ -76,6 +77,24 @@ pub enum RunError {
     Discovery(#[from] watcher::DiscoveryError),
     #[error(transparent)]
     AccessLog(#[from] access_log::AccessLogError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("binding `{key}` {addr}: {source}")]
+    Bind {
+        key: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The sockets the gateway serves on, bound by the caller (so a bad address fails first).
+pub struct Listeners {
+    /// `listen`: plain HTTP/1.1 and h2c.
+    pub gateway: TcpListener,
+    /// `admin_listen`.
+    pub admin: TcpListener,
+    /// `tls.listen`; when `None` and the config has `tls`, it is bound here.
+    pub tls: Option<TcpListener>,
 }
 
 /// Runs the gateway on `listener` and the admin endpoints on `admin_listener` until
@@ -98,6 +117,8 @@ struct Reload {
     gateway: Arc<Gateway>,
     admin: Arc<Admin>,
     metrics: Arc<Metrics>,
+    /// Present when the TLS listener runs; its certificates are re-read on every reload.
+    tls: Option<Arc<TlsTerminator>>,
 }
 
 /// Applies each config from `reloads` until `stop`, then stops the watches.
@@ -126,6 +147,8 @@ impl Reload {
     /// Services and routes take effect at once; connections and in-flight requests are not
     /// touched. Keys that shape listeners, runtime or clients need a restart: said in a log line.
     fn apply(&mut self, next: Config) {
+        // First, so that once the new routes are visible the certificates are in place too.
+        self.reload_certificates(&next);
         let upstreams = self.upstreams.rebuild(&next.services, &self.metrics);
         let before: HashSet<&str> = self.upstreams.iter().map(|u| u.name()).collect();
         let after: HashSet<&str> = upstreams.iter().map(|u| u.name()).collect();
@@ -180,8 +203,26 @@ impl Reload {
             json(&self.config.register),
             json(&next.register),
         );
+        needs_restart(
+            "tls.listen",
+            json(&self.config.tls.as_ref().map(|t| t.listen)),
+            json(&next.tls.as_ref().map(|t| t.listen)),
+        );
+        needs_restart(
+            "tls.redirect_http",
+            json(&self.config.tls.as_ref().map(|t| t.redirect_http)),
+            json(&next.tls.as_ref().map(|t| t.redirect_http)),
+        );
         self.upstreams = upstreams;
         self.config = next;
+    }
+
+    /// New handshakes get the re-read certificates; a set that does not load is logged by
+    /// the terminator (naming the key) and the running one kept.
+    fn reload_certificates(&self, next: &Config) {
+        if let (Some(terminator), Some(tls)) = (&self.tls, &next.tls) {
+            let _ = terminator.reload(&tls.certificates);
+        }
     }
 }
 
@@ -206,7 +247,55 @@ pub async fn run_with_reload(
     shutdown: CancellationToken,
     reloads: mpsc::Receiver<Config>,
 ) -> Result<(), RunError> {
+    let listeners = Listeners {
+        gateway: listener,
+        admin: admin_listener,
+        tls: None,
+    };
+    run_listeners(config, listeners, shutdown, reloads).await
+}
+
+/// Loads the certificates and binds `tls.listen` (unless `bound`) when the config has TLS.
+async fn start_tls(
+    config: &Config,
+    metrics: &Metrics,
+    bound: Option<TcpListener>,
+) -> Result<Option<(TcpListener, Arc<TlsTerminator>)>, RunError> {
+    let Some(tls) = &config.tls else {
+        return Ok(None);
+    };
+    let settings = TlsSettings {
+        certificates: tls.certificates.clone(),
+        handshake_timeout: config.server.header_read_timeout,
+    };
+    let terminator = Arc::new(TlsTerminator::new(&settings, metrics.tls_handshakes())?);
+    let listener = match bound {
+        Some(listener) => listener,
+        None => TcpListener::bind(tls.listen)
+            .await
+            .map_err(|source| RunError::Bind {
+                key: "tls.listen",
+                addr: tls.listen,
+                source,
+            })?,
+    };
+    Ok(Some((listener, terminator)))
+}
+
+/// [`run_with_reload`] on sockets the caller bound, the TLS one included.
+pub async fn run_listeners(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    reloads: mpsc::Receiver<Config>,
+) -> Result<(), RunError> {
+    let Listeners {
+        gateway: listener,
+        admin: admin_listener,
+        tls,
+    } = listeners;
     let metrics = Arc::new(Metrics::new()?);
+    let tls = start_tls(&config, &metrics, tls).await?;
     let upstreams = Upstreams::new(&config.services, &metrics);
     let discovery = Arc::new(ConsulDiscovery::new(&config.consul)?);
     // Opened before anything is spawned, so a bad path fails the start cleanly. The writer
@@ -261,9 +350,27 @@ pub async fn run_with_reload(
     info!(
         listen = %config.listen,
         admin = %config.admin_listen,
+        tls = ?config.tls.as_ref().map(|t| t.listen),
         services = config.services.len(),
         "switchyard serving"
     );
+    // The TLS listener serves the same gateway through the same connection path.
+    let terminator = tls.as_ref().map(|(_, terminator)| terminator.clone());
+    let tls_task = tls.map(|(tls_listener, terminator)| {
+        let gateway = gateway.clone();
+        tokio::spawn(server::serve_on(
+            tls_listener,
+            Transport::Tls(terminator),
+            builder.clone(),
+            move |connection, request| {
+                let gateway = gateway.clone();
+                async move { gateway.handle(connection, request).await }
+            },
+            ServeSettings::from_server("tls", &config.server),
+            metrics.for_connections("tls"),
+            shutdown.clone(),
+        ))
+    });
     let reloader = tokio::spawn(apply_reloads(
         Reload {
             config: config.clone(),
@@ -272,6 +379,7 @@ pub async fn run_with_reload(
             gateway: gateway.clone(),
             admin,
             metrics: metrics.clone(),
+            tls: terminator,
         },
         reloads,
         stop_watchers.clone(),
@@ -298,6 +406,9 @@ pub async fn run_with_reload(
         shutdown,
     )
     .await;
+    if let Some(tls_task) = tls_task {
+        let _ = tls_task.await;
+    }
 
     if let Some(registration) = registration {
         let _ = registration.await;

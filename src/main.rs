@@ -105,6 +105,19 @@ fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         let admin_listener = TcpListener::bind(config.admin_listen)
             .await
             .with_context(|| format!("binding `admin_listen` {}", config.admin_listen))?;
+        let tls = match &config.tls {
+            Some(tls) => Some(
+                TcpListener::bind(tls.listen)
+                    .await
+                    .with_context(|| format!("binding `tls.listen` {}", tls.listen))?,
+            ),
+            None => None,
+        };
+        let listeners = switchyard::Listeners {
+            gateway: listener,
+            admin: admin_listener,
+            tls,
+        };
         let shutdown = Shutdown::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         let (reload_tx, reloads) = tokio::sync::mpsc::channel(4);
@@ -116,7 +129,7 @@ fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
             ));
         }
         tokio::spawn(reload_on_sighup(config_path, reload_tx));
-        switchyard::run_with_reload(config, listener, admin_listener, shutdown, reloads).await?;
+        switchyard::run_listeners(config, listeners, shutdown, reloads).await?;
         Ok(())
     })
 }

@@ -406,11 +406,12 @@ async fn serve_backend(
             async move {
                 hits.fetch_add(1, Ordering::SeqCst);
                 let echo = format!(
-                    "{} {} host={} xff={}",
+                    "{} {} host={} xff={} proto={}",
                     request.method(),
                     request.uri(),
                     header(&request, "host"),
                     header(&request, "x-forwarded-for"),
+                    header(&request, "x-forwarded-proto"),
                 );
                 let _ = request.into_body().collect().await;
                 let status = match behavior {
@@ -569,6 +570,8 @@ pub fn header_or(headers: &hyper::HeaderMap, name: &str, default: &str) -> Strin
 pub struct Gateway {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The TLS listener, when the config has `tls`.
+    pub tls: Option<SocketAddr>,
     pub shutdown: Shutdown,
     pub task: Option<JoinHandle<()>>,
     /// Sends a new config, as SIGHUP does in the binary.
@@ -606,14 +609,30 @@ impl Gateway {
             .expect("binding admin");
         config.listen = listener.local_addr().expect("gateway address");
         config.admin_listen = admin_listener.local_addr().expect("admin address");
+        let tls_listener = match config.tls.as_mut() {
+            Some(tls) => {
+                let listener = TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("binding the TLS listener");
+                tls.listen = listener.local_addr().expect("TLS address");
+                Some(listener)
+            }
+            None => None,
+        };
         let (addr, admin) = (config.listen, config.admin_listen);
+        let tls = config.tls.as_ref().map(|tls| tls.listen);
         let shutdown = Shutdown::new();
         let (reload, reloads) = tokio::sync::mpsc::channel(4);
         let started_with = config.clone();
         let task = tokio::spawn({
             let shutdown = shutdown.clone();
             async move {
-                switchyard::run_with_reload(config, listener, admin_listener, shutdown, reloads)
+                let listeners = switchyard::Listeners {
+                    gateway: listener,
+                    admin: admin_listener,
+                    tls: tls_listener,
+                };
+                switchyard::run_listeners(config, listeners, shutdown, reloads)
                     .await
                     .expect("gateway run");
             }
@@ -621,6 +640,7 @@ impl Gateway {
         Gateway {
             addr,
             admin,
+            tls,
             shutdown,
             task: Some(task),
             reload,
