@@ -9,7 +9,7 @@
 //!                               │                               │
 //!                               │                        upstream (one table per service)
 //!                               │                               │ load(), pick()
-//!                               └─> gateway (hyper server) ─────┘─> pooled client ─> instance
+//!                               └─> gateway (plain + TLS) ──────┘─> pooled client ─> instance
 //!                                   admin (/ /metrics /healthz /readyz /routes) reads both
 //! ```
 //!
@@ -22,11 +22,15 @@
 //! - [`admin`]: the admin listener's endpoints.
 //! - [`access_log`]: the optional JSON-lines access log, written off the request path.
 //! - [`registration`]: optional self-registration of the gateway in Consul.
-//! - [`server`]: the accept loop with graceful shutdown, shared by both listeners.
+//! - [`server`]: the accept loop with connection deadlines and graceful shutdown, shared by
+//!   every listener (plain, TLS, admin).
+//! - [`tls`]: certificates, the SNI resolver (reloadable behind `ArcSwap`), the bounded
+//!   handshake of the TLS listener.
 //!
 //! `watcher` and `gateway` never import each other: they meet only at the upstream tables.
-//! A config reload ([`run_with_reload`]) rebuilds the tables' set, the router and the watches
-//! and swaps them in; requests in flight keep what they started with.
+//! A config reload ([`run_with_reload`]) re-reads the TLS certificates, rebuilds the tables'
+//! set, the router and the watches and swaps them in; requests in flight keep what they
+//! started with.
 
 pub mod access_log;
 pub mod admin;
