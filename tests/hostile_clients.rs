@@ -450,3 +450,83 @@ async fn h2_get_with_cookies(addr: SocketAddr) {
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);
 }
+
+/// Defect 6: a client that sends 19 HEADERS+RST_STREAM per connection and reconnects used to
+/// make the gateway open a new upstream connection per reset (45,000 in 12.5 s) and slowed
+/// every other client. Now a reset exchange is finished on its pooled connection, requests
+/// per instance are capped, and a client that keeps abandoning requests gets 429s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_with_reconnects_costs_no_upstream_connections() {
+    let consul = Consul::start().await;
+    let backend = RawBackend::start(Duration::from_millis(20)).await;
+    let gateway = gateway_over(
+        &consul,
+        "upstream:\n  max_connections_per_instance: 20\nservices:\n  - name: web\n",
+        &[("web", "web-1", backend.port)],
+    )
+    .await;
+    let attacker = tokio::process::Command::new("/usr/bin/python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/scripts/rapid_reset.py"
+        ))
+        .args([
+            "127.0.0.1",
+            &gateway.addr.port().to_string(),
+            "/web",
+            "3",
+            "19",
+        ])
+        .output();
+    let bystander = async {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .local_address(SECOND_CLIENT)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let (mut latencies, mut failures) = (Vec::new(), Vec::new());
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(3) {
+            let sent = Instant::now();
+            match client.get(gateway.url("/web")).send().await {
+                Ok(r) if r.status() == 200 => latencies.push(sent.elapsed()),
+                other => failures.push(format!("{other:?}")),
+            }
+        }
+        latencies.sort();
+        (latencies, failures)
+    };
+    let (attack, (latencies, failures)) = tokio::join!(attacker, bystander);
+    let attack = attack.expect("running /usr/bin/python3 (Debian python3-h2)");
+    assert!(
+        attack.status.success(),
+        "{}",
+        String::from_utf8_lossy(&attack.stderr)
+    );
+    let metrics = gateway.admin_get("/metrics").await;
+    let resets = common::metric(
+        &metrics,
+        "switchyard_client_resets_total{listener=\"gateway\"}",
+    );
+    let throttled = common::metric(
+        &metrics,
+        "switchyard_requests_total{code=\"429\",service=\"unrouted\"}",
+    );
+    println!(
+        "rapid reset: attacker {}; gateway saw {resets} resets, answered {throttled} with 429; \
+         upstream connections opened: {}; bystander {} requests, median {:?}, failures {}",
+        String::from_utf8_lossy(&attack.stdout).trim(),
+        backend.connections(),
+        latencies.len(),
+        latencies.get(latencies.len() / 2),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(resets > 100.0, "the attack reached the gateway: {resets}");
+    assert!(
+        backend.connections() <= 20,
+        "upstream connections: {}",
+        backend.connections()
+    );
+}
