@@ -285,6 +285,15 @@ pub async fn run_with_reload(
             shutdown.clone(),
         ))
     });
+    // Upgraded (spliced) connections outlive their HTTP exchange: they get the same grace.
+    let upgrades_drained = tokio::spawn({
+        let (gateway, shutdown) = (gateway.clone(), shutdown.clone());
+        let grace = config.server.shutdown_grace;
+        async move {
+            shutdown.cancelled().await;
+            gateway.upgrades().drain(grace).await;
+        }
+    });
     server::serve(
         listener,
         builder,
@@ -297,6 +306,7 @@ pub async fn run_with_reload(
         shutdown,
     )
     .await;
+    let _ = upgrades_drained.await;
 
     if let Some(registration) = registration {
         let _ = registration.await;

@@ -40,6 +40,7 @@ pub struct Metrics {
     propagation: Histogram,
     access_log_dropped: IntCounter,
     connections: ConnectionFamilies,
+    upgraded: IntGaugeVec,
 }
 
 fn counter_vec(
@@ -158,6 +159,14 @@ impl Metrics {
         registry.register(Box::new(propagation.clone()))?;
         registry.register(Box::new(access_log_dropped.clone()))?;
         let connections = ConnectionFamilies::register(&registry)?;
+        let upgraded = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_upgraded_connections",
+                "Upgraded (WebSocket and other) connections spliced to an instance now.",
+            ),
+            &["service"],
+        )?;
+        registry.register(Box::new(upgraded.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -179,6 +188,7 @@ impl Metrics {
             propagation,
             access_log_dropped,
             connections,
+            upgraded,
         })
     }
 
@@ -217,6 +227,7 @@ impl Metrics {
             ejected: self.ejected.with_label_values(&[service]),
             retry_budget_exhausted: self.retry_budget_exhausted.with_label_values(&[service]),
             propagation: self.propagation.clone(),
+            upgraded: self.upgraded.with_label_values(&[service]),
         }
     }
 
@@ -321,6 +332,7 @@ pub struct ServiceMetrics {
     ejected: IntGauge,
     retry_budget_exhausted: IntCounter,
     propagation: Histogram,
+    upgraded: IntGauge,
 }
 
 impl RequestMetrics {
@@ -371,6 +383,11 @@ impl RequestMetrics {
 }
 
 impl ServiceMetrics {
+    /// The gauge of this service's upgraded connections.
+    pub fn upgraded(&self) -> IntGauge {
+        self.upgraded.clone()
+    }
+
     pub fn inc_retries(&self) {
         self.retries.inc();
     }
