@@ -398,6 +398,15 @@ pub async fn run_listeners(
             shutdown.clone(),
         ))
     });
+    // Upgraded (spliced) connections outlive their HTTP exchange: they get the same grace.
+    let upgrades_drained = tokio::spawn({
+        let (gateway, shutdown) = (gateway.clone(), shutdown.clone());
+        let grace = config.server.shutdown_grace;
+        async move {
+            shutdown.cancelled().await;
+            gateway.upgrades().drain(grace).await;
+        }
+    });
     server::serve(
         listener,
         builder,
@@ -413,6 +422,7 @@ pub async fn run_listeners(
     if let Some(tls_task) = tls_task {
         let _ = tls_task.await;
     }
+    let _ = upgrades_drained.await;
 
     if let Some(registration) = registration {
         let _ = registration.await;

@@ -41,6 +41,7 @@ pub struct Metrics {
     access_log_dropped: IntCounter,
     tls_handshakes: IntCounterVec,
     connections: ConnectionFamilies,
+    upgraded: IntGaugeVec,
 }
 
 fn counter_vec(
@@ -167,6 +168,14 @@ impl Metrics {
         )?;
         registry.register(Box::new(tls_handshakes.clone()))?;
         let connections = ConnectionFamilies::register(&registry)?;
+        let upgraded = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_upgraded_connections",
+                "Upgraded (WebSocket and other) connections spliced to an instance now.",
+            ),
+            &["service"],
+        )?;
+        registry.register(Box::new(upgraded.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -189,6 +198,7 @@ impl Metrics {
             access_log_dropped,
             tls_handshakes,
             connections,
+            upgraded,
         })
     }
 
@@ -236,6 +246,7 @@ impl Metrics {
             ejected: self.ejected.with_label_values(&[service]),
             retry_budget_exhausted: self.retry_budget_exhausted.with_label_values(&[service]),
             propagation: self.propagation.clone(),
+            upgraded: self.upgraded.with_label_values(&[service]),
         }
     }
 
@@ -348,6 +359,7 @@ pub struct ServiceMetrics {
     ejected: IntGauge,
     retry_budget_exhausted: IntCounter,
     propagation: Histogram,
+    upgraded: IntGauge,
 }
 
 impl RequestMetrics {
@@ -398,6 +410,11 @@ impl RequestMetrics {
 }
 
 impl ServiceMetrics {
+    /// The gauge of this service's upgraded connections.
+    pub fn upgraded(&self) -> IntGauge {
+        self.upgraded.clone()
+    }
+
     pub fn inc_retries(&self) {
         self.retries.inc();
     }

@@ -240,6 +240,13 @@ impl InstanceBody {
     }
 }
 
+impl InstanceBody {
+    /// The instance slot, for a connection that outlives this body (an upgrade).
+    pub fn take_slot(&mut self) -> Option<InstanceSlot> {
+        self.slot.take()
+    }
+}
+
 impl Body for InstanceBody {
     type Data = Bytes;
     type Error = hyper::Error;

@@ -17,6 +17,7 @@ pub mod path;
 pub mod redirect;
 pub mod retry;
 pub mod router;
+pub mod upgrade;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -29,7 +30,8 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
-use hyper::{Method, Request, Response, Uri, Version};
+use hyper::upgrade::OnUpgrade;
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -41,13 +43,14 @@ use crate::access_log::{AccessLog, Entry};
 use crate::config::{Config, UpstreamConfig};
 use crate::metrics::RequestMetrics;
 use crate::server::ClientConnection;
-use crate::upstream::{Instance, ServiceTable, Tried, Upstream, Upstreams};
+use crate::upstream::{Instance, InstanceSlot, ServiceTable, Tried, Upstream, Upstreams};
 pub use answers::{GatewayError, ERROR_HEADER};
 use body::{client_body_fault, BodyLimits, Exchange, HeldBody, InstanceBody, UpstreamBody};
 use headers::{forward_headers, request_authority, Hop};
 pub use headers::{remove_hop_by_hop, strip_port};
 use retry::{is_bad_gateway_status, may_retry, TryFailure};
 pub use router::{Route, Router};
+use upgrade::Upgrades;
 
 /// Body of a response to the client: streamed from an instance, or made by the gateway.
 pub type ProxyBody = Either<InstanceBody, Full<Bytes>>;
@@ -113,6 +116,7 @@ pub struct Gateway {
     settings: GatewaySettings,
     unrouted: RequestMetrics,
     access_log: Option<AccessLog>,
+    upgrades: Upgrades,
 }
 
 /// What the tries of one request came to, for the access log.
@@ -153,6 +157,7 @@ impl Gateway {
             settings: GatewaySettings::from_config(config),
             unrouted,
             access_log,
+            upgrades: Upgrades::default(),
         }
     }
 
@@ -294,7 +299,7 @@ impl Gateway {
         &self,
         route: &Route,
         hop: &Hop,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         target: Target,
         tries: &mut Tries,
     ) -> Result<Response<ProxyBody>, GatewayError> {
@@ -304,17 +309,42 @@ impl Gateway {
             return Err(GatewayError::NoHealthyInstance);
         }
         upstream.deposit_retry_budget();
-        let retry = upstream.config.retry;
-        let deadline = Instant::now() + retry.timeout;
+        let deadline = Instant::now() + upstream.config.retry.timeout;
+        let upgrade = upgrade::requested_protocol(&request)
+            .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
         let (mut parts, body) = request.into_parts();
-        let mut body = HeldBody::hold(&parts, body, self.settings.body, deadline).await?;
+        let body = HeldBody::hold(&parts, body, self.settings.body, deadline).await?;
         let path = route.upstream_path(&parts.uri, target.path.as_deref());
         forward_headers(&mut parts, target.authority, hop);
+        let upgrade = upgrade.map(|(protocol, client)| {
+            upgrade::restore_headers(&mut parts.headers, protocol);
+            client
+        });
+        let mut forwarding = Forwarding {
+            upstream,
+            table,
+            parts,
+            path,
+            body,
+            deadline,
+            upgrade,
+        };
+        self.tries(&mut forwarding, tries).await
+    }
 
+    /// The loop around one try: pick, send, settle.
+    async fn tries(
+        &self,
+        forwarding: &mut Forwarding<'_>,
+        tries: &mut Tries,
+    ) -> Result<Response<ProxyBody>, GatewayError> {
+        let upstream = forwarding.upstream;
+        let attempts = upstream.config.retry.attempts;
+        let table = forwarding.table.clone();
         let mut tried = Tried::default();
         let mut last_response = None;
         let mut saturated = false;
-        for attempt in 0..retry.attempts {
+        for attempt in 0..attempts {
             // A retry must fit in the budget; the first try always goes.
             if attempt > 0 && !upstream.try_take_retry() {
                 break;
@@ -331,7 +361,7 @@ impl Gateway {
                 saturated = true;
                 continue;
             };
-            let Some(request_body) = body.take() else {
+            let Some(request_body) = forwarding.body.take() else {
                 break;
             };
             tries.count += 1;
@@ -341,26 +371,11 @@ impl Gateway {
             if attempt > 0 {
                 upstream.metrics.inc_retries();
             }
-            let outgoing = outgoing_request(&parts, instance, &path, request_body)?;
-            let exchange = Exchange::new(self.client.request(outgoing), slot, deadline);
-            let outcome = tokio::time::timeout_at(deadline, exchange.send()).await;
-            let is_last = attempt + 1 == retry.attempts;
-            let settled = match outcome {
-                Err(_) => self.settle_timeout(upstream, &table, instance, &body),
-                Ok(Ok(response)) => Ok(self.settle_answer(
-                    upstream,
-                    &table,
-                    instance,
-                    &parts.method,
-                    &body,
-                    response,
-                    is_last,
-                )),
-                Ok(Err(error)) => {
-                    self.settle_error(upstream, &table, instance, &parts.method, &body, &error)
-                }
-            };
-            match settled? {
+            let is_last = attempt + 1 == attempts;
+            match self
+                .one_try(forwarding, instance, slot, request_body, is_last)
+                .await?
+            {
                 Next::Answer(response) => return Ok(response),
                 Next::Retry(response) => last_response = response.or(last_response),
                 Next::Stop => break,
@@ -373,42 +388,58 @@ impl Gateway {
         }
     }
 
-    /// The deadline passed during a try: the client's stall if its body is still arriving.
-    fn settle_timeout(
+    /// Sends one try to `instance` and settles its outcome.
+    async fn one_try(
         &self,
-        upstream: &Upstream,
-        table: &ServiceTable,
+        forwarding: &mut Forwarding<'_>,
         instance: &Instance,
-        body: &HeldBody,
+        slot: InstanceSlot,
+        body: UpstreamBody,
+        is_last: bool,
     ) -> Result<Next, GatewayError> {
-        if body.client_still_sending() {
-            return Err(GatewayError::RequestBodyTimeout);
+        let outgoing = outgoing_request(&forwarding.parts, instance, &forwarding.path, body)?;
+        let deadline = forwarding.deadline;
+        let exchange = Exchange::new(self.client.request(outgoing), slot, deadline);
+        match tokio::time::timeout_at(deadline, exchange.send()).await {
+            Err(_) => forwarding.settle_timeout(instance),
+            Ok(Ok(response)) => Ok(self.settle_answer(forwarding, instance, response, is_last)),
+            Ok(Err(error)) => forwarding.settle_error(instance, &error),
         }
-        upstream.record_failure(table, instance);
-        Err(GatewayError::DeadlineExceeded)
     }
 
-    /// An instance answered: passed on, unless a 502/503/504 may be retried elsewhere.
-    #[allow(clippy::too_many_arguments)]
+    /// An instance answered: passed on (a 101 spliced), unless a 502/503/504 may be retried
+    /// elsewhere.
     fn settle_answer(
         &self,
-        upstream: &Upstream,
-        table: &ServiceTable,
+        forwarding: &mut Forwarding<'_>,
         instance: &Instance,
-        method: &Method,
-        body: &HeldBody,
-        response: Response<InstanceBody>,
+        mut response: Response<InstanceBody>,
         is_last: bool,
     ) -> Next {
+        let upstream = forwarding.upstream;
         let status = response.status();
         if status.is_server_error() {
-            upstream.record_failure(table, instance);
+            upstream.record_failure(&forwarding.table, instance);
         } else {
             upstream.record_success(instance);
         }
+        if let Some(client) = forwarding.upgrade.take() {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                let slot = response.body_mut().take_slot();
+                let instance_side = hyper::upgrade::on(&mut response);
+                let gauge = upstream.metrics.upgraded();
+                self.upgrades.splice(client, instance_side, gauge, slot);
+            }
+            // Nothing is retried after a 101; a refusal is passed through as it is.
+            return Next::Answer(client_response(response));
+        }
         let retry = is_bad_gateway_status(status)
             && !is_last
-            && may_retry(method, TryFailure::BadGatewayStatus, body.is_replayable());
+            && may_retry(
+                &forwarding.parts.method,
+                TryFailure::BadGatewayStatus,
+                forwarding.body.is_replayable(),
+            );
         if !retry {
             return Next::Answer(client_response(response));
         }
@@ -416,29 +447,55 @@ impl Gateway {
         Next::Retry(Some(response))
     }
 
+    /// Open upgraded (spliced) connections: the gateway's shutdown drains them.
+    pub fn upgrades(&self) -> &Upgrades {
+        &self.upgrades
+    }
+}
+
+/// One request on its way through its tries.
+struct Forwarding<'a> {
+    upstream: &'a Upstream,
+    table: Arc<ServiceTable>,
+    /// Method and headers as they go to every instance.
+    parts: Parts,
+    path: PathAndQuery,
+    body: HeldBody,
+    deadline: Instant,
+    /// The client's side of an upgrade request, until an instance answers.
+    upgrade: Option<OnUpgrade>,
+}
+
+impl Forwarding<'_> {
+    /// The deadline passed during a try: the client's stall if its body is still arriving.
+    fn settle_timeout(&self, instance: &Instance) -> Result<Next, GatewayError> {
+        if self.body.client_still_sending() {
+            return Err(GatewayError::RequestBodyTimeout);
+        }
+        self.upstream.record_failure(&self.table, instance);
+        Err(GatewayError::DeadlineExceeded)
+    }
+
     /// A try failed without an answer: the client's fault if its body broke, else the
     /// instance's (and retried when the rules allow).
     fn settle_error(
         &self,
-        upstream: &Upstream,
-        table: &ServiceTable,
         instance: &Instance,
-        method: &Method,
-        body: &HeldBody,
         error: &hyper_util::client::legacy::Error,
     ) -> Result<Next, GatewayError> {
+        let upstream = self.upstream;
         if let Some(fault) = client_body_fault(error) {
             debug!(service = upstream.name(), %error, "the client's request body failed");
             return Err(fault);
         }
-        upstream.record_failure(table, instance);
+        upstream.record_failure(&self.table, instance);
         let failure = if error.is_connect() {
             TryFailure::BeforeSend
         } else {
             TryFailure::AfterSend
         };
         debug!(service = upstream.name(), instance = %instance.id, ?failure, %error, "try failed");
-        if may_retry(method, failure, body.is_replayable()) {
+        if may_retry(&self.parts.method, failure, self.body.is_replayable()) {
             Ok(Next::Retry(None))
         } else {
             Ok(Next::Stop)
@@ -478,9 +535,15 @@ fn has_unsupported_coding(request: &Request<Incoming>) -> bool {
         .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
-/// An instance's response, ready for the client.
+/// An instance's response, ready for the client (a 101 keeps its `Upgrade`).
 fn client_response(response: Response<InstanceBody>) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
+    let upgrade = (parts.status == StatusCode::SWITCHING_PROTOCOLS)
+        .then(|| parts.headers.get(header::UPGRADE).cloned())
+        .flatten();
     remove_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = upgrade {
+        upgrade::restore_headers(&mut parts.headers, protocol);
+    }
     Response::from_parts(parts, Either::Left(body))
 }

@@ -1,0 +1,113 @@
+//! Edge protocols end to end with real clients and servers the project did not write:
+//! WebSocket (Debian's python3-websockets) through the gateway's upgrade path.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+use common::{Backend, Behavior, Consul};
+
+const WS_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/ws_echo.py");
+
+/// Starts a Debian python3 script; killed on drop.
+fn python(args: &[&str]) -> Child {
+    Command::new("/usr/bin/python3")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("running /usr/bin/python3")
+}
+
+/// The next line the child prints (what there is at EOF or after 30 s). Byte by byte, so
+/// nothing past the line is buffered away.
+async fn next_line(child: &mut Child) -> String {
+    let stdout = child.stdout.as_mut().expect("piped stdout");
+    let mut line = Vec::new();
+    let read = async {
+        while let Ok(byte) = stdout.read_u8().await {
+            if byte == b'\n' {
+                break;
+            }
+            line.push(byte);
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(30), read).await;
+    String::from_utf8_lossy(&line).trim().to_owned()
+}
+
+async fn upgraded(gateway: &common::Gateway, service: &str) -> f64 {
+    let metrics = gateway.admin_get("/metrics").await;
+    common::metric(
+        &metrics,
+        &format!("switchyard_upgraded_connections{{service=\"{service}\"}}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echo_through_the_gateway() {
+    let consul = Consul::start().await;
+    let port = common::free_port();
+    let mut server = python(&[WS_SCRIPT, "server", &port.to_string()]);
+    assert_eq!(next_line(&mut server).await, "listening");
+    consul.register("ws", "ws-1", port, &[]).await;
+    let plain = Backend::start("plain-1", Behavior::Ok).await;
+    consul.register("plain", "plain-1", plain.port, &[]).await;
+    let yaml = format!(
+        "consul: {{address: \"{}\"}}\nserver: {{shutdown_grace: 1s}}\nservices:\n  - name: ws\n  - name: plain\n",
+        consul.url()
+    );
+    let config = switchyard::Config::from_yaml(&yaml, &Default::default()).unwrap();
+    let mut gateway = common::Gateway::start_config(config).await;
+    for (service, id) in [("ws", "ws-1"), ("plain", "plain-1")] {
+        let synced = gateway
+            .wait_for_instances(service, &[id], Duration::from_secs(10))
+            .await;
+        assert!(synced.is_some());
+    }
+    let url = format!("ws://{}/ws", gateway.addr);
+
+    // 1,000 messages echoed; the spliced connection shows in the gauge while open.
+    let mut client = python(&[WS_SCRIPT, "client", &url, "1000"]);
+    assert_eq!(next_line(&mut client).await, "echoed 1000");
+    assert_eq!(upgraded(&gateway, "ws").await, 1.0);
+    let stdin = client.stdin.as_mut().expect("piped stdin");
+    stdin.write_all(b"\n").await.unwrap();
+    assert!(client.wait().await.unwrap().success());
+    let closed = common::wait_until(Duration::from_secs(5), || async {
+        upgraded(&gateway, "ws").await == 0.0
+    })
+    .await;
+    assert!(
+        closed.is_some(),
+        "the gauge returns to 0 once the client closes"
+    );
+
+    // An instance that does not switch protocols: its answer passes through as it is.
+    let response = common::http_client()
+        .get(gateway.url("/plain"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-instance"], "plain-1");
+
+    // Shutdown: an open upgraded connection gets the grace period, then is cut.
+    let mut held = python(&[WS_SCRIPT, "client", &url, "1"]);
+    assert_eq!(next_line(&mut held).await, "echoed 1");
+    let stopping = Instant::now();
+    gateway.stop().await;
+    let stopped = stopping.elapsed();
+    let ended = tokio::time::timeout(Duration::from_secs(5), held.wait()).await;
+    println!("websocket: 1,000 echoes; shutdown with one open: run() returned after {stopped:?}");
+    assert!(stopped >= Duration::from_millis(900), "{stopped:?}");
+    assert!(ended.is_ok(), "the client saw its connection closed");
+}
