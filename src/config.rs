@@ -84,6 +84,26 @@ impl Balance {
     }
 }
 
+/// How the gateway speaks to a service's instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over plain TCP.
+    #[default]
+    Http1,
+    /// HTTP/2 over plain TCP with prior knowledge (gRPC's usual transport).
+    H2c,
+}
+
+impl UpstreamProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2c => "h2c",
+        }
+    }
+}
+
 /// The whole, validated configuration.
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
@@ -214,6 +234,7 @@ pub struct ServiceConfig {
     pub tags: Vec<String>,
     pub route: RouteConfig,
     pub balance: Balance,
+    pub protocol: UpstreamProtocol,
     pub retry: RetryConfig,
     pub outlier: OutlierConfig,
 }
@@ -537,6 +558,9 @@ struct RawService {
     /// Parsed in `validate` so the error can list the choices.
     #[serde(default)]
     balance: Option<String>,
+    /// Parsed in `validate` so the error can list the choices.
+    #[serde(default)]
+    protocol: Option<String>,
     #[serde(default)]
     retry: RawRetry,
     #[serde(default)]
@@ -1114,6 +1138,16 @@ impl RawService {
             attempts: self.retry.attempts,
             timeout: parse_positive_duration(&format!("{key}.retry.timeout"), &self.retry.timeout)?,
         };
+        let protocol = match self.protocol.as_deref().map(str::trim) {
+            None | Some("http1") => UpstreamProtocol::Http1,
+            Some("h2c") => UpstreamProtocol::H2c,
+            Some(other) => {
+                return Err(invalid(
+                    format!("{key}.protocol"),
+                    format!("{other:?} is not one of \"http1\", \"h2c\""),
+                ))
+            }
+        };
         let balance = match self.balance.as_deref().map(str::trim) {
             None | Some("round_robin") => Balance::RoundRobin,
             Some("random") => Balance::Random,
@@ -1129,6 +1163,7 @@ impl RawService {
             tags: self.tags,
             route,
             balance,
+            protocol,
             retry,
             outlier,
         })

@@ -617,6 +617,7 @@ mod tests {
                 strip_prefix: false,
             },
             balance,
+            protocol: Default::default(),
             retry: RetryConfig {
                 attempts: 3,
                 timeout: Duration::from_secs(1),

@@ -111,3 +111,98 @@ async fn websocket_echo_through_the_gateway() {
     assert!(stopped >= Duration::from_millis(900), "{stopped:?}");
     assert!(ended.is_ok(), "the client saw its connection closed");
 }
+
+const GRPC_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/grpc_echo.py");
+
+/// gRPC over h2c through the gateway with Debian's python3-grpcio as server and client:
+/// unary calls spread exactly over 2 instances, server and bidirectional streaming, an
+/// instance's error status and message passed through, the gateway's own answers as gRPC
+/// statuses, and `grpc-timeout` honoured as the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_h2c_through_the_gateway() {
+    let consul = Consul::start().await;
+    let mut servers = Vec::new();
+    for id in ["grpc-1", "grpc-2"] {
+        let port = common::free_port();
+        let mut server = python(&[GRPC_SCRIPT, "server", &port.to_string(), id]);
+        assert_eq!(next_line(&mut server).await, "listening");
+        consul.register("grpc", id, port, &[]).await;
+        servers.push(server);
+    }
+    // An instance that knows nothing of grpc-timeout: only the gateway can enforce it.
+    let slow = Backend::start("slow-1", Behavior::Delay(Duration::from_secs(3))).await;
+    consul.register("slow", "slow-1", slow.port, &[]).await;
+    let gateway = common::Gateway::start(
+        &consul,
+        "services:
+  - name: grpc
+    protocol: h2c
+    route: {path_prefix: /echo.Echo/}
+  - name: empty
+    protocol: h2c
+    route: {path_prefix: /empty.Empty/}
+  - name: slow
+    route: {path_prefix: /slow.Slow/}
+",
+    )
+    .await;
+    let synced = gateway
+        .wait_for_instances("slow", &["slow-1"], Duration::from_secs(10))
+        .await;
+    assert!(synced.is_some());
+    let synced = gateway
+        .wait_for_instances("grpc", &["grpc-1", "grpc-2"], Duration::from_secs(10))
+        .await;
+    assert!(synced.is_some());
+
+    let mut client = python(&[GRPC_SCRIPT, "client", &gateway.addr.to_string()]);
+    let line = next_line(&mut client).await;
+    println!("grpc through the gateway: {line}");
+    let result: serde_json::Value = serde_json::from_str(&line).expect("the client's JSON line");
+    assert_eq!(result["spread"]["grpc-1"], 50, "{result}");
+    assert_eq!(result["spread"]["grpc-2"], 50, "{result}");
+    let streamed: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+    assert_eq!(result["server_stream"], serde_json::json!(streamed));
+    let bidi: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    assert_eq!(result["bidi"], serde_json::json!(bidi));
+    assert_eq!(
+        result["fail"],
+        serde_json::json!(["INVALID_ARGUMENT", "bad thing"])
+    );
+    assert_eq!(result["no_instance"][0], "UNAVAILABLE");
+    assert!(result["no_instance"][1]
+        .as_str()
+        .is_some_and(|m| m.contains("no healthy instance")));
+    assert_eq!(result["no_route"][0], "UNIMPLEMENTED");
+
+    // grpc-timeout shorter than retry.timeout (5 s) is the deadline: the gateway answers
+    // DEADLINE_EXCEEDED before the instance's 3 s answer, to a client (curl) that keeps no
+    // deadline of its own, from an instance that keeps none either.
+    let started = Instant::now();
+    let output = Command::new("curl")
+        .args(["-s", "-i", "--http2-prior-knowledge", "--max-time", "10"])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .args(["-H", "grpc-timeout: 300m", "--data-binary", "@-"])
+        .arg(gateway.url("/slow.Slow/Call"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map(|mut curl| {
+            let mut stdin = curl.stdin.take().expect("piped stdin");
+            tokio::spawn(async move { stdin.write_all(b"\0\0\0\0\x01x").await });
+            curl
+        })
+        .expect("running curl")
+        .wait_with_output()
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    let text = String::from_utf8_lossy(&output.stdout).to_lowercase();
+    println!("grpc-timeout 300m on a 3 s method: answered in {elapsed:?}");
+    assert!(text.contains("grpc-status: 4"), "{text}");
+    assert!(
+        text.contains("x-switchyard-error: deadline-exceeded"),
+        "{text}"
+    );
+    assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
+}

@@ -1,5 +1,5 @@
-//! Header hygiene between a client and an instance: hop-by-hop removal, one valid `Host`,
-//! the `X-Forwarded-*` family, and HTTP/2 cookie joining.
+//! Header hygiene between a client and an instance: hop-by-hop removal (but `TE: trailers`,
+//! which gRPC needs), one valid `Host`, the `X-Forwarded-*` family, and HTTP/2 cookie joining.
 //!
 //! The forwarded headers follow Traefik's `forwardedHeaders.trustedIPs` model: from a peer
 //! listed in `server.trusted_proxies`, `X-Forwarded-For` is kept (every line, in order) and the
@@ -143,7 +143,17 @@ pub struct Hop {
 /// Prepares the client's headers for an instance: hop-by-hop removed, HTTP/2 cookies
 /// joined, `Host` set to the request's authority, and the forwarded family set by this hop.
 pub fn forward_headers(parts: &mut Parts, authority: Option<HeaderValue>, hop: &Hop) {
+    // `TE: trailers` is the one TE an HTTP/2 hop may carry, and gRPC needs it end to end.
+    let te_trailers = parts
+        .headers
+        .get(header::TE)
+        .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
     remove_hop_by_hop(&mut parts.headers);
+    if te_trailers {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if parts.version == Version::HTTP_2 {
         join_cookies(&mut parts.headers);
     }

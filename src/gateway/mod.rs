@@ -12,6 +12,7 @@
 
 pub mod answers;
 pub mod body;
+pub mod grpc;
 pub mod headers;
 pub mod path;
 pub mod redirect;
@@ -40,7 +41,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::access_log::{AccessLog, Entry};
-use crate::config::{Config, UpstreamConfig};
+use crate::config::{Config, UpstreamConfig, UpstreamProtocol};
 use crate::metrics::RequestMetrics;
 use crate::server::ClientConnection;
 use crate::upstream::{Instance, InstanceSlot, ServiceTable, Tried, Upstream, Upstreams};
@@ -93,8 +94,30 @@ impl GatewaySettings {
     }
 }
 
-/// The pooled HTTP/1.1 client used for every instance.
-fn build_client(config: &UpstreamConfig) -> Client<HttpConnector, UpstreamBody> {
+/// One pooled client per upstream protocol.
+struct Clients {
+    http1: Client<HttpConnector, UpstreamBody>,
+    h2c: Client<HttpConnector, UpstreamBody>,
+}
+
+impl Clients {
+    fn new(config: &UpstreamConfig) -> Self {
+        Self {
+            http1: build_client(config, false),
+            h2c: build_client(config, true),
+        }
+    }
+
+    fn for_protocol(&self, protocol: UpstreamProtocol) -> &Client<HttpConnector, UpstreamBody> {
+        match protocol {
+            UpstreamProtocol::Http1 => &self.http1,
+            UpstreamProtocol::H2c => &self.h2c,
+        }
+    }
+}
+
+/// A pooled client: HTTP/1.1, or HTTP/2 with prior knowledge (`h2c`).
+fn build_client(config: &UpstreamConfig, http2: bool) -> Client<HttpConnector, UpstreamBody> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(config.connect_timeout));
@@ -105,6 +128,7 @@ fn build_client(config: &UpstreamConfig) -> Client<HttpConnector, UpstreamBody> 
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(config.pool_idle_timeout)
         .pool_max_idle_per_host(config.pool_max_idle_per_host)
+        .http2_only(http2)
         .build(connector)
 }
 
@@ -112,7 +136,7 @@ fn build_client(config: &UpstreamConfig) -> Client<HttpConnector, UpstreamBody> 
 pub struct Gateway {
     /// Swapped whole on a config reload; requests in flight keep the one they started with.
     router: ArcSwap<Router>,
-    client: Client<HttpConnector, UpstreamBody>,
+    clients: Clients,
     settings: GatewaySettings,
     unrouted: RequestMetrics,
     access_log: Option<AccessLog>,
@@ -153,7 +177,7 @@ impl Gateway {
     ) -> Self {
         Self {
             router: ArcSwap::from_pointee(Router::new(upstreams)),
-            client: build_client(&config.upstream),
+            clients: Clients::new(&config.upstream),
             settings: GatewaySettings::from_config(config),
             unrouted,
             access_log,
@@ -180,6 +204,11 @@ impl Gateway {
             let response = redirect::to_https(target.authority.as_ref(), request.uri(), port);
             return self.answer_unrouted(entry, response, started);
         }
+        let grpc = grpc::is_grpc(request.headers());
+        let answer = |error: GatewayError| match grpc {
+            true => error.into_grpc_response(),
+            false => error.into_response(),
+        };
         let router = self.router.load_full();
         let routed = screened.and_then(|target| {
             let path = target.path.as_deref().unwrap_or(request.uri().path());
@@ -195,7 +224,7 @@ impl Gateway {
         });
         let (route, target) = match routed {
             Ok(routed) => routed,
-            Err(error) => return self.answer_unrouted(entry, error.into_response(), started),
+            Err(error) => return self.answer_unrouted(entry, answer(error), started),
         };
         let hop = Hop {
             client: connection.peer.ip(),
@@ -205,7 +234,7 @@ impl Gateway {
         let mut tries = Tries::default();
         let response = match self.forward(route, &hop, request, target, &mut tries).await {
             Ok(response) => response,
-            Err(error) => error.into_response(),
+            Err(error) => answer(error),
         };
         let elapsed = started.elapsed();
         let requests = &route.upstream.metrics.requests;
@@ -309,7 +338,11 @@ impl Gateway {
             return Err(GatewayError::NoHealthyInstance);
         }
         upstream.deposit_retry_budget();
-        let deadline = Instant::now() + upstream.config.retry.timeout;
+        let grpc = grpc::is_grpc(request.headers());
+        // A gRPC client's own deadline, when shorter than the route's, is the deadline.
+        let client_deadline = grpc::timeout(request.headers())
+            .filter(|asked| grpc && *asked < upstream.config.retry.timeout);
+        let deadline = Instant::now() + client_deadline.unwrap_or(upstream.config.retry.timeout);
         let upgrade = upgrade::requested_protocol(&request)
             .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
         let (mut parts, body) = request.into_parts();
@@ -328,6 +361,8 @@ impl Gateway {
             body,
             deadline,
             upgrade,
+            grpc,
+            client_deadline: client_deadline.is_some(),
         };
         self.tries(&mut forwarding, tries).await
     }
@@ -397,9 +432,11 @@ impl Gateway {
         body: UpstreamBody,
         is_last: bool,
     ) -> Result<Next, GatewayError> {
-        let outgoing = outgoing_request(&forwarding.parts, instance, &forwarding.path, body)?;
+        let protocol = forwarding.upstream.config.protocol;
+        let outgoing = outgoing_request(forwarding, instance, protocol, body)?;
         let deadline = forwarding.deadline;
-        let exchange = Exchange::new(self.client.request(outgoing), slot, deadline);
+        let client = self.clients.for_protocol(protocol);
+        let exchange = Exchange::new(client.request(outgoing), slot, deadline);
         match tokio::time::timeout_at(deadline, exchange.send()).await {
             Err(_) => forwarding.settle_timeout(instance),
             Ok(Ok(response)) => Ok(self.settle_answer(forwarding, instance, response, is_last)),
@@ -435,6 +472,7 @@ impl Gateway {
         }
         let retry = is_bad_gateway_status(status)
             && !is_last
+            && !forwarding.grpc
             && may_retry(
                 &forwarding.parts.method,
                 TryFailure::BadGatewayStatus,
@@ -464,6 +502,10 @@ struct Forwarding<'a> {
     deadline: Instant,
     /// The client's side of an upgrade request, until an instance answers.
     upgrade: Option<OnUpgrade>,
+    /// A gRPC call: never retried once sent (a `grpc-status` is an answer).
+    grpc: bool,
+    /// The deadline is the client's (`grpc-timeout`): missing it is no instance's failure.
+    client_deadline: bool,
 }
 
 impl Forwarding<'_> {
@@ -472,7 +514,9 @@ impl Forwarding<'_> {
         if self.body.client_still_sending() {
             return Err(GatewayError::RequestBodyTimeout);
         }
-        self.upstream.record_failure(&self.table, instance);
+        if !self.client_deadline {
+            self.upstream.record_failure(&self.table, instance);
+        }
         Err(GatewayError::DeadlineExceeded)
     }
 
@@ -495,7 +539,9 @@ impl Forwarding<'_> {
             TryFailure::AfterSend
         };
         debug!(service = upstream.name(), instance = %instance.id, ?failure, %error, "try failed");
-        if may_retry(&self.parts.method, failure, self.body.is_replayable()) {
+        let sent = failure != TryFailure::BeforeSend;
+        if !(self.grpc && sent) && may_retry(&self.parts.method, failure, self.body.is_replayable())
+        {
             Ok(Next::Retry(None))
         } else {
             Ok(Next::Stop)
@@ -503,24 +549,27 @@ impl Forwarding<'_> {
     }
 }
 
-/// The request for one try: the client's method and headers, to `instance`, at `path`.
+/// The request for one try: the client's method and headers, to `instance`.
 fn outgoing_request(
-    parts: &Parts,
+    forwarding: &Forwarding<'_>,
     instance: &Instance,
-    path: &PathAndQuery,
+    protocol: UpstreamProtocol,
     body: UpstreamBody,
 ) -> Result<Request<UpstreamBody>, GatewayError> {
     let uri = Uri::builder()
         .scheme(Scheme::HTTP)
         .authority(instance.authority.clone())
-        .path_and_query(path.clone())
+        .path_and_query(forwarding.path.clone())
         .build()
         .map_err(|_| GatewayError::BadGateway)?;
     let mut outgoing = Request::new(body);
-    *outgoing.method_mut() = parts.method.clone();
+    *outgoing.method_mut() = forwarding.parts.method.clone();
     *outgoing.uri_mut() = uri;
-    *outgoing.version_mut() = Version::HTTP_11;
-    *outgoing.headers_mut() = parts.headers.clone();
+    *outgoing.version_mut() = match protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::H2c => Version::HTTP_2,
+    };
+    *outgoing.headers_mut() = forwarding.parts.headers.clone();
     Ok(outgoing)
 }
 
