@@ -206,3 +206,39 @@ async fn grpc_over_h2c_through_the_gateway() {
     );
     assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
 }
+
+/// HTTP/2 with prior knowledge (h2c) from h2load: many streams per connection, all served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_clients_are_served_with_many_streams() {
+    let consul = Consul::start().await;
+    let backends = common::backends("web", 2).await;
+    for backend in &backends {
+        consul.register("web", &backend.id, backend.port, &[]).await;
+    }
+    let gateway = common::Gateway::start(&consul, "services:\n  - name: web\n").await;
+    let synced = gateway
+        .wait_for_instances("web", &["web-1", "web-2"], Duration::from_secs(10))
+        .await;
+    assert!(synced.is_some());
+    let output = Command::new("h2load")
+        .args(["-n", "2000", "-c", "10", "-m", "10"])
+        .arg(gateway.url("/web"))
+        .output()
+        .await
+        .expect("running h2load (Debian nghttp2-client)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let summary = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .unwrap_or("")
+        .to_owned();
+    println!("h2load -n 2000 -c 10 -m 10 over h2c: {summary}");
+    assert!(
+        summary.contains("2000 succeeded, 0 failed, 0 errored"),
+        "{text}"
+    );
+    let status = text.lines().find(|l| l.starts_with("status codes:"));
+    assert!(status.is_some_and(|l| l.contains("2000 2xx")), "{text}");
+    let hits: usize = backends.iter().map(Backend::hits).sum();
+    assert_eq!(hits, 2000);
+}

@@ -530,3 +530,55 @@ async fn rapid_reset_with_reconnects_costs_no_upstream_connections() {
         backend.connections()
     );
 }
+
+/// HTTP/2 abuse on one connection: a HEADERS+RST_STREAM flood gets GOAWAY, an oversized
+/// frame a FRAME_SIZE_ERROR, an oversized header list is refused; every time, a client on
+/// another connection keeps being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_floods_and_oversized_frames_are_refused() {
+    let consul = Consul::start().await;
+    let backend = RawBackend::start(Duration::ZERO).await;
+    let gateway = gateway_over(
+        &consul,
+        "services:\n  - name: web\n",
+        &[("web", "web-1", backend.port)],
+    )
+    .await;
+    let port = gateway.addr.port().to_string();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/h2_abuse.py");
+    for (args, expect) in [
+        (
+            vec!["flood", "127.0.0.1", &port, "/web", "5000"],
+            "goaway 11",
+        ),
+        (vec!["bigframe", "127.0.0.1", &port], "goaway 6"),
+        (vec!["bigheaders", "127.0.0.1", &port, "/web", "100000"], ""),
+    ] {
+        let output = tokio::process::Command::new("/usr/bin/python3")
+            .arg(script)
+            .args(&args)
+            .output()
+            .await
+            .expect("running /usr/bin/python3 (Debian python3-h2)");
+        let said = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        println!("h2 {}: {said}", args[0]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if expect.is_empty() {
+            assert!(
+                said == "status 431" || said.starts_with("reset") || said.starts_with("goaway"),
+                "an oversized header list is refused: {said}"
+            );
+        } else {
+            assert_eq!(said, expect, "{}", args[0]);
+        }
+        assert_eq!(
+            gateway.get("/web").await.status(),
+            200,
+            "others still served"
+        );
+    }
+}
