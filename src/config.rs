@@ -977,24 +977,7 @@ impl RawService {
                 "must be between 0 and 100",
             ));
         }
-        if self.outlier.max_ejected_percent > 100 {
-            return Err(invalid(
-                format!("{key}.outlier.max_ejected_percent"),
-                "must be between 0 and 100",
-            ));
-        }
-        let outlier = OutlierConfig {
-            consecutive_failures: self.outlier.consecutive_failures,
-            base_ejection_time: parse_positive_duration(
-                &format!("{key}.outlier.base_ejection_time"),
-                &self.outlier.base_ejection_time,
-            )?,
-            max_ejection_time: parse_positive_duration(
-                &format!("{key}.outlier.max_ejection_time"),
-                &self.outlier.max_ejection_time,
-            )?,
-            max_ejected_percent: self.outlier.max_ejected_percent,
-        };
+        let outlier = self.outlier.validate(&format!("{key}.outlier"))?;
         let retry = RetryConfig {
             budget_percent: self.retry.budget_percent,
             budget_min_per_second: self.retry.budget_min_per_second,
@@ -1018,6 +1001,40 @@ impl RawService {
             balance,
             retry,
             outlier,
+        })
+    }
+}
+
+impl RawOutlier {
+    /// `key` is the section's own key (`services[i].outlier`).
+    fn validate(self, key: &str) -> Result<OutlierConfig, ConfigError> {
+        if self.max_ejected_percent > 100 {
+            return Err(invalid(
+                format!("{key}.max_ejected_percent"),
+                "must be between 0 and 100",
+            ));
+        }
+        let base_ejection_time = parse_positive_duration(
+            &format!("{key}.base_ejection_time"),
+            &self.base_ejection_time,
+        )?;
+        let max_ejection_time =
+            parse_positive_duration(&format!("{key}.max_ejection_time"), &self.max_ejection_time)?;
+        if max_ejection_time < base_ejection_time {
+            return Err(invalid(
+                format!("{key}.max_ejection_time"),
+                format!(
+                    "{:?} is below `base_ejection_time` ({:?}): it must be at least that",
+                    self.max_ejection_time.trim(),
+                    self.base_ejection_time.trim()
+                ),
+            ));
+        }
+        Ok(OutlierConfig {
+            consecutive_failures: self.consecutive_failures,
+            base_ejection_time,
+            max_ejection_time,
+            max_ejected_percent: self.max_ejected_percent,
         })
     }
 }
@@ -1167,6 +1184,29 @@ mod tests {
         assert!(
             err.to_string().contains("services[0].retry.attempts"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn max_ejection_time_below_base_is_rejected() {
+        let outlier = |times: &str| {
+            parse(&format!(
+                "services:\n  - name: a\n  - name: b\n    outlier: {{{times}}}\n"
+            ))
+        };
+        let err = outlier("base_ejection_time: 30s, max_ejection_time: 10s").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("services[1].outlier.max_ejection_time"),
+            "{text}"
+        );
+        assert!(text.contains("base_ejection_time"), "{text}");
+        // The default max (5m) below a larger base is caught too; equal is fine.
+        assert!(outlier("base_ejection_time: 10m").is_err());
+        let equal = outlier("base_ejection_time: 10s, max_ejection_time: 10s").unwrap();
+        assert_eq!(
+            equal.services[1].outlier.max_ejection_time,
+            Duration::from_secs(10)
         );
     }
 
