@@ -123,6 +123,8 @@ async fn apply_reloads(
 impl Reload {
     /// Services and routes take effect at once; connections and in-flight requests are not
     /// touched. Keys that shape listeners, runtime or clients need a restart: said in a log line.
+    /// A removed service's metric series go once the last of its handles is dropped (its
+    /// watch stopped, its requests answered): see [`metrics`].
     fn apply(&mut self, next: Config) {
         let upstreams = self.upstreams.rebuild(&next.services, &self.metrics);
         let before: HashSet<&str> = self.upstreams.iter().map(|u| u.name()).collect();
