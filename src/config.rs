@@ -8,10 +8,11 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 
@@ -79,6 +80,26 @@ impl Balance {
         match self {
             Balance::RoundRobin => "round_robin",
             Balance::Random => "random",
+        }
+    }
+}
+
+/// How the gateway speaks to a service's instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over plain TCP.
+    #[default]
+    Http1,
+    /// HTTP/2 over plain TCP with prior knowledge (gRPC's usual transport).
+    H2c,
+}
+
+impl UpstreamProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2c => "h2c",
         }
     }
 }
@@ -220,6 +241,7 @@ pub struct ServiceConfig {
     pub tags: Vec<String>,
     pub route: RouteConfig,
     pub balance: Balance,
+    pub protocol: UpstreamProtocol,
     pub retry: RetryConfig,
     pub outlier: OutlierConfig,
 }
@@ -263,7 +285,7 @@ pub struct OutlierConfig {
 }
 
 /// Limits of the client-facing listener.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ServerConfig {
     /// How long in-flight requests may run after SIGTERM/SIGINT before being cut.
     #[serde(with = "humantime_serde_compat")]
@@ -277,6 +299,23 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     /// Client connections served at once; further ones wait in the listen backlog.
     pub max_connections: usize,
+    /// Connections one client address may hold open at once; 0: no limit. More are closed
+    /// at accept (nginx's `limit_conn`, HAProxy's `src_conn_cur`).
+    pub max_connections_per_client: usize,
+    /// A connection with no request in flight and none started for this long is closed
+    /// (HTTP/2 gets a GOAWAY first).
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// Requests per second one client address may abandon before its answer (an HTTP/2
+    /// RST_STREAM, a closed connection); beyond, its requests get 429 for a second. 0: no limit.
+    pub client_reset_rate: u32,
+    /// Peers whose `X-Forwarded-*`, `Forwarded` and `X-Real-IP` headers are kept (and
+    /// appended to); from any other peer they are replaced. Empty: trust no one.
+    #[serde(serialize_with = "serialize_display_list")]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Resolve `.`/`..` segments (also percent-encoded) and merge repeated slashes before
+    /// routing, and forward the result (Envoy's `normalize_path` + `merge_slashes`).
+    pub normalize_path: bool,
 }
 
 /// How the gateway talks to service instances.
@@ -290,6 +329,9 @@ pub struct UpstreamConfig {
     /// Request bodies up to this size (by Content-Length) are buffered so a retry can resend
     /// them; larger or unsized bodies are streamed and never retried after sending.
     pub max_replay_body_bytes: usize,
+    /// Requests in flight to one instance at once (over HTTP/1.1, its connections); more wait
+    /// up to `connect_timeout` for a slot, then try another instance or get 503.
+    pub max_connections_per_instance: usize,
 }
 
 /// Where the JSON-lines access log goes.
@@ -310,6 +352,14 @@ pub struct AccessLogConfig {
     pub target: AccessLogTarget,
     /// Entries queued for the writer; when it falls behind, more are dropped and counted.
     pub buffer: usize,
+}
+
+fn serialize_display_list<S, T>(items: &[T], serializer: S) -> Result<S::Ok, S::Error>
+where
+    S: serde::Serializer,
+    T: fmt::Display,
+{
+    serializer.collect_seq(items.iter().map(ToString::to_string))
 }
 
 fn serialize_urls<S: serde::Serializer>(urls: &[Url], serializer: S) -> Result<S::Ok, S::Error> {
@@ -513,6 +563,9 @@ struct RawService {
     /// Parsed in `validate` so the error can list the choices.
     #[serde(default)]
     balance: Option<String>,
+    /// Parsed in `validate` so the error can list the choices.
+    #[serde(default)]
+    protocol: Option<String>,
     #[serde(default)]
     retry: RawRetry,
     #[serde(default)]
@@ -616,6 +669,16 @@ struct RawServer {
     max_body_bytes: u64,
     #[serde(default = "default_max_connections")]
     max_connections: usize,
+    #[serde(default = "default_max_connections_per_client")]
+    max_connections_per_client: usize,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout: String,
+    #[serde(default = "default_client_reset_rate")]
+    client_reset_rate: u32,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+    #[serde(default = "default_true")]
+    normalize_path: bool,
 }
 
 impl Default for RawServer {
@@ -626,6 +689,11 @@ impl Default for RawServer {
             max_header_bytes: default_max_header_bytes(),
             max_body_bytes: default_max_body_bytes(),
             max_connections: default_max_connections(),
+            max_connections_per_client: default_max_connections_per_client(),
+            idle_timeout: default_idle_timeout(),
+            client_reset_rate: default_client_reset_rate(),
+            trusted_proxies: Vec::new(),
+            normalize_path: true,
         }
     }
 }
@@ -645,6 +713,18 @@ fn default_max_body_bytes() -> u64 {
 fn default_max_connections() -> usize {
     10_000
 }
+fn default_max_connections_per_client() -> usize {
+    512
+}
+fn default_idle_timeout() -> String {
+    "60s".into()
+}
+fn default_client_reset_rate() -> u32 {
+    100
+}
+fn default_true() -> bool {
+    true
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -657,6 +737,8 @@ struct RawUpstream {
     pool_max_idle_per_host: usize,
     #[serde(default = "default_max_replay_body_bytes")]
     max_replay_body_bytes: usize,
+    #[serde(default = "default_max_connections_per_instance")]
+    max_connections_per_instance: usize,
 }
 
 impl Default for RawUpstream {
@@ -666,6 +748,7 @@ impl Default for RawUpstream {
             pool_idle_timeout: default_pool_idle_timeout(),
             pool_max_idle_per_host: default_pool_max_idle_per_host(),
             max_replay_body_bytes: default_max_replay_body_bytes(),
+            max_connections_per_instance: default_max_connections_per_instance(),
         }
     }
 }
@@ -681,6 +764,9 @@ fn default_pool_max_idle_per_host() -> usize {
 }
 fn default_max_replay_body_bytes() -> usize {
     64 * 1024
+}
+fn default_max_connections_per_instance() -> usize {
+    1024
 }
 
 #[derive(Debug, Deserialize)]
@@ -1046,6 +1132,16 @@ impl RawService {
             attempts: self.retry.attempts,
             timeout: parse_positive_duration(&format!("{key}.retry.timeout"), &self.retry.timeout)?,
         };
+        let protocol = match self.protocol.as_deref().map(str::trim) {
+            None | Some("http1") => UpstreamProtocol::Http1,
+            Some("h2c") => UpstreamProtocol::H2c,
+            Some(other) => {
+                return Err(invalid(
+                    format!("{key}.protocol"),
+                    format!("{other:?} is not one of \"http1\", \"h2c\""),
+                ))
+            }
+        };
         let balance = match self.balance.as_deref().map(str::trim) {
             None | Some("round_robin") => Balance::RoundRobin,
             Some("random") => Balance::Random,
@@ -1061,6 +1157,7 @@ impl RawService {
             tags: self.tags,
             route,
             balance,
+            protocol,
             retry,
             outlier,
         })
@@ -1118,8 +1215,33 @@ impl RawServer {
             max_header_bytes: self.max_header_bytes,
             max_body_bytes: self.max_body_bytes,
             max_connections: self.max_connections,
+            max_connections_per_client: self.max_connections_per_client,
+            idle_timeout: parse_positive_duration("server.idle_timeout", &self.idle_timeout)?,
+            client_reset_rate: self.client_reset_rate,
+            trusted_proxies: parse_networks("server.trusted_proxies", &self.trusted_proxies)?,
+            normalize_path: self.normalize_path,
         })
     }
+}
+
+/// CIDRs (`10.0.0.0/8`) or single addresses (`192.0.2.7`, `::1`).
+fn parse_networks(key: &str, texts: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let text = text.trim();
+            text.parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| {
+                    invalid(
+                        format!("{key}[{i}]"),
+                        format!("{text:?} is not an address or CIDR like \"10.0.0.0/8\""),
+                    )
+                })
+        })
+        .collect()
 }
 
 impl RawAccessLog {
@@ -1152,6 +1274,15 @@ impl RawUpstream {
             )?,
             pool_max_idle_per_host: self.pool_max_idle_per_host,
             max_replay_body_bytes: self.max_replay_body_bytes,
+            max_connections_per_instance: match self.max_connections_per_instance {
+                0 => {
+                    return Err(invalid(
+                        "upstream.max_connections_per_instance",
+                        "must be at least 1",
+                    ))
+                }
+                n => n,
+            },
         })
     }
 }

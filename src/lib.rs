@@ -57,6 +57,7 @@ pub use tokio_util::sync::CancellationToken as Shutdown;
 use crate::admin::Admin;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
+use crate::server::ServeSettings;
 use crate::upstream::Upstreams;
 use crate::watcher::{ConsulDiscovery, WatchSet};
 
@@ -196,16 +197,20 @@ pub async fn run_with_reload(
         .header_read_timeout(config.server.header_read_timeout);
     let admin_for_server = admin.clone();
     let admin_task = tokio::spawn(server::serve(
-        "admin",
         admin_listener,
         admin_builder,
-        move |_peer, request| {
+        move |_connection, request| {
             let admin = admin_for_server.clone();
             async move { admin.handle(&request) }
         },
-        ADMIN_MAX_CONNECTIONS,
+        ServeSettings {
+            name: "admin",
+            max_connections: ADMIN_MAX_CONNECTIONS,
+            grace: ADMIN_GRACE,
+            ..ServeSettings::from_server("admin", &config.server)
+        },
+        metrics.for_connections("admin"),
         shutdown.clone(),
-        ADMIN_GRACE,
     ));
 
     let gateway = Arc::new(Gateway::new(
@@ -214,17 +219,7 @@ pub async fn run_with_reload(
         metrics.for_requests(metrics::UNROUTED),
         access_log,
     ));
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        .header_read_timeout(config.server.header_read_timeout)
-        .max_buf_size(config.server.max_header_bytes);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(config.server.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = server::http_builder(&config.server);
     info!(
         listen = %config.listen,
         admin = %config.admin_listen,
@@ -253,19 +248,28 @@ pub async fn run_with_reload(
             shutdown.clone(),
         ))
     });
+    // Upgraded (spliced) connections outlive their HTTP exchange: they get the same grace.
+    let upgrades_drained = tokio::spawn({
+        let (gateway, shutdown) = (gateway.clone(), shutdown.clone());
+        let grace = config.server.shutdown_grace;
+        async move {
+            shutdown.cancelled().await;
+            gateway.upgrades().drain(grace).await;
+        }
+    });
     server::serve(
-        "gateway",
         listener,
         builder,
-        move |peer, request| {
+        move |connection, request| {
             let gateway = gateway.clone();
-            async move { gateway.handle(peer, request).await }
+            async move { gateway.handle(connection, request).await }
         },
-        config.server.max_connections,
+        ServeSettings::from_server("gateway", &config.server),
+        metrics.for_connections("gateway"),
         shutdown,
-        config.server.shutdown_grace,
     )
     .await;
+    let _ = upgrades_drained.await;
 
     if let Some(registration) = registration {
         let _ = registration.await;

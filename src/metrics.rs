@@ -12,7 +12,10 @@
 //! are removed from the families. Removing them any earlier would let a late write through a
 //! handle resolved before (a status code seen for the first time) recreate a series nobody
 //! removes again. A service changed by a reload resolves its handles while the old ones are
-//! still held, so it shares the lease and its series simply continue.
+//! still held, so it shares the lease and its series simply continue. A handle taken out of
+//! a `ServiceMetrics` (the upgraded-connections gauge an open WebSocket holds) may outlive
+//! the lease: its later writes are not exported, and being pre-resolved they never recreate
+//! a removed series.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
@@ -37,6 +40,7 @@ pub struct Metrics {
     per_service: Arc<PerService>,
     propagation: Histogram,
     access_log_dropped: IntCounter,
+    connections: ConnectionFamilies,
 }
 
 /// The families labelled by service, and the lease of each service label in use.
@@ -53,6 +57,7 @@ struct PerService {
     ejections: IntCounterVec,
     ejected: IntGaugeVec,
     retry_budget_exhausted: IntCounterVec,
+    upgraded: IntGaugeVec,
     /// Held only while handles are resolved and while series are removed, never per request.
     leases: Mutex<HashMap<String, Weak<SeriesLease>>>,
 }
@@ -71,6 +76,7 @@ impl PerService {
         let _ = self.duration.remove_label_values(&[service]);
         let _ = self.instances.remove_label_values(&[service]);
         let _ = self.ejected.remove_label_values(&[service]);
+        let _ = self.upgraded.remove_label_values(&[service]);
         let _ = self.consul_last_success.remove_label_values(&[service]);
         let _ = self.consul_failing.remove_label_values(&[service]);
         for counter in [
@@ -222,6 +228,15 @@ impl Metrics {
         )?;
         registry.register(Box::new(propagation.clone()))?;
         registry.register(Box::new(access_log_dropped.clone()))?;
+        let connections = ConnectionFamilies::register(&registry)?;
+        let upgraded = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_upgraded_connections",
+                "Upgraded (WebSocket and other) connections spliced to an instance now.",
+            ),
+            &["service"],
+        )?;
+        registry.register(Box::new(upgraded.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -241,11 +256,18 @@ impl Metrics {
                 ejections,
                 ejected,
                 retry_budget_exhausted,
+                upgraded,
                 leases: Mutex::new(HashMap::new()),
             }),
             propagation,
             access_log_dropped,
+            connections,
         })
+    }
+
+    /// Handles for one listener's connection lifecycle (`listener`: "gateway", "admin", ...).
+    pub fn for_connections(&self, listener: &str) -> ConnectionMetrics {
+        self.connections.for_listener(listener)
     }
 
     /// The counter of access log entries dropped on overflow.
@@ -290,6 +312,7 @@ impl Metrics {
             ejected: families.ejected.with_label_values(label),
             retry_budget_exhausted: families.retry_budget_exhausted.with_label_values(label),
             propagation: self.propagation.clone(),
+            upgraded: families.upgraded.with_label_values(label),
         }
     }
 
@@ -299,6 +322,74 @@ impl Metrics {
         TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
         Ok(buffer)
     }
+}
+
+/// The families of client-connection series, labelled by listener.
+struct ConnectionFamilies {
+    open: IntGaugeVec,
+    closed: IntCounterVec,
+    resets: IntCounterVec,
+}
+
+impl ConnectionFamilies {
+    fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let open = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_client_connections",
+                "Client connections open now, by listener.",
+            ),
+            &["listener"],
+        )?;
+        let closed = IntCounterVec::new(
+            Opts::new(
+                "switchyard_client_connections_closed_total",
+                "Client connections the gateway closed itself, by listener and reason: \
+                 first_request_timeout, idle, per_client_limit (refused at accept).",
+            ),
+            &["listener", "reason"],
+        )?;
+        let resets = IntCounterVec::new(
+            Opts::new(
+                "switchyard_client_resets_total",
+                "Requests the client abandoned before their answer (HTTP/2 RST_STREAM, closed connection).",
+            ),
+            &["listener"],
+        )?;
+        registry.register(Box::new(open.clone()))?;
+        registry.register(Box::new(closed.clone()))?;
+        registry.register(Box::new(resets.clone()))?;
+        Ok(Self {
+            open,
+            closed,
+            resets,
+        })
+    }
+
+    fn for_listener(&self, listener: &str) -> ConnectionMetrics {
+        let closed = |reason: &str| self.closed.with_label_values(&[listener, reason]);
+        ConnectionMetrics {
+            open: self.open.with_label_values(&[listener]),
+            first_request_timeout: closed("first_request_timeout"),
+            idle: closed("idle"),
+            per_client_limit: closed("per_client_limit"),
+            resets: self.resets.with_label_values(&[listener]),
+        }
+    }
+}
+
+/// Pre-resolved connection series of one listener.
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    /// Connections open now.
+    pub open: IntGauge,
+    /// Closed because no request started within the header read timeout.
+    pub first_request_timeout: IntCounter,
+    /// Closed after `server.idle_timeout` without a request.
+    pub idle: IntCounter,
+    /// Refused at accept: the client address already holds its share.
+    pub per_client_limit: IntCounter,
+    /// Requests abandoned by the client before their answer.
+    pub resets: IntCounter,
 }
 
 /// Status codes 100..=599 each get a slot; anything else shares the last one.
@@ -329,6 +420,7 @@ pub struct ServiceMetrics {
     ejected: IntGauge,
     retry_budget_exhausted: IntCounter,
     propagation: Histogram,
+    upgraded: IntGauge,
 }
 
 impl RequestMetrics {
@@ -389,6 +481,11 @@ impl RequestMetrics {
 }
 
 impl ServiceMetrics {
+    /// The gauge of this service's upgraded connections.
+    pub fn upgraded(&self) -> IntGauge {
+        self.upgraded.clone()
+    }
+
     pub fn inc_retries(&self) {
         self.retries.inc();
     }

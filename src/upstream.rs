@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hyper::http::uri::Authority;
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::config::{Balance, ServiceConfig};
@@ -32,6 +33,68 @@ pub struct InstanceHealth {
     /// `now_ms()` until which the instance gets no traffic; 0 when not ejected.
     ejected_until_ms: AtomicU64,
     ejections: AtomicU32,
+    /// Requests in flight to the instance (over HTTP/1.1: its connections in use).
+    in_flight: AtomicUsize,
+    /// Requests waiting for a slot, and their wake-up.
+    waiting: AtomicUsize,
+    released: Notify,
+}
+
+/// One request's hold on an instance's connection budget; released on drop.
+#[derive(Debug)]
+pub struct InstanceSlot(Arc<InstanceHealth>);
+
+impl Drop for InstanceSlot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.0.waiting.load(Ordering::SeqCst) > 0 {
+            self.0.released.notify_one();
+        }
+    }
+}
+
+impl Instance {
+    /// A slot among the instance's `limit` in-flight requests, waiting up to `wait` for one
+    /// to free up (`upstream.max_connections_per_instance`): a flood of requests, or of
+    /// client resets, cannot open unbounded connections to one instance.
+    pub async fn acquire(&self, limit: usize, wait: Duration) -> Option<InstanceSlot> {
+        if let Some(slot) = self.try_acquire(limit) {
+            return Some(slot);
+        }
+        let health = &self.health;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let released = health.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            health.waiting.fetch_add(1, Ordering::SeqCst);
+            let slot = match self.try_acquire(limit) {
+                Some(slot) => Some(slot),
+                None => tokio::time::timeout_at(deadline, released)
+                    .await
+                    .ok()
+                    .and(None),
+            };
+            health.waiting.fetch_sub(1, Ordering::SeqCst);
+            if slot.is_some() || tokio::time::Instant::now() >= deadline {
+                return slot.or_else(|| self.try_acquire(limit));
+            }
+        }
+    }
+
+    fn try_acquire(&self, limit: usize) -> Option<InstanceSlot> {
+        let health = &self.health;
+        if health.in_flight.fetch_add(1, Ordering::SeqCst) < limit {
+            return Some(InstanceSlot(health.clone()));
+        }
+        health.in_flight.fetch_sub(1, Ordering::SeqCst);
+        None
+    }
+
+    /// Requests in flight to this instance now.
+    pub fn in_flight(&self) -> usize {
+        self.health.in_flight.load(Ordering::Relaxed)
+    }
 }
 
 impl InstanceHealth {
@@ -556,6 +619,7 @@ mod tests {
                 strip_prefix: false,
             },
             balance,
+            protocol: Default::default(),
             retry: RetryConfig {
                 attempts: 3,
                 timeout: Duration::from_secs(1),

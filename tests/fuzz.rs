@@ -12,6 +12,7 @@ use hyper::Uri;
 use proptest::prelude::*;
 
 use switchyard::config::{Config, ConsulEnv};
+use switchyard::gateway::path::normalize;
 use switchyard::gateway::{remove_hop_by_hop, strip_port, Router};
 use switchyard::metrics::Metrics;
 use switchyard::upstream::Upstreams;
@@ -50,12 +51,25 @@ proptest! {
             // Longest prefix wins: no other matching route has a longer prefix.
             prop_assert!(!(path.starts_with("/api/v2/") && name == "api"), "{path} went to {name}");
             if let Ok(uri) = path.parse::<Uri>() {
-                let forwarded = route.upstream_path(&uri);
+                let forwarded = route.upstream_path(&uri, None);
                 prop_assert!(forwarded.as_str().starts_with('/'), "{forwarded}");
             }
         } else {
             prop_assert!(false, "the / route matches every path: {path}");
         }
+    }
+
+    #[test]
+    fn path_normalisation_is_idempotent_and_leaves_no_dot_segments(
+        path in "(/|//|/\\.|/\\.\\.|/%2[eE]|/[a-z.%]{1,4}){0,12}",
+    ) {
+        let normal = normalize(&path).into_owned();
+        prop_assert!(normal.starts_with('/'), "{path} -> {normal}");
+        prop_assert!(!normal.contains("//"), "{path} -> {normal}");
+        for segment in normal.split('/') {
+            prop_assert!(segment != "." && segment != "..", "{path} -> {normal}");
+        }
+        prop_assert_eq!(normalize(&normal).into_owned(), normal.clone(), "idempotent");
     }
 
     #[test]

@@ -29,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 use switchyard::config::{Config, ConsulEnv};
 use switchyard::Shutdown;
 
+pub mod raw;
+
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
     StdTcpListener::bind("127.0.0.1:0")

@@ -1,0 +1,400 @@
+//! Header hygiene between a client and an instance: hop-by-hop removal (but `TE: trailers`,
+//! which gRPC needs), one valid `Host`, the `X-Forwarded-*` family, and HTTP/2 cookie joining.
+//!
+//! The forwarded headers follow Traefik's `forwardedHeaders.trustedIPs` model: from a peer
+//! listed in `server.trusted_proxies`, `X-Forwarded-For` is kept (every line, in order) and the
+//! peer's address appended, and `X-Forwarded-Proto`/`-Host`, `X-Real-IP` and `Forwarded` are
+//! kept; from any other peer they are all dropped and set afresh, so an instance can trust
+//! that the first `X-Forwarded-For` entry is the address that reached the gateway's trusted
+//! edge and that the last one is always the gateway's own peer.
+
+use std::io::Write;
+use std::net::IpAddr;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Request, Version};
+
+use super::GatewayError;
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
+/// non-standard ones proxies are known to leak. Never forwarded in either direction.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// Removes hop-by-hop headers: the static list, `Upgrade`, and every header that
+/// `Connection` names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Collect first: `Connection` must be read before it is removed.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// The host without its port (`[v6]` keeps its brackets).
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // [v6]:port; a client may send a '[' without its ']'.
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    host.rsplit_once(':').map_or(host, |(name, _)| name)
+}
+
+/// The authority a request is for: the request target's (absolute-form in HTTP/1.1, RFC 9112
+/// §3.2.2; `:authority` in HTTP/2), else the one `Host` header. `None` only where the
+/// protocol allows no host (HTTP/1.0, an HTTP/2 request without either).
+///
+/// A missing `Host` in HTTP/1.1, two `Host` headers, or one that is not a valid authority
+/// (userinfo, a path, spaces, an unclosed `[`, empty) is a `BadHost` (RFC 9112 §3.2: 400).
+pub fn request_authority<B>(request: &Request<B>) -> Result<Option<HeaderValue>, GatewayError> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(GatewayError::BadHost);
+    }
+    if let Some(authority) = request.uri().authority() {
+        if authority.as_str().contains('@') {
+            return Err(GatewayError::BadHost);
+        }
+        // HTTP/2 clients usually send no Host: forward the one they meant.
+        if let Some(host) = host.filter(|h| h.as_bytes() == authority.as_str().as_bytes()) {
+            return Ok(Some(host.clone()));
+        }
+        return HeaderValue::from_str(authority.as_str())
+            .map(Some)
+            .map_err(|_| GatewayError::BadHost);
+    }
+    match host {
+        Some(host) if is_valid_authority(host.as_bytes()) => Ok(Some(host.clone())),
+        Some(_) => Err(GatewayError::BadHost),
+        None if request.version() == Version::HTTP_11 => Err(GatewayError::BadHost),
+        None => Ok(None),
+    }
+}
+
+/// `host [":" port]` of RFC 3986: a reg-name or a bracketed IP literal, then digits.
+fn is_valid_authority(bytes: &[u8]) -> bool {
+    let (host, port) = if bytes.first() == Some(&b'[') {
+        let Some(end) = bytes.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &bytes[1..end];
+        let valid = !literal.is_empty()
+            && literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        if !valid {
+            return false;
+        }
+        (&bytes[..=end], &bytes[end + 1..])
+    } else {
+        let end = bytes.iter().position(|&b| b == b':').unwrap_or(bytes.len());
+        (&bytes[..end], &bytes[end..])
+    };
+    let host_ok = !host.is_empty()
+        && (host[0] == b'['
+            || host
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b)));
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    host_ok && port_ok
+}
+
+/// How this hop sees the request it forwards.
+pub struct Hop {
+    /// The peer's address.
+    pub client: IpAddr,
+    /// The peer is a trusted proxy: its forwarded headers are kept.
+    pub trusted: bool,
+    /// The client connection is TLS.
+    pub secure: bool,
+}
+
+/// Prepares the client's headers for an instance: hop-by-hop removed, HTTP/2 cookies
+/// joined, `Host` set to the request's authority, and the forwarded family set by this hop.
+pub fn forward_headers(parts: &mut Parts, authority: Option<HeaderValue>, hop: &Hop) {
+    // `TE: trailers` is the one TE an HTTP/2 hop may carry, and gRPC needs it end to end.
+    let te_trailers = parts
+        .headers
+        .get(header::TE)
+        .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    remove_hop_by_hop(&mut parts.headers);
+    if te_trailers {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if parts.version == Version::HTTP_2 {
+        join_cookies(&mut parts.headers);
+    }
+    let headers = &mut parts.headers;
+    if !hop.trusted {
+        for name in [
+            &X_FORWARDED_PROTO,
+            &X_FORWARDED_HOST,
+            &X_REAL_IP,
+            &FORWARDED,
+        ] {
+            headers.remove(name);
+        }
+    }
+    let client = client_bytes(hop.client);
+    let chain = if hop.trusted {
+        forwarded_for_chain(headers, &client)
+    } else {
+        None
+    };
+    let client = HeaderValue::from_maybe_shared(client).ok();
+    if let Some(client) = &client {
+        headers.entry(&X_REAL_IP).or_insert_with(|| client.clone());
+    }
+    match chain.or(client) {
+        Some(value) => headers.insert(X_FORWARDED_FOR.clone(), value),
+        None => headers.remove(&X_FORWARDED_FOR),
+    };
+    let proto = if hop.secure { "https" } else { "http" };
+    headers
+        .entry(&X_FORWARDED_PROTO)
+        .or_insert(HeaderValue::from_static(proto));
+    if let Some(host) = authority {
+        headers
+            .entry(&X_FORWARDED_HOST)
+            .or_insert_with(|| host.clone());
+        headers.insert(header::HOST, host);
+    }
+}
+
+/// The client's address as header bytes, formatted without `format!`'s allocations.
+fn client_bytes(ip: IpAddr) -> Bytes {
+    let mut buffer = BytesMut::with_capacity(46).writer();
+    let _ = write!(buffer, "{ip}");
+    buffer.into_inner().freeze()
+}
+
+/// Every `X-Forwarded-For` line, in order, then `client`; `None` when there were none.
+fn forwarded_for_chain(headers: &HeaderMap, client: &[u8]) -> Option<HeaderValue> {
+    let mut lines = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    lines.peek()?;
+    let mut chain = BytesMut::new();
+    for line in lines {
+        chain.extend_from_slice(line.as_bytes());
+        chain.extend_from_slice(b", ");
+    }
+    chain.extend_from_slice(client);
+    // Each line was a valid header value, and so is their join.
+    HeaderValue::from_maybe_shared(chain.freeze()).ok()
+}
+
+/// HTTP/2 may split `cookie` over several fields; an HTTP/1.1 instance must get one, joined
+/// with "; " (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (cookies.next(), cookies.next()) else {
+        return;
+    };
+    let mut joined = BytesMut::from(first.as_bytes());
+    for cookie in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(cookie.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_maybe_shared(joined.freeze()) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(builder: hyper::http::request::Builder) -> Parts {
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    fn hop(trusted: bool) -> Hop {
+        Hop {
+            client: "10.1.2.3".parse().unwrap(),
+            trusted,
+            secure: false,
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret-hop"),
+        );
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
+        headers.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        headers.insert(header::HOST, HeaderValue::from_static("example.com"));
+        remove_hop_by_hop(&mut headers);
+        let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(headers.contains_key("x-end-to-end") && headers.contains_key(header::HOST));
+    }
+
+    #[test]
+    fn untrusted_peers_get_their_forwarded_headers_replaced() {
+        let mut p = parts(
+            Request::builder()
+                .uri("/x")
+                .header("x-forwarded-for", "6.6.6.6")
+                .header("x-forwarded-proto", "https")
+                .header("x-real-ip", "6.6.6.6")
+                .header("forwarded", "for=6.6.6.6"),
+        );
+        forward_headers(
+            &mut p,
+            Some(HeaderValue::from_static("gw.example")),
+            &hop(false),
+        );
+        assert_eq!(p.headers[&X_FORWARDED_FOR], "10.1.2.3");
+        assert_eq!(p.headers[&X_REAL_IP], "10.1.2.3");
+        assert_eq!(p.headers[&X_FORWARDED_PROTO], "http");
+        assert_eq!(p.headers[&X_FORWARDED_HOST], "gw.example");
+        assert_eq!(p.headers[header::HOST], "gw.example");
+        assert!(!p.headers.contains_key(&FORWARDED));
+    }
+
+    #[test]
+    fn trusted_peers_chain_every_line_in_order_whatever_the_bytes() {
+        let mut p = parts(
+            Request::builder()
+                .uri("/x")
+                .header("x-forwarded-for", "1.1.1.1")
+                .header("x-forwarded-for", "2.2.2.2")
+                .header("forwarded", "for=1.1.1.1"),
+        );
+        forward_headers(&mut p, None, &hop(true));
+        assert_eq!(p.headers[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 10.1.2.3");
+        assert_eq!(p.headers[&FORWARDED], "for=1.1.1.1");
+        let long = format!("{}\u{ff}, 6.6.6.6", "10.0.0.1, ".repeat(52));
+        let value = HeaderValue::from_bytes(&latin1(&long)).unwrap();
+        let mut p = parts(
+            Request::builder()
+                .uri("/x")
+                .header("x-forwarded-for", value),
+        );
+        forward_headers(&mut p, None, &hop(true));
+        let chain = p.headers[&X_FORWARDED_FOR].as_bytes();
+        assert!(chain.ends_with(b", 6.6.6.6, 10.1.2.3"), "{chain:?}");
+    }
+
+    fn latin1(text: &str) -> Vec<u8> {
+        text.chars().map(|c| c as u32 as u8).collect()
+    }
+
+    #[test]
+    fn h2_cookies_are_joined() {
+        let mut p = parts(
+            Request::builder()
+                .version(Version::HTTP_2)
+                .uri("http://gw/x")
+                .header("cookie", "a=1")
+                .header("cookie", "b=2"),
+        );
+        forward_headers(&mut p, None, &hop(false));
+        let cookies: Vec<_> = p.headers.get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2"]);
+    }
+
+    #[test]
+    fn host_must_be_one_valid_authority() {
+        let request = |host: &[&str], uri: &str, version: Version| {
+            let mut builder = Request::builder().uri(uri).version(version);
+            for h in host {
+                builder = builder.header("host", *h);
+            }
+            request_authority(&builder.body(()).unwrap())
+        };
+        let ok = |v: Result<Option<HeaderValue>, GatewayError>| v.unwrap().unwrap();
+        assert_eq!(
+            ok(request(&["a.example:8080"], "/", Version::HTTP_11)),
+            "a.example:8080"
+        );
+        assert_eq!(
+            ok(request(&["[::1]:80"], "/", Version::HTTP_11)),
+            "[::1]:80"
+        );
+        assert_eq!(
+            ok(request(&["x"], "http://evil/x", Version::HTTP_11)),
+            "evil"
+        );
+        assert_eq!(
+            ok(request(&[], "https://h2.example/x", Version::HTTP_2)),
+            "h2.example"
+        );
+        assert_eq!(request(&[], "/", Version::HTTP_10), Ok(None));
+        for bad in [
+            &["a.example", "b.example"][..],
+            &[],
+            &["u@evil"],
+            &["a/b"],
+            &["a b"],
+            &["[::1"],
+            &[""],
+            &["a:8x"],
+        ] {
+            assert_eq!(
+                request(bad, "/", Version::HTTP_11),
+                Err(GatewayError::BadHost),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn strip_port_handles_names_and_ipv6() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(
+            strip_port("[u0k."),
+            "[u0k.",
+            "found by tests/fuzz.rs: once a panic"
+        );
+    }
+}

@@ -1,0 +1,577 @@
+//! The gateway: maps each client request to a service, picks an instance from that service's
+//! current table, forwards over one pooled HTTP client, and retries on another instance when
+//! that is safe.
+//!
+//! What it owns: the [`router`] (built from config, swapped whole on reload, read without
+//! locks), request screening (one valid `Host`, methods, transfer codings, path
+//! normalisation, throttled clients), [`headers`] hygiene, the [`retry`] rules, the [`body`]
+//! handling that tells a client's broken body from an instance's failure, and the gateway's
+//! own [`answers`]. It reads upstream tables and never writes them; it does not know about
+//! Consul. When the access log is on, it hands each answered request to it (a channel send,
+//! never a write).
+
+pub mod answers;
+pub mod body;
+pub mod grpc;
+pub mod headers;
+pub mod path;
+pub mod retry;
+pub mod router;
+pub mod upgrade;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
+use hyper::upgrade::OnUpgrade;
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use ipnet::IpNet;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::access_log::{AccessLog, Entry};
+use crate::config::{Config, UpstreamConfig, UpstreamProtocol};
+use crate::metrics::RequestMetrics;
+use crate::server::ClientConnection;
+use crate::upstream::{Instance, InstanceSlot, ServiceTable, Tried, Upstream, Upstreams};
+pub use answers::{GatewayError, ERROR_HEADER};
+use body::{client_body_fault, BodyLimits, Exchange, HeldBody, InstanceBody, UpstreamBody};
+use headers::{forward_headers, request_authority, Hop};
+pub use headers::{remove_hop_by_hop, strip_port};
+use retry::{is_bad_gateway_status, may_retry, TryFailure};
+pub use router::{Route, Router};
+use upgrade::Upgrades;
+
+/// Body of a response to the client: streamed from an instance, or made by the gateway.
+pub type ProxyBody = Either<InstanceBody, Full<Bytes>>;
+
+/// What the gateway takes from the config (rpxy's "settings a component takes").
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    pub body: BodyLimits,
+    /// Peers whose forwarded headers are kept.
+    pub trusted_proxies: Vec<IpNet>,
+    pub normalize_path: bool,
+    /// In-flight requests per instance, and how long a request waits for one to free up.
+    pub max_connections_per_instance: usize,
+    pub connect_timeout: Duration,
+}
+
+impl GatewaySettings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            body: BodyLimits {
+                max_replay: config.upstream.max_replay_body_bytes,
+                max: config.server.max_body_bytes,
+            },
+            trusted_proxies: config.server.trusted_proxies.clone(),
+            normalize_path: config.server.normalize_path,
+            max_connections_per_instance: config.upstream.max_connections_per_instance,
+            connect_timeout: config.upstream.connect_timeout,
+        }
+    }
+
+    fn trusts(&self, peer: IpAddr) -> bool {
+        !self.trusted_proxies.is_empty() && self.trusted_proxies.iter().any(|n| n.contains(&peer))
+    }
+}
+
+/// One pooled client per upstream protocol.
+struct Clients {
+    http1: Client<HttpConnector, UpstreamBody>,
+    h2c: Client<HttpConnector, UpstreamBody>,
+}
+
+impl Clients {
+    fn new(config: &UpstreamConfig) -> Self {
+        Self {
+            http1: build_client(config, false),
+            h2c: build_client(config, true),
+        }
+    }
+
+    fn for_protocol(&self, protocol: UpstreamProtocol) -> &Client<HttpConnector, UpstreamBody> {
+        match protocol {
+            UpstreamProtocol::Http1 => &self.http1,
+            UpstreamProtocol::H2c => &self.h2c,
+        }
+    }
+}
+
+/// A pooled client: HTTP/1.1, or HTTP/2 with prior knowledge (`h2c`).
+fn build_client(config: &UpstreamConfig, http2: bool) -> Client<HttpConnector, UpstreamBody> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(config.connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    connector.enforce_http(true);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(config.pool_idle_timeout)
+        .pool_max_idle_per_host(config.pool_max_idle_per_host)
+        .http2_only(http2)
+        .build(connector)
+}
+
+/// The gateway's request handler and its shared, read-only state.
+pub struct Gateway {
+    /// Swapped whole on a config reload; requests in flight keep the one they started with.
+    router: ArcSwap<Router>,
+    clients: Clients,
+    settings: GatewaySettings,
+    unrouted: RequestMetrics,
+    access_log: Option<AccessLog>,
+    upgrades: Upgrades,
+}
+
+/// What the tries of one request came to, for the access log.
+#[derive(Debug, Default)]
+struct Tries {
+    count: u32,
+    /// The instance of the last try; recorded only when the access log is on.
+    last: Option<Authority>,
+}
+
+/// A request that passed screening: where it is going.
+struct Target {
+    /// The authority it is for (`Host`, or the absolute-form target / `:authority`).
+    authority: Option<HeaderValue>,
+    /// The normalised path, when it differs from the one sent.
+    path: Option<String>,
+}
+
+/// What to do after one try.
+enum Next {
+    Answer(Response<ProxyBody>),
+    /// Try another instance; keep this answer in case no other try does better.
+    Retry(Option<Response<InstanceBody>>),
+    /// Stop trying.
+    Stop,
+}
+
+impl Gateway {
+    pub fn new(
+        config: &Config,
+        upstreams: &Upstreams,
+        unrouted: RequestMetrics,
+        access_log: Option<AccessLog>,
+    ) -> Self {
+        Self {
+            router: ArcSwap::from_pointee(Router::new(upstreams)),
+            clients: Clients::new(&config.upstream),
+            settings: GatewaySettings::from_config(config),
+            unrouted,
+            access_log,
+            upgrades: Upgrades::default(),
+        }
+    }
+
+    /// Routes new requests over `upstreams` (a reloaded config).
+    pub fn replace_routes(&self, upstreams: &Upstreams) {
+        self.router.store(Arc::new(Router::new(upstreams)));
+    }
+
+    /// Answers one client request. Never fails: errors become the gateway's own answers.
+    pub async fn handle(
+        &self,
+        connection: Arc<ClientConnection>,
+        request: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let entry = self.access_log_entry(&connection, &request);
+        let grpc = grpc::is_grpc(request.headers());
+        let answer = |error: GatewayError| match grpc {
+            true => error.into_grpc_response(),
+            false => error.into_response(),
+        };
+        let router = self.router.load_full();
+        let routed = self.screen(&connection, &request).and_then(|target| {
+            let path = target.path.as_deref().unwrap_or(request.uri().path());
+            let host = target
+                .authority
+                .as_ref()
+                .and_then(|a| a.to_str().ok())
+                .map(strip_port);
+            match router.find(host, path) {
+                Some(route) => Ok((route, target)),
+                None => Err(GatewayError::NoRoute),
+            }
+        });
+        let (route, target) = match routed {
+            Ok(routed) => routed,
+            Err(error) => {
+                let response = answer(error);
+                let elapsed = started.elapsed();
+                self.unrouted
+                    .observe_request(response.status().as_u16(), elapsed);
+                self.log(entry, None, Tries::default(), &response, elapsed);
+                return response;
+            }
+        };
+        let hop = Hop {
+            client: connection.peer.ip(),
+            trusted: self.settings.trusts(connection.peer.ip()),
+            secure: connection.secure,
+        };
+        let mut tries = Tries::default();
+        let response = match self.forward(route, &hop, request, target, &mut tries).await {
+            Ok(response) => response,
+            Err(error) => answer(error),
+        };
+        let elapsed = started.elapsed();
+        let requests = &route.upstream.metrics.requests;
+        requests.observe_request(response.status().as_u16(), elapsed);
+        self.log(entry, Some(route), tries, &response, elapsed);
+        response
+    }
+
+    /// What the gateway refuses before routing: a throttled client, CONNECT and TRACE,
+    /// transfer codings other than chunked, a missing, repeated or invalid Host.
+    fn screen(
+        &self,
+        connection: &ClientConnection,
+        request: &Request<Incoming>,
+    ) -> Result<Target, GatewayError> {
+        if connection.client.is_throttled() {
+            return Err(GatewayError::TooManyResets);
+        }
+        if matches!(*request.method(), Method::CONNECT | Method::TRACE) {
+            return Err(GatewayError::MethodNotAllowed);
+        }
+        if has_unsupported_coding(request) {
+            return Err(GatewayError::UnsupportedTransferCoding);
+        }
+        let authority = request_authority(request)?;
+        let path = match self.settings.normalize_path {
+            true => match path::normalize(request.uri().path()) {
+                std::borrow::Cow::Borrowed(_) => None,
+                std::borrow::Cow::Owned(normal) => Some(normal),
+            },
+            false => None,
+        };
+        Ok(Target { authority, path })
+    }
+
+    /// The access log's view of the request, taken before `forward` consumes it, and only
+    /// when the log is on.
+    fn access_log_entry(
+        &self,
+        connection: &ClientConnection,
+        request: &Request<Incoming>,
+    ) -> Option<Entry> {
+        self.access_log.as_ref().map(|_| Entry {
+            time: SystemTime::now(),
+            client: connection.peer.ip(),
+            method: request.method().clone(),
+            path: request.uri().path().to_owned(),
+            service: None,
+            instance: None,
+            status: 0,
+            duration: Duration::ZERO,
+            tries: 0,
+        })
+    }
+
+    /// Completes `entry` (present only when the access log is on) and queues it.
+    fn log(
+        &self,
+        entry: Option<Entry>,
+        route: Option<&Route>,
+        tries: Tries,
+        response: &Response<ProxyBody>,
+        elapsed: Duration,
+    ) {
+        if let (Some(log), Some(mut entry)) = (&self.access_log, entry) {
+            entry.service = route.map(|r| r.service.clone());
+            entry.instance = tries.last;
+            entry.tries = tries.count;
+            entry.status = response.status().as_u16();
+            entry.duration = elapsed;
+            log.record(entry);
+        }
+    }
+
+    /// Sends the request to instances of `route` until one answers or the rules say stop.
+    async fn forward(
+        &self,
+        route: &Route,
+        hop: &Hop,
+        mut request: Request<Incoming>,
+        target: Target,
+        tries: &mut Tries,
+    ) -> Result<Response<ProxyBody>, GatewayError> {
+        let upstream = &route.upstream;
+        let table = upstream.table();
+        if table.is_empty() {
+            return Err(GatewayError::NoHealthyInstance);
+        }
+        upstream.deposit_retry_budget();
+        let grpc = grpc::is_grpc(request.headers());
+        // A gRPC client's own deadline, when shorter than the route's, is the deadline.
+        let client_deadline = grpc::timeout(request.headers())
+            .filter(|asked| grpc && *asked < upstream.config.retry.timeout);
+        let deadline = Instant::now() + client_deadline.unwrap_or(upstream.config.retry.timeout);
+        let upgrade = upgrade::requested_protocol(&request)
+            .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
+        let (mut parts, body) = request.into_parts();
+        let body = HeldBody::hold(&parts, body, self.settings.body, deadline).await?;
+        let path = route.upstream_path(&parts.uri, target.path.as_deref());
+        forward_headers(&mut parts, target.authority, hop);
+        let upgrade = upgrade.map(|(protocol, client)| {
+            upgrade::restore_headers(&mut parts.headers, protocol);
+            client
+        });
+        let mut forwarding = Forwarding {
+            upstream,
+            table,
+            parts,
+            path,
+            body,
+            deadline,
+            upgrade,
+            grpc,
+            client_deadline: client_deadline.is_some(),
+        };
+        self.tries(&mut forwarding, tries).await
+    }
+
+    /// The loop around one try: pick, send, settle.
+    async fn tries(
+        &self,
+        forwarding: &mut Forwarding<'_>,
+        tries: &mut Tries,
+    ) -> Result<Response<ProxyBody>, GatewayError> {
+        let upstream = forwarding.upstream;
+        let attempts = upstream.config.retry.attempts;
+        let table = forwarding.table.clone();
+        let mut tried = Tried::default();
+        let mut last_response = None;
+        let mut saturated = false;
+        for attempt in 0..attempts {
+            // A retry must fit in the budget; the first try always goes.
+            if attempt > 0 && !upstream.try_take_retry() {
+                break;
+            }
+            let Some((index, instance)) = table.pick(&tried) else {
+                break;
+            };
+            tried.insert(index);
+            let wait = self.settings.connect_timeout;
+            let limit = self.settings.max_connections_per_instance;
+            let Some(slot) = instance.acquire(limit, wait).await else {
+                // The gateway's own limit, not the instance's failure: try another.
+                debug!(service = upstream.name(), instance = %instance.id, "instance at its connection limit");
+                saturated = true;
+                continue;
+            };
+            let Some(request_body) = forwarding.body.take() else {
+                break;
+            };
+            tries.count += 1;
+            if self.access_log.is_some() {
+                tries.last = Some(instance.authority.clone());
+            }
+            if attempt > 0 {
+                upstream.metrics.inc_retries();
+            }
+            let is_last = attempt + 1 == attempts;
+            match self
+                .one_try(forwarding, instance, slot, request_body, is_last)
+                .await?
+            {
+                Next::Answer(response) => return Ok(response),
+                Next::Retry(response) => last_response = response.or(last_response),
+                Next::Stop => break,
+            }
+        }
+        match last_response {
+            Some(response) => Ok(client_response(response)),
+            None if saturated => Err(GatewayError::UpstreamSaturated),
+            None => Err(GatewayError::BadGateway),
+        }
+    }
+
+    /// Sends one try to `instance` and settles its outcome.
+    async fn one_try(
+        &self,
+        forwarding: &mut Forwarding<'_>,
+        instance: &Instance,
+        slot: InstanceSlot,
+        body: UpstreamBody,
+        is_last: bool,
+    ) -> Result<Next, GatewayError> {
+        let protocol = forwarding.upstream.config.protocol;
+        let outgoing = outgoing_request(forwarding, instance, protocol, body)?;
+        let deadline = forwarding.deadline;
+        let client = self.clients.for_protocol(protocol);
+        let exchange = Exchange::new(client.request(outgoing), slot, deadline);
+        match tokio::time::timeout_at(deadline, exchange.send()).await {
+            Err(_) => forwarding.settle_timeout(instance),
+            Ok(Ok(response)) => Ok(self.settle_answer(forwarding, instance, response, is_last)),
+            Ok(Err(error)) => forwarding.settle_error(instance, &error),
+        }
+    }
+
+    /// An instance answered: passed on (a 101 spliced), unless a 502/503/504 may be retried
+    /// elsewhere.
+    fn settle_answer(
+        &self,
+        forwarding: &mut Forwarding<'_>,
+        instance: &Instance,
+        mut response: Response<InstanceBody>,
+        is_last: bool,
+    ) -> Next {
+        let upstream = forwarding.upstream;
+        let status = response.status();
+        if status.is_server_error() {
+            upstream.record_failure(&forwarding.table, instance);
+        } else {
+            upstream.record_success(instance);
+        }
+        if let Some(client) = forwarding.upgrade.take() {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                let slot = response.body_mut().take_slot();
+                let instance_side = hyper::upgrade::on(&mut response);
+                let gauge = upstream.metrics.upgraded();
+                self.upgrades.splice(client, instance_side, gauge, slot);
+            }
+            // Nothing is retried after a 101; a refusal is passed through as it is.
+            return Next::Answer(client_response(response));
+        }
+        let retry = is_bad_gateway_status(status)
+            && !is_last
+            && !forwarding.grpc
+            && may_retry(
+                &forwarding.parts.method,
+                TryFailure::BadGatewayStatus,
+                forwarding.body.is_replayable(),
+            );
+        if !retry {
+            return Next::Answer(client_response(response));
+        }
+        debug!(service = upstream.name(), instance = %instance.id, %status, "retrying after bad gateway status");
+        Next::Retry(Some(response))
+    }
+
+    /// Open upgraded (spliced) connections: the gateway's shutdown drains them.
+    pub fn upgrades(&self) -> &Upgrades {
+        &self.upgrades
+    }
+}
+
+/// One request on its way through its tries.
+struct Forwarding<'a> {
+    upstream: &'a Upstream,
+    table: Arc<ServiceTable>,
+    /// Method and headers as they go to every instance.
+    parts: Parts,
+    path: PathAndQuery,
+    body: HeldBody,
+    deadline: Instant,
+    /// The client's side of an upgrade request, until an instance answers.
+    upgrade: Option<OnUpgrade>,
+    /// A gRPC call: never retried once sent (a `grpc-status` is an answer).
+    grpc: bool,
+    /// The deadline is the client's (`grpc-timeout`): missing it is no instance's failure.
+    client_deadline: bool,
+}
+
+impl Forwarding<'_> {
+    /// The deadline passed during a try: the client's stall if its body is still arriving.
+    fn settle_timeout(&self, instance: &Instance) -> Result<Next, GatewayError> {
+        if self.body.client_still_sending() {
+            return Err(GatewayError::RequestBodyTimeout);
+        }
+        if !self.client_deadline {
+            self.upstream.record_failure(&self.table, instance);
+        }
+        Err(GatewayError::DeadlineExceeded)
+    }
+
+    /// A try failed without an answer: the client's fault if its body broke, else the
+    /// instance's (and retried when the rules allow).
+    fn settle_error(
+        &self,
+        instance: &Instance,
+        error: &hyper_util::client::legacy::Error,
+    ) -> Result<Next, GatewayError> {
+        let upstream = self.upstream;
+        if let Some(fault) = client_body_fault(error) {
+            debug!(service = upstream.name(), %error, "the client's request body failed");
+            return Err(fault);
+        }
+        upstream.record_failure(&self.table, instance);
+        let failure = if error.is_connect() {
+            TryFailure::BeforeSend
+        } else {
+            TryFailure::AfterSend
+        };
+        debug!(service = upstream.name(), instance = %instance.id, ?failure, %error, "try failed");
+        let sent = failure != TryFailure::BeforeSend;
+        if !(self.grpc && sent) && may_retry(&self.parts.method, failure, self.body.is_replayable())
+        {
+            Ok(Next::Retry(None))
+        } else {
+            Ok(Next::Stop)
+        }
+    }
+}
+
+/// The request for one try: the client's method and headers, to `instance`.
+fn outgoing_request(
+    forwarding: &Forwarding<'_>,
+    instance: &Instance,
+    protocol: UpstreamProtocol,
+    body: UpstreamBody,
+) -> Result<Request<UpstreamBody>, GatewayError> {
+    let uri = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(instance.authority.clone())
+        .path_and_query(forwarding.path.clone())
+        .build()
+        .map_err(|_| GatewayError::BadGateway)?;
+    let mut outgoing = Request::new(body);
+    *outgoing.method_mut() = forwarding.parts.method.clone();
+    *outgoing.uri_mut() = uri;
+    *outgoing.version_mut() = match protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::H2c => Version::HTTP_2,
+    };
+    *outgoing.headers_mut() = forwarding.parts.headers.clone();
+    Ok(outgoing)
+}
+
+/// `Transfer-Encoding` naming any coding but `chunked` (hyper accepts `gzip, chunked` and
+/// would silently drop the gzip): 501, as RFC 9112 §6.1 allows.
+fn has_unsupported_coding(request: &Request<Incoming>) -> bool {
+    request
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// An instance's response, ready for the client (a 101 keeps its `Upgrade`).
+fn client_response(response: Response<InstanceBody>) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    let upgrade = (parts.status == StatusCode::SWITCHING_PROTOCOLS)
+        .then(|| parts.headers.get(header::UPGRADE).cloned())
+        .flatten();
+    remove_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = upgrade {
+        upgrade::restore_headers(&mut parts.headers, protocol);
+    }
+    Response::from_parts(parts, Either::Left(body))
+}

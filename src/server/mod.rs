@@ -1,0 +1,301 @@
+//! The accept loop shared by the gateway and admin listeners: serves HTTP/1.1 and HTTP/2 on
+//! each connection, holds every connection to its deadlines, and on shutdown stops accepting
+//! at once, lets in-flight requests finish, and cuts what is left when the grace period ends.
+//!
+//! Deadlines, one rule for both protocols (hyper's own HTTP/1 header timeout starts only once
+//! the protocol is known, and HTTP/2 has no idle timeout):
+//! - a connection must start its first request within `first_request_timeout`, or it is cut
+//!   (a silent socket, a lone `P`, an HTTP/2 preface and nothing else);
+//! - a connection with nothing in flight and no new request for `idle_timeout` is closed
+//!   gracefully (HTTP/2: GOAWAY), and cut if the peer does not close within
+//!   `first_request_timeout` more.
+//!
+//! Per client address: at most `max_connections` connections, and a budget of abandoned
+//! requests ([`clients`]).
+
+pub mod clients;
+pub mod connection;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::{Body, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::ServerConfig;
+use crate::metrics::ConnectionMetrics;
+pub use clients::{Client, ClientLimits, Clients};
+pub use connection::ClientConnection;
+use connection::{Pending, Tracked};
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// How one listener serves its connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeSettings {
+    /// Names the listener in logs and metrics.
+    pub name: &'static str,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    pub clients: ClientLimits,
+    /// A connection must start its first request within this.
+    pub first_request_timeout: Duration,
+    /// A connection with nothing in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// How long in-flight requests may finish after shutdown starts.
+    pub grace: Duration,
+}
+
+/// HTTP/2 keep-alive: a PING after this much silence on a connection with streams open...
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// ...and the connection is closed if the PING is not answered within this.
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl ServeSettings {
+    /// The client-facing limits of `server.*`.
+    pub fn from_server(name: &'static str, server: &ServerConfig) -> Self {
+        Self {
+            name,
+            max_connections: server.max_connections,
+            clients: ClientLimits {
+                max_connections: server.max_connections_per_client,
+                reset_rate: server.client_reset_rate,
+            },
+            first_request_timeout: server.header_read_timeout,
+            idle_timeout: server.idle_timeout,
+            grace: server.shutdown_grace,
+        }
+    }
+}
+
+/// The HTTP/1.1 + HTTP/2 connection builder for client-facing listeners.
+pub fn http_builder(server: &ServerConfig) -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(server.header_read_timeout)
+        .max_buf_size(server.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+        .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// What every connection task of one listener shares.
+struct Shared<H> {
+    settings: ServeSettings,
+    builder: Builder<TokioExecutor>,
+    handler: H,
+    clients: Arc<Clients>,
+    metrics: ConnectionMetrics,
+    /// Cancelled when shutdown starts: connections finish what is in flight, then close.
+    draining: CancellationToken,
+    /// Cancelled when the grace period ends, to cut connections still open.
+    cut: CancellationToken,
+}
+
+/// Serves `listener` until `shutdown`, then drains for at most `settings.grace`.
+///
+/// `handler` answers each request; it gets the connection and never fails (errors become
+/// responses).
+pub async fn serve<H, F, B>(
+    listener: TcpListener,
+    builder: Builder<TokioExecutor>,
+    handler: H,
+    settings: ServeSettings,
+    metrics: ConnectionMetrics,
+    shutdown: CancellationToken,
+) where
+    H: Fn(Arc<ClientConnection>, Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let shared = Arc::new(Shared {
+        settings,
+        builder,
+        handler,
+        clients: Clients::new(settings.clients),
+        metrics,
+        draining: CancellationToken::new(),
+        cut: CancellationToken::new(),
+    });
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break, // the semaphore is never closed
+            },
+        };
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = accept(&listener, settings.name) => accepted,
+        };
+        let Some((stream, peer)) = stream else {
+            continue;
+        };
+        let Some(client) = shared.clients.admit(peer.ip()) else {
+            shared.metrics.per_client_limit.inc();
+            debug!(listener = settings.name, %peer, "connection refused: per-client limit");
+            continue;
+        };
+        let shared = shared.clone();
+        tracker.spawn(async move {
+            let _slot = slot;
+            let connection = Arc::new(ClientConnection::new(
+                peer,
+                false,
+                client.client.clone(),
+                shared.metrics.resets.clone(),
+            ));
+            shared
+                .serve_connection(TokioIo::new(stream), connection)
+                .await;
+            drop(client);
+        });
+    }
+    drop(listener);
+    drain(&shared, &tracker).await;
+}
+
+/// Accepts one connection; `None` after a failed accept (logged, paused).
+async fn accept(
+    listener: &TcpListener,
+    name: &'static str,
+) -> Option<(TcpStream, std::net::SocketAddr)> {
+    match listener.accept().await {
+        Ok((stream, peer)) => {
+            if let Err(error) = stream.set_nodelay(true) {
+                debug!(listener = name, %error, "could not set TCP_NODELAY");
+            }
+            Some((stream, peer))
+        }
+        Err(error) => {
+            warn!(listener = name, %error, "accept failed");
+            tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            None
+        }
+    }
+}
+
+/// Lets open connections finish what is in flight, for at most the grace period.
+async fn drain<H>(shared: &Shared<H>, tracker: &TaskTracker) {
+    let name = shared.settings.name;
+    shared.draining.cancel();
+    tracker.close();
+    if !tracker.is_empty() {
+        info!(listener = name, connections = tracker.len(), grace = ?shared.settings.grace, "draining");
+    }
+    tokio::select! {
+        _ = tracker.wait() => debug!(listener = name, "drained"),
+        _ = tokio::time::sleep(shared.settings.grace) => {
+            warn!(listener = name, "grace period over; cutting remaining connections");
+            shared.cut.cancel();
+            tracker.wait().await;
+        }
+    }
+}
+
+/// Where a connection is in its life, for the deadline checks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// A graceful close was asked for (idle or shutdown).
+    Closing,
+}
+
+impl<H, F, B> Shared<H>
+where
+    H: Fn(Arc<ClientConnection>, Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// Serves one connection (plain or TLS) until it ends, is closed for idling or silence,
+    /// or is cut at the end of the grace period.
+    pub async fn serve_connection<I>(self: Arc<Self>, io: I, connection: Arc<ClientConnection>)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        self.metrics.open.inc();
+        let handler_side = self.clone();
+        let info = connection.clone();
+        let service = service_fn(move |request| {
+            let pending = Pending::start(&info);
+            let response = (handler_side.handler)(info.clone(), request);
+            async move {
+                let response = response.await;
+                let in_flight = pending.answered();
+                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
+            }
+        });
+        let conn = self.builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(conn);
+        let settings = &self.settings;
+        let mut deadline = Instant::now() + settings.first_request_timeout;
+        let mut seen = 0;
+        let mut phase = Phase::Serving;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(error) = result {
+                        debug!(listener = settings.name, peer = %connection.peer, %error, "connection ended with an error");
+                    }
+                    break;
+                }
+                _ = self.cut.cancelled() => {
+                    debug!(listener = settings.name, peer = %connection.peer, "connection cut at end of grace period");
+                    break;
+                }
+                _ = self.draining.cancelled(), if phase == Phase::Serving => {
+                    conn.as_mut().graceful_shutdown();
+                    phase = Phase::Closing;
+                    deadline = Instant::now() + settings.grace + settings.first_request_timeout;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    let started = connection.started();
+                    if phase == Phase::Closing {
+                        break;
+                    }
+                    if started == 0 {
+                        self.metrics.first_request_timeout.inc();
+                        debug!(listener = settings.name, peer = %connection.peer, "no request within the header read timeout; cut");
+                        break;
+                    }
+                    if started == seen && connection.in_flight() == 0 {
+                        self.metrics.idle.inc();
+                        conn.as_mut().graceful_shutdown();
+                        phase = Phase::Closing;
+                        deadline = Instant::now() + settings.first_request_timeout;
+                        continue;
+                    }
+                    seen = started;
+                    deadline = Instant::now() + settings.idle_timeout;
+                }
+            }
+        }
+        self.metrics.open.dec();
+    }
+}
