@@ -162,7 +162,7 @@ pub struct CertificateConfig {
 }
 
 /// The gateway's own registration in Consul, with an HTTP check on the admin `/healthz`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RegisterConfig {
     pub name: String,
     /// Empty: `<name>-<listen port>-<host name>` at start.
@@ -179,7 +179,7 @@ pub struct RegisterConfig {
     pub deregister_after: Duration,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ConsulConfig {
     /// One or more Consul HTTP addresses; on errors the watcher moves to the next one.
     #[serde(serialize_with = "serialize_urls")]
@@ -217,6 +217,34 @@ pub enum WatchMode {
 }
 
 impl ConsulConfig {
+    /// Calls `check` with each key's name and whether it differs in `next` (all restart-only:
+    /// the Consul client and the watches are built at start).
+    fn diff(&self, next: &ConsulConfig, check: &mut impl FnMut(&'static str, bool)) {
+        let ConsulConfig {
+            addresses,
+            token,
+            datacenter,
+            wait,
+            backoff_base,
+            backoff_max,
+            stale_after,
+            max_connections,
+            watch,
+        } = self;
+        check("consul.address", *addresses != next.addresses);
+        check("consul.token", *token != next.token);
+        check("consul.datacenter", *datacenter != next.datacenter);
+        check("consul.wait", *wait != next.wait);
+        check("consul.backoff_base", *backoff_base != next.backoff_base);
+        check("consul.backoff_max", *backoff_max != next.backoff_max);
+        check("consul.stale_after", *stale_after != next.stale_after);
+        check(
+            "consul.max_connections",
+            *max_connections != next.max_connections,
+        );
+        check("consul.watch", *watch != next.watch);
+    }
+
     /// The mode in effect for `services` services.
     pub fn effective_watch(&self, services: usize) -> WatchMode {
         match self.watch {
@@ -278,7 +306,7 @@ pub struct OutlierConfig {
 }
 
 /// Limits of the client-facing listener.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ServerConfig {
     /// How long in-flight requests may run after SIGTERM/SIGINT before being cut.
     #[serde(with = "humantime_serde_compat")]
@@ -312,7 +340,7 @@ pub struct ServerConfig {
 }
 
 /// How the gateway talks to service instances.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct UpstreamConfig {
     #[serde(with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
@@ -340,7 +368,7 @@ pub enum AccessLogTarget {
 }
 
 /// The optional access log: one JSON object per answered request.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AccessLogConfig {
     pub target: AccessLogTarget,
     /// Entries queued for the writer; when it falls behind, more are dropped and counted.
@@ -862,6 +890,49 @@ impl Config {
         raw.validate(env)
     }
 
+    /// The keys changed in `next` that take effect only on restart (they shape listeners,
+    /// the runtime or clients), by name, for the reload log; values are compared unmasked and
+    /// never returned. `services` and `watch_config` are applied on reload. Exhaustive
+    /// destructuring: a new key does not compile until it is sorted into one or the other.
+    pub fn restart_only_changes(&self, next: &Config) -> Vec<&'static str> {
+        let Config {
+            listen,
+            admin_listen,
+            workers,
+            consul,
+            services: _,
+            server,
+            upstream,
+            access_log,
+            register,
+            watch_config: _,
+            tls,
+        } = self;
+        let mut changed = Vec::new();
+        let mut check = |key, differs: bool| {
+            if differs {
+                changed.push(key);
+            }
+        };
+        check("listen", *listen != next.listen);
+        check("admin_listen", *admin_listen != next.admin_listen);
+        check("workers", *workers != next.workers);
+        consul.diff(&next.consul, &mut check);
+        check("server", *server != next.server);
+        check("upstream", *upstream != next.upstream);
+        check("access_log", *access_log != next.access_log);
+        check("register", *register != next.register);
+        // Certificates are re-read on every reload; the listener and the redirect are not.
+        let listen_of = |tls: &Option<TlsConfig>| tls.as_ref().map(|t| t.listen);
+        check("tls.listen", listen_of(tls) != listen_of(&next.tls));
+        let redirect_of = |tls: &Option<TlsConfig>| tls.as_ref().map(|t| t.redirect_http);
+        check(
+            "tls.redirect_http",
+            redirect_of(tls) != redirect_of(&next.tls),
+        );
+        changed
+    }
+
     /// The effective configuration as YAML-ish JSON, with secrets masked.
     pub fn to_masked_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("<unprintable: {e}>"))
@@ -1114,24 +1185,7 @@ impl RawService {
                 "must be between 0 and 100",
             ));
         }
-        if self.outlier.max_ejected_percent > 100 {
-            return Err(invalid(
-                format!("{key}.outlier.max_ejected_percent"),
-                "must be between 0 and 100",
-            ));
-        }
-        let outlier = OutlierConfig {
-            consecutive_failures: self.outlier.consecutive_failures,
-            base_ejection_time: parse_positive_duration(
-                &format!("{key}.outlier.base_ejection_time"),
-                &self.outlier.base_ejection_time,
-            )?,
-            max_ejection_time: parse_positive_duration(
-                &format!("{key}.outlier.max_ejection_time"),
-                &self.outlier.max_ejection_time,
-            )?,
-            max_ejected_percent: self.outlier.max_ejected_percent,
-        };
+        let outlier = self.outlier.validate(&format!("{key}.outlier"))?;
         let retry = RetryConfig {
             budget_percent: self.retry.budget_percent,
             budget_min_per_second: self.retry.budget_min_per_second,
@@ -1166,6 +1220,40 @@ impl RawService {
             protocol,
             retry,
             outlier,
+        })
+    }
+}
+
+impl RawOutlier {
+    /// `key` is the section's own key (`services[i].outlier`).
+    fn validate(self, key: &str) -> Result<OutlierConfig, ConfigError> {
+        if self.max_ejected_percent > 100 {
+            return Err(invalid(
+                format!("{key}.max_ejected_percent"),
+                "must be between 0 and 100",
+            ));
+        }
+        let base_ejection_time = parse_positive_duration(
+            &format!("{key}.base_ejection_time"),
+            &self.base_ejection_time,
+        )?;
+        let max_ejection_time =
+            parse_positive_duration(&format!("{key}.max_ejection_time"), &self.max_ejection_time)?;
+        if max_ejection_time < base_ejection_time {
+            return Err(invalid(
+                format!("{key}.max_ejection_time"),
+                format!(
+                    "{:?} is below `base_ejection_time` ({:?}): it must be at least that",
+                    self.max_ejection_time.trim(),
+                    self.base_ejection_time.trim()
+                ),
+            ));
+        }
+        Ok(OutlierConfig {
+            consecutive_failures: self.consecutive_failures,
+            base_ejection_time,
+            max_ejection_time,
+            max_ejected_percent: self.max_ejected_percent,
         })
     }
 }
@@ -1400,6 +1488,29 @@ mod tests {
     }
 
     #[test]
+    fn max_ejection_time_below_base_is_rejected() {
+        let outlier = |times: &str| {
+            parse(&format!(
+                "services:\n  - name: a\n  - name: b\n    outlier: {{{times}}}\n"
+            ))
+        };
+        let err = outlier("base_ejection_time: 30s, max_ejection_time: 10s").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("services[1].outlier.max_ejection_time"),
+            "{text}"
+        );
+        assert!(text.contains("base_ejection_time"), "{text}");
+        // The default max (5m) below a larger base is caught too; equal is fine.
+        assert!(outlier("base_ejection_time: 10m").is_err());
+        let equal = outlier("base_ejection_time: 10s, max_ejection_time: 10s").unwrap();
+        assert_eq!(
+            equal.services[1].outlier.max_ejection_time,
+            Duration::from_secs(10)
+        );
+    }
+
+    #[test]
     fn consul_env_fills_missing_keys_only() {
         let env = ConsulEnv {
             http_addr: Some("10.1.2.3:8500".into()),
@@ -1467,6 +1578,38 @@ mod tests {
             let err = parse(&format!("{yaml}\n{MINIMAL}")).unwrap_err();
             assert!(err.to_string().contains(key), "{key}: {err}");
         }
+        // Certificates are re-read on reload; the listener and the redirect need a restart.
+        let with = |tls: &str| parse(&format!("tls: {tls}\n{MINIMAL}")).unwrap();
+        let base = with("{certificates: [{cert_file: /c, key_file: /k}]}");
+        let rotated = with("{certificates: [{cert_file: /c2, key_file: /k2}]}");
+        assert!(base.restart_only_changes(&rotated).is_empty());
+        let moved = with("{listen: 0.0.0.0:9443, redirect_http: true, certificates: [{cert_file: /c, key_file: /k}]}");
+        assert_eq!(
+            base.restart_only_changes(&moved),
+            ["tls.listen", "tls.redirect_http"]
+        );
+    }
+
+    #[test]
+    fn reload_diff_names_restart_only_keys_and_compares_the_real_token() {
+        let with = |prefix: &str| parse(&format!("{prefix}{MINIMAL}")).unwrap();
+        let base = with("consul: {token: first}\n");
+        assert!(base.restart_only_changes(&base.clone()).is_empty());
+        // Masked, both tokens serialize as "***": the diff must still see the change.
+        let rotated = with("consul: {token: second}\n");
+        assert_eq!(base.restart_only_changes(&rotated), ["consul.token"]);
+        let moved = with(
+            "listen: 0.0.0.0:9\nconsul: {token: first, wait: 1m}\nserver: {max_connections: 5}\n",
+        );
+        assert_eq!(
+            base.restart_only_changes(&moved),
+            ["listen", "consul.wait", "server"]
+        );
+        // Applied on reload, so not reported: services and watch_config.
+        let applied =
+            parse("consul: {token: first}\nwatch_config: 1s\nservices:\n  - name: other\n")
+                .unwrap();
+        assert!(base.restart_only_changes(&applied).is_empty());
     }
 
     #[test]

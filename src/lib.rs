@@ -150,6 +150,8 @@ async fn apply_reloads(
 impl Reload {
     /// Services and routes take effect at once; connections and in-flight requests are not
     /// touched. Keys that shape listeners, runtime or clients need a restart: said in a log line.
+    /// A removed service's metric series go once the last of its handles is dropped (its
+    /// watch stopped, its requests answered): see [`metrics`].
     fn apply(&mut self, next: Config) {
         // First, so that once the new routes are visible the certificates are in place too.
         self.reload_certificates(&next);
@@ -174,49 +176,12 @@ impl Reload {
             changed,
             "config reloaded"
         );
-        let needs_restart = |name: &str, old: serde_json::Value, new: serde_json::Value| {
-            if old != new {
-                warn!(
-                    key = name,
-                    "changed in the reloaded config; takes effect on restart"
-                );
-            }
-        };
-        let json = |value: &dyn erased::Json| value.json();
-        needs_restart("listen", json(&self.config.listen), json(&next.listen));
-        needs_restart(
-            "admin_listen",
-            json(&self.config.admin_listen),
-            json(&next.admin_listen),
-        );
-        needs_restart("workers", json(&self.config.workers), json(&next.workers));
-        needs_restart("consul", json(&self.config.consul), json(&next.consul));
-        needs_restart("server", json(&self.config.server), json(&next.server));
-        needs_restart(
-            "upstream",
-            json(&self.config.upstream),
-            json(&next.upstream),
-        );
-        needs_restart(
-            "access_log",
-            json(&self.config.access_log),
-            json(&next.access_log),
-        );
-        needs_restart(
-            "register",
-            json(&self.config.register),
-            json(&next.register),
-        );
-        needs_restart(
-            "tls.listen",
-            json(&self.config.tls.as_ref().map(|t| t.listen)),
-            json(&next.tls.as_ref().map(|t| t.listen)),
-        );
-        needs_restart(
-            "tls.redirect_http",
-            json(&self.config.tls.as_ref().map(|t| t.redirect_http)),
-            json(&next.tls.as_ref().map(|t| t.redirect_http)),
-        );
+        for key in self.config.restart_only_changes(&next) {
+            warn!(
+                key,
+                "changed in the reloaded config; takes effect on restart"
+            );
+        }
         self.upstreams = upstreams;
         self.config = next;
     }
@@ -226,18 +191,6 @@ impl Reload {
     fn reload_certificates(&self, next: &Config) {
         if let (Some(terminator), Some(tls)) = (&self.tls, &next.tls) {
             let _ = terminator.reload(&tls.certificates);
-        }
-    }
-}
-
-/// `serde_json::to_value` behind a trait object, to compare config sections uniformly.
-mod erased {
-    pub trait Json {
-        fn json(&self) -> serde_json::Value;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn json(&self) -> serde_json::Value {
-            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
         }
     }
 }

@@ -4,6 +4,8 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -19,8 +21,8 @@ use switchyard::{Config, Shutdown};
 /// are used when the file leaves consul.address / consul.token out. RUST_LOG sets log levels.
 ///
 /// Signals: SIGTERM or SIGINT stop accepting and drain in-flight requests (server.shutdown_grace);
-/// SIGHUP re-reads the config file and applies its services and routes (an invalid file is
-/// rejected and the running config kept).
+/// SIGHUP re-reads the config file and applies its services, routes and watch_config (an
+/// invalid file is rejected and the running config kept).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
@@ -121,22 +123,71 @@ fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         let shutdown = Shutdown::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         let (reload_tx, reloads) = tokio::sync::mpsc::channel(4);
-        if let Some(interval) = config.watch_config {
-            tokio::spawn(reload_on_change(
-                config_path.clone(),
-                interval,
-                reload_tx.clone(),
-            ));
-        }
-        tokio::spawn(reload_on_sighup(config_path, reload_tx));
+        let (poll_tx, poll) = tokio::sync::watch::channel(config.watch_config);
+        let reloader = Arc::new(Reloader {
+            reloads: reload_tx,
+            poll: poll_tx,
+            loaded: std::sync::Mutex::new(stamp(&config_path)),
+            path: config_path,
+        });
+        tokio::spawn(reload_on_change(reloader.clone(), poll));
+        tokio::spawn(reload_on_sighup(reloader));
         switchyard::run_listeners(config, listeners, shutdown, reloads).await?;
         Ok(())
     })
 }
 
+/// Where reloaded configs come from and go: the file, the gateway, and the `watch_config`
+/// poll interval of the last valid file (applied on reload, like services).
+struct Reloader {
+    path: PathBuf,
+    reloads: tokio::sync::mpsc::Sender<Config>,
+    poll: tokio::sync::watch::Sender<Option<Duration>>,
+    /// The file's stamp when it was last read (valid or not), so polling sees later changes.
+    loaded: std::sync::Mutex<Option<Stamp>>,
+}
+
+/// What polling compares: modification time and size.
+type Stamp = (Option<std::time::SystemTime>, u64);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.modified().ok(), m.len()))
+}
+
+impl Reloader {
+    /// Whether the file changed since it was last read.
+    fn changed_since_loaded(&self) -> bool {
+        stamp(&self.path) != *self.loaded.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Loads the file and hands it over; an invalid file is logged and the running config
+    /// stays. Returns false once the gateway no longer takes reloads.
+    async fn reload(&self, cause: &str) -> bool {
+        let path = self.path.display();
+        *self.loaded.lock().unwrap_or_else(PoisonError::into_inner) = stamp(&self.path);
+        match Config::load(&self.path) {
+            Ok(config) => {
+                tracing::info!(path = %path, cause, "reloading config");
+                self.poll.send_if_modified(|poll| {
+                    let changed = *poll != config.watch_config;
+                    *poll = config.watch_config;
+                    changed
+                });
+                self.reloads.send(config).await.is_ok()
+            }
+            Err(error) => {
+                tracing::error!(path = %path, cause, %error, "config rejected; keeping the running one");
+                true
+            }
+        }
+    }
+}
+
 /// On each SIGHUP re-reads the config file: a valid one is applied, an invalid one is
 /// rejected with a log line naming the key, and the running config stays.
-async fn reload_on_sighup(path: PathBuf, reloads: tokio::sync::mpsc::Sender<Config>) {
+async fn reload_on_sighup(reloader: Arc<Reloader>) {
     let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => signal,
         Err(error) => {
@@ -145,49 +196,38 @@ async fn reload_on_sighup(path: PathBuf, reloads: tokio::sync::mpsc::Sender<Conf
         }
     };
     while hangups.recv().await.is_some() {
-        if !reload(&path, "SIGHUP", &reloads).await {
+        if !reloader.reload("SIGHUP").await {
             return;
         }
     }
 }
 
-/// Loads `path` and hands it over; an invalid file is logged and the running config stays.
-/// Returns false once the gateway no longer takes reloads.
-async fn reload(path: &Path, cause: &str, reloads: &tokio::sync::mpsc::Sender<Config>) -> bool {
-    match Config::load(path) {
-        Ok(config) => {
-            tracing::info!(path = %path.display(), cause, "reloading config");
-            reloads.send(config).await.is_ok()
-        }
-        Err(error) => {
-            tracing::error!(path = %path.display(), cause, %error, "config rejected; keeping the running one");
-            true
-        }
-    }
-}
-
-/// `watch_config`: reloads when the file's modification time or size changes. Polling (no
-/// inotify crate) is enough at seconds' granularity and also sees a file replaced by a
-/// ConfigMap-style symlink swap.
+/// `watch_config`: reloads when the file's modification time or size changes, polling at the
+/// interval `poll` holds (`None`: not at all). A reload that changes `watch_config` takes
+/// effect at once. Polling (no inotify crate) is enough at seconds' granularity and also sees
+/// a file replaced by a ConfigMap-style symlink swap.
 async fn reload_on_change(
-    path: PathBuf,
-    interval: std::time::Duration,
-    reloads: tokio::sync::mpsc::Sender<Config>,
+    reloader: Arc<Reloader>,
+    mut poll: tokio::sync::watch::Receiver<Option<Duration>>,
 ) {
-    let stamp = |path: &Path| {
-        std::fs::metadata(path)
-            .ok()
-            .map(|m| (m.modified().ok(), m.len()))
-    };
-    let mut last = stamp(&path);
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticks.tick().await;
-        let now = stamp(&path);
-        if now != last {
-            last = now;
-            if !reload(&path, "file changed", &reloads).await {
+        let Some(interval) = *poll.borrow_and_update() else {
+            if poll.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                changed = poll.changed() => match changed {
+                    Ok(()) => break,
+                    Err(_) => return,
+                },
+                _ = ticks.tick() => {}
+            }
+            if reloader.changed_since_loaded() && !reloader.reload("file changed").await {
                 return;
             }
         }

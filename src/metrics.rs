@@ -5,8 +5,20 @@
 //! and cached in a lock-free slot. Label values come from configuration and Consul service
 //! names, never from request paths, so cardinality is bounded by the config. This module
 //! imports no other module of the crate.
+//!
+//! A service's series live as long as its handles: every [`ServiceMetrics`] for one service
+//! shares a lease, and when the last one is dropped (the service left the config, its watch
+//! stopped, the requests it was serving finished and no scrape is reading it) all its series
+//! are removed from the families. Removing them any earlier would let a late write through a
+//! handle resolved before (a status code seen for the first time) recreate a series nobody
+//! removes again. A service changed by a reload resolves its handles while the old ones are
+//! still held, so it shares the lease and its series simply continue. A handle taken out of
+//! a `ServiceMetrics` (the upgraded-connections gauge an open WebSocket holds) may outlive
+//! the lease: its later writes are not exported, and being pre-resolved they never recreate
+//! a removed series.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{
@@ -25,6 +37,15 @@ const DURATION_BUCKETS: &[f64] = &[
 /// Every metric family of the gateway.
 pub struct Metrics {
     registry: Registry,
+    per_service: Arc<PerService>,
+    propagation: Histogram,
+    access_log_dropped: IntCounter,
+    tls_handshakes: IntCounterVec,
+    connections: ConnectionFamilies,
+}
+
+/// The families labelled by service, and the lease of each service label in use.
+struct PerService {
     requests: IntCounterVec,
     duration: HistogramVec,
     retries: IntCounterVec,
@@ -37,11 +58,60 @@ pub struct Metrics {
     ejections: IntCounterVec,
     ejected: IntGaugeVec,
     retry_budget_exhausted: IntCounterVec,
-    propagation: Histogram,
-    access_log_dropped: IntCounter,
-    tls_handshakes: IntCounterVec,
-    connections: ConnectionFamilies,
     upgraded: IntGaugeVec,
+    /// Held only while handles are resolved and while series are removed, never per request.
+    leases: Mutex<HashMap<String, Weak<SeriesLease>>>,
+}
+
+impl PerService {
+    fn leases(&self) -> MutexGuard<'_, HashMap<String, Weak<SeriesLease>>> {
+        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Removes every series labelled `service` (absent ones are no error).
+    fn remove(&self, service: &str) {
+        for code in (100..=599).map(|c: u16| c.to_string()) {
+            let _ = self.requests.remove_label_values(&[service, code.as_str()]);
+        }
+        let _ = self.requests.remove_label_values(&[service, "other"]);
+        let _ = self.duration.remove_label_values(&[service]);
+        let _ = self.instances.remove_label_values(&[service]);
+        let _ = self.ejected.remove_label_values(&[service]);
+        let _ = self.upgraded.remove_label_values(&[service]);
+        let _ = self.consul_last_success.remove_label_values(&[service]);
+        let _ = self.consul_failing.remove_label_values(&[service]);
+        for counter in [
+            &self.retries,
+            &self.table_updates,
+            &self.consul_errors,
+            &self.consul_hung,
+            &self.ejections,
+            &self.retry_budget_exhausted,
+        ] {
+            let _ = counter.remove_label_values(&[service]);
+        }
+    }
+}
+
+/// Keeps one service's series in the families; the last holder to drop it removes them.
+struct SeriesLease {
+    service: String,
+    families: Arc<PerService>,
+}
+
+impl Drop for SeriesLease {
+    fn drop(&mut self) {
+        let mut leases = self.families.leases();
+        // A lease taken for the same service since this one died (a service re-added) is
+        // alive and keeps the series; only a dead entry means nobody can write them.
+        if leases
+            .get(&self.service)
+            .is_some_and(|lease| lease.strong_count() == 0)
+        {
+            leases.remove(&self.service);
+            self.families.remove(&self.service);
+        }
+    }
 }
 
 fn counter_vec(
@@ -182,23 +252,26 @@ impl Metrics {
         ))?;
         Ok(Self {
             registry,
-            requests,
-            duration,
-            retries,
-            instances,
-            table_updates,
-            consul_errors,
-            consul_last_success,
-            consul_hung,
-            consul_failing,
-            ejections,
-            ejected,
-            retry_budget_exhausted,
+            per_service: Arc::new(PerService {
+                requests,
+                duration,
+                retries,
+                instances,
+                table_updates,
+                consul_errors,
+                consul_last_success,
+                consul_hung,
+                consul_failing,
+                ejections,
+                ejected,
+                retry_budget_exhausted,
+                upgraded,
+                leases: Mutex::new(HashMap::new()),
+            }),
             propagation,
             access_log_dropped,
             tls_handshakes,
             connections,
-            upgraded,
         })
     }
 
@@ -221,32 +294,44 @@ impl Metrics {
         self.access_log_dropped.clone()
     }
 
-    /// Request counters for a `service` label (also used for [`UNROUTED`]).
-    pub fn for_requests(&self, service: &str) -> RequestMetrics {
-        RequestMetrics {
-            requests: self.requests.clone(),
-            service: service.to_owned(),
-            codes: (0..CODE_SLOTS).map(|_| OnceLock::new()).collect(),
-            duration: self.duration.with_label_values(&[service]),
-        }
+    /// Request counters for a label that lives as long as the gateway ([`UNROUTED`]); a
+    /// service's come with [`Metrics::for_service`].
+    pub fn for_requests(&self, label: &str) -> RequestMetrics {
+        RequestMetrics::new(&self.per_service, label, None)
     }
 
-    /// Resolves every handle one service needs. Call once per service at start.
+    /// Resolves every handle one service needs. Call once per service (and again for a
+    /// service a reload changed); the series stay while any of the handles does.
     pub fn for_service(&self, service: &str) -> ServiceMetrics {
+        let families = &self.per_service;
+        // Resolved under the lock, so a dying lease cannot remove series resolved here.
+        let mut leases = families.leases();
+        let lease = match leases.get(service).and_then(Weak::upgrade) {
+            Some(lease) => lease,
+            None => {
+                let lease = Arc::new(SeriesLease {
+                    service: service.to_owned(),
+                    families: families.clone(),
+                });
+                leases.insert(service.to_owned(), Arc::downgrade(&lease));
+                lease
+            }
+        };
+        let label = &[service];
         ServiceMetrics {
-            requests: self.for_requests(service),
-            retries: self.retries.with_label_values(&[service]),
-            instances: self.instances.with_label_values(&[service]),
-            table_updates: self.table_updates.with_label_values(&[service]),
-            consul_errors: self.consul_errors.with_label_values(&[service]),
-            consul_last_success: self.consul_last_success.with_label_values(&[service]),
-            consul_hung: self.consul_hung.with_label_values(&[service]),
-            consul_failing: self.consul_failing.with_label_values(&[service]),
-            ejections: self.ejections.with_label_values(&[service]),
-            ejected: self.ejected.with_label_values(&[service]),
-            retry_budget_exhausted: self.retry_budget_exhausted.with_label_values(&[service]),
+            requests: RequestMetrics::new(families, service, Some(lease)),
+            retries: families.retries.with_label_values(label),
+            instances: families.instances.with_label_values(label),
+            table_updates: families.table_updates.with_label_values(label),
+            consul_errors: families.consul_errors.with_label_values(label),
+            consul_last_success: families.consul_last_success.with_label_values(label),
+            consul_hung: families.consul_hung.with_label_values(label),
+            consul_failing: families.consul_failing.with_label_values(label),
+            ejections: families.ejections.with_label_values(label),
+            ejected: families.ejected.with_label_values(label),
+            retry_budget_exhausted: families.retry_budget_exhausted.with_label_values(label),
             propagation: self.propagation.clone(),
-            upgraded: self.upgraded.with_label_values(&[service]),
+            upgraded: families.upgraded.with_label_values(label),
         }
     }
 
@@ -343,6 +428,9 @@ pub struct RequestMetrics {
     service: String,
     codes: Box<[OnceLock<IntCounter>]>,
     duration: Histogram,
+    /// Keeps the service's series (a code counter may still be resolved through this);
+    /// `None` for labels never removed.
+    _lease: Option<Arc<SeriesLease>>,
 }
 
 /// One service's handles, resolved at start.
@@ -363,6 +451,16 @@ pub struct ServiceMetrics {
 }
 
 impl RequestMetrics {
+    fn new(families: &PerService, service: &str, lease: Option<Arc<SeriesLease>>) -> Self {
+        RequestMetrics {
+            requests: families.requests.clone(),
+            service: service.to_owned(),
+            codes: (0..CODE_SLOTS).map(|_| OnceLock::new()).collect(),
+            duration: families.duration.with_label_values(&[service]),
+            _lease: lease,
+        }
+    }
+
     /// Counts one answered request and its latency.
     pub fn observe_request(&self, status: u16, elapsed: Duration) {
         // Out-of-range codes all share the last slot, so no two slots hold the same
@@ -488,6 +586,74 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"switchyard_request_duration_seconds_count{service="hello"} 4"#));
+    }
+
+    fn series_of(metrics: &Metrics, service: &str) -> Vec<String> {
+        let text = String::from_utf8(metrics.encode().unwrap()).unwrap();
+        let label = format!("service=\"{service}\"");
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&label))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn exercise(service: &ServiceMetrics) {
+        service
+            .requests
+            .observe_request(200, Duration::from_millis(1));
+        service
+            .requests
+            .observe_request(502, Duration::from_millis(1));
+        service
+            .requests
+            .observe_request(42, Duration::from_millis(1));
+        service.inc_retries();
+        service.table_replaced(2);
+        service.consul_error();
+        service.consul_hung();
+        service.ejected();
+        service.retry_budget_exhausted();
+        service.consul_success();
+        service.refresh(Some(Duration::from_secs(1)), 1);
+    }
+
+    #[test]
+    fn series_go_when_the_last_handle_of_their_service_does() {
+        let metrics = Metrics::new().unwrap();
+        let (gone, kept) = (metrics.for_service("gone"), metrics.for_service("kept"));
+        exercise(&gone);
+        exercise(&kept);
+        let all = series_of(&metrics, "gone").len();
+        assert!(all >= 29, "{all}");
+        // A changed service: new handles for the same label share the series...
+        let rebuilt = metrics.for_service("gone");
+        drop(gone);
+        assert_eq!(series_of(&metrics, "gone").len(), all);
+        rebuilt
+            .requests
+            .observe_request(200, Duration::from_millis(1));
+        let text = String::from_utf8(metrics.encode().unwrap()).unwrap();
+        assert!(
+            text.contains(r#"switchyard_requests_total{code="200",service="gone"} 2"#),
+            "the count continues: {text}"
+        );
+        // ...and the last one to go takes them along, and only them.
+        drop(rebuilt);
+        assert_eq!(series_of(&metrics, "gone"), Vec::<String>::new());
+        assert_eq!(series_of(&metrics, "kept").len(), all);
+        // Added again: fresh series, removed again with their handles.
+        let again = metrics.for_service("gone");
+        again
+            .requests
+            .observe_request(204, Duration::from_millis(1));
+        let text = String::from_utf8(metrics.encode().unwrap()).unwrap();
+        assert!(
+            text.contains(r#"switchyard_requests_total{code="204",service="gone"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"code="200",service="gone""#), "{text}");
+        drop(again);
+        assert!(series_of(&metrics, "gone").is_empty());
     }
 
     #[test]

@@ -558,6 +558,8 @@ impl Upstreams {
     /// The services of a reloaded config: an unchanged service keeps its `Upstream` (table,
     /// passive health, watch); a changed one gets a new `Upstream` seeded with the old table
     /// when its tags did not change, so requests never see it empty; new ones start empty.
+    /// A changed service's metrics are resolved while the old `Upstream` still holds its
+    /// handles, so its series continue; a dropped service's series go with its last handle.
     pub fn rebuild(&self, configs: &[ServiceConfig], metrics: &Metrics) -> Upstreams {
         let services = configs
             .iter()

@@ -49,6 +49,10 @@ fn bad_config_exits_nonzero_naming_the_problem() {
             Some("listen: nowhere\nservices:\n  - name: hello\n"),
             "listen",
         ),
+        (
+            Some("services:\n  - name: hello\n    outlier: {base_ejection_time: 1m, max_ejection_time: 30s}\n"),
+            "services[0].outlier.max_ejection_time",
+        ),
         (None, "not found"),
     ];
     for (yaml, expected) in cases {

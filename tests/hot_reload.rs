@@ -18,8 +18,23 @@ fn signal(child: &Child, name: &str) {
     assert!(status.success());
 }
 
-/// Starts the binary on `path`; returns it and its log lines.
-fn start_gateway(path: &Path) -> (Child, std::sync::mpsc::Receiver<String>) {
+/// Kills the gateway process when a test fails, so it does not outlive the test (and keep
+/// the test runner's output pipe open).
+struct KillOnPanic(u32);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .status();
+        }
+    }
+}
+
+/// Starts the binary on `path`; returns it, its log lines and a guard that kills it if the
+/// test fails.
+fn start_gateway(path: &Path) -> (Child, std::sync::mpsc::Receiver<String>, KillOnPanic) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .arg("--config")
         .arg(path)
@@ -27,7 +42,8 @@ fn start_gateway(path: &Path) -> (Child, std::sync::mpsc::Receiver<String>) {
         .spawn()
         .expect("starting switchyard");
     let log = log_lines(&mut child);
-    (child, log)
+    let guard = KillOnPanic(child.id());
+    (child, log, guard)
 }
 
 /// The status code of a GET, or 0 when the request failed.
@@ -105,7 +121,7 @@ async fn sighup_adds_changes_and_removes_services_without_dropping_requests() {
         &consul.url(),
         "  - name: web\n  - name: slow\n",
     );
-    let (mut child, log) = start_gateway(&path);
+    let (mut child, log, _kill) = start_gateway(&path);
     let client = common::http_client();
     let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
     let status = |p: &'static str| status_of(&client, url(p));
@@ -221,7 +237,7 @@ async fn watch_config_reloads_when_the_file_changes() {
     let path = dir.join("gateway.yaml");
     let services = "watch_config: 100ms\nservices:\n  - name: web\n";
     write_config(&path, port, admin, &consul.url(), services);
-    let (mut child, log) = start_gateway(&path);
+    let (mut child, log, _kill) = start_gateway(&path);
     let client = common::http_client();
     let status = |p: &'static str| status_of(&client, format!("http://127.0.0.1:{port}{p}"));
     assert!(common::wait_until(Duration::from_secs(10), || async {
@@ -245,6 +261,63 @@ async fn watch_config_reloads_when_the_file_changes() {
     })
     .await
     .is_some());
+    signal(&child, "-TERM");
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_watch_config_and_reports_a_rotated_token() {
+    let consul = Consul::start().await;
+    let web = Backend::start("web-1", Behavior::Ok).await;
+    let api = Backend::start("api-1", Behavior::Ok).await;
+    consul.register("web", "web-1", web.port, &[]).await;
+    consul.register("api", "api-1", api.port, &[]).await;
+    let (port, admin) = (common::free_port(), common::free_port());
+    let dir = std::env::temp_dir().join(format!("switchyard-rotate-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.yaml");
+    // The `consul:` section is open when `services` starts: an indented line joins it.
+    let write = |extra: &str| write_config(&path, port, admin, &consul.url(), extra);
+    write("  token: first-secret\nservices:\n  - name: web\n");
+    let (mut child, log, _kill) = start_gateway(&path);
+    let client = common::http_client();
+    let status = |p: &'static str| status_of(&client, format!("http://127.0.0.1:{port}{p}"));
+    assert!(common::wait_until(Duration::from_secs(10), || async {
+        status("/web").await == 200
+    })
+    .await
+    .is_some());
+
+    // SIGHUP: a rotated token (restart-only: reported by name, never by value), polling on.
+    write("  token: second-secret\nwatch_config: 100ms\nservices:\n  - name: web\n  - name: api\n");
+    signal(&child, "-HUP");
+    let token = wait_log(&log, "consul.token").await;
+    println!("rotated token: {}", token.trim());
+    assert!(
+        token.contains("restart") && !token.contains("secret"),
+        "{token}"
+    );
+    assert!(common::wait_until(Duration::from_secs(5), || async {
+        status("/api").await == 200
+    })
+    .await
+    .is_some());
+
+    // No signal: the poll interval the reload turned on picks up the next change.
+    write("  token: second-secret\nwatch_config: 100ms\nservices:\n  - name: web\n");
+    let polled = wait_log(&log, "reloading config").await;
+    assert!(polled.contains("file changed"), "{polled}");
+    assert!(common::wait_until(Duration::from_secs(5), || async {
+        status("/api").await == 404
+    })
+    .await
+    .is_some());
+
     signal(&child, "-TERM");
     let exit = tokio::task::spawn_blocking(move || child.wait())
         .await

@@ -1,9 +1,10 @@
 //! Retry rules through the gateway, with a real Consul: dead instances are retried around,
-//! requests that may have reached an instance are retried only when idempotent.
+//! requests that may have reached an instance are retried only when idempotent, `retry.timeout`
+//! bounds all tries with a 504; and the path an instance gets (`strip_prefix`).
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{free_port, Backend, Behavior, Consul, Gateway};
 
@@ -154,4 +155,86 @@ async fn bad_gateway_statuses_are_retried_only_when_idempotent() {
         .unwrap();
     assert_eq!(response.status(), 503);
     assert_eq!(total_hits(&backends), 1 + 3, "PUT is idempotent: retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_timeout_answers_504_without_waiting_for_the_instance() {
+    let consul = Consul::start().await;
+    let slow = Backend::start("slow-1", Behavior::Delay(Duration::from_secs(3))).await;
+    consul.register("slow", "slow-1", slow.port, &[]).await;
+    let gateway = Gateway::start(
+        &consul,
+        "services:\n  - name: slow\n    retry: {attempts: 3, timeout: 300ms}\n",
+    )
+    .await;
+    assert!(gateway
+        .wait_for_instances("slow", &["slow-1"], Duration::from_secs(10))
+        .await
+        .is_some());
+
+    let started = Instant::now();
+    let response = gateway.get("/slow").await;
+    let elapsed = started.elapsed();
+    println!(
+        "instance 3 s slow, retry.timeout 300ms: {} after {elapsed:?}",
+        response.status()
+    );
+    assert_eq!(response.status(), 504);
+    assert_eq!(
+        response.headers()["x-switchyard-error"],
+        "deadline-exceeded"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(2),
+        "answered at the deadline, not the instance's pace: {elapsed:?}"
+    );
+    assert_eq!(
+        slow.hits(),
+        1,
+        "the deadline covers every try: no retry after it"
+    );
+    let metrics = gateway.admin_get("/metrics").await;
+    assert_eq!(
+        common::metric(
+            &metrics,
+            r#"switchyard_requests_total{code="504",service="slow"}"#
+        ),
+        1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strip_prefix_forwards_the_rest_of_the_path_and_the_query() {
+    let consul = Consul::start().await;
+    let backend = Backend::start("echo-1", Behavior::Ok).await;
+    // One instance behind both services (Consul IDs are unique per agent).
+    consul.register("api", "api-1", backend.port, &[]).await;
+    consul.register("keep", "keep-1", backend.port, &[]).await;
+    let gateway = Gateway::start(
+        &consul,
+        "services:\n  - name: api\n    route: {path_prefix: /api, strip_prefix: true}\n  - name: keep\n",
+    )
+    .await;
+    for (service, id) in [("api", "api-1"), ("keep", "keep-1")] {
+        assert!(gateway
+            .wait_for_instances(service, &[id], Duration::from_secs(10))
+            .await
+            .is_some());
+    }
+    // (sent, what the instance's request line must start with)
+    let cases = [
+        ("/api/users/7?fields=name", "GET /users/7?fields=name "),
+        ("/api/", "GET / "),
+        ("/api", "GET / "),
+        ("/api?page=2", "GET /?page=2 "),
+        ("/keep/users/7?x=1", "GET /keep/users/7?x=1 "),
+    ];
+    for (sent, expected) in cases {
+        let response = gateway.get(sent).await;
+        assert_eq!(response.status(), 200, "{sent}");
+        let echo = common::header_or(response.headers(), "x-echo", "");
+        println!("{sent} -> {echo}");
+        assert!(echo.starts_with(expected), "{sent}: instance saw {echo:?}");
+    }
 }

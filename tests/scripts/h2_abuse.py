@@ -3,7 +3,8 @@
 one line saying how the server reacted.
 
   h2_abuse.py flood HOST PORT PATH COUNT     COUNT x (HEADERS + RST_STREAM) on one connection
-  h2_abuse.py bigframe HOST PORT             a HEADERS frame of 20,000 bytes (max is 16,384)
+  h2_abuse.py bigframe HOST PORT             a HEADERS frame header announcing 20,000 bytes
+                                             (the maximum is 16,384)
   h2_abuse.py bigheaders HOST PORT PATH N    a request with an N-byte header value
 
 Prints "goaway CODE", "reset CODE", "status CODE" or "closed".
@@ -66,9 +67,14 @@ def flood(host, port, path, count):
 
 def bigframe(host, port):
     sock, conn = connect(host, port)
+    # The frame header alone announces the oversize; sending no payload leaves nothing
+    # unread at the server, so its GOAWAY is not lost to a reset.
     length = 20000
     frame = struct.pack(">I", length)[1:] + bytes([0x1, 0x4]) + struct.pack(">I", 1)
-    sock.sendall(frame + b"\0" * length)
+    try:
+        sock.sendall(frame)
+    except OSError:
+        pass
     return outcome(sock, conn)
 
 
