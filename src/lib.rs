@@ -54,7 +54,7 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use config::Config;
 pub use tokio_util::sync::CancellationToken as Shutdown;
@@ -71,6 +71,18 @@ use crate::watcher::{ConsulDiscovery, WatchSet};
 const ADMIN_GRACE: Duration = Duration::from_secs(1);
 /// Scrapers and probes only: a small cap keeps a misbehaving client from exhausting fds.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// Reads and checks every file the config names (certificates and keys to serve, CA bundles
+/// and client certificates for instances and Consul), so that a bad one fails `--check` and
+/// the start, naming its key, before anything is bound.
+pub fn check_files(config: &Config) -> Result<(), tls::TlsError> {
+    if let Some(tls) = &config.tls {
+        tls::Certificates::load(&tls.certificates)?;
+    }
+    gateway::clients::Clients::new(&config.upstream).tls_clients(&config.services)?;
+    watcher::consul_tls(&config.consul)?;
+    Ok(())
+}
 
 /// A failure to start.
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +165,14 @@ impl Reload {
     /// A removed service's metric series go once the last of its handles is dropped (its
     /// watch stopped, its requests answered): see [`metrics`].
     fn apply(&mut self, next: Config) {
+        // Checked first: a service whose TLS files cannot be used refuses the whole reload.
+        let tls_clients = match self.gateway.tls_clients(&next.services) {
+            Ok(clients) => clients,
+            Err(error) => {
+                error!(%error, "reloaded config refused; the running config stays");
+                return;
+            }
+        };
         // First, so that once the new routes are visible the certificates are in place too.
         self.reload_certificates(&next);
         let upstreams = self.upstreams.rebuild(&next.services, &self.metrics);
@@ -167,7 +187,7 @@ impl Reload {
             })
             .count();
         self.watches.reconcile(&upstreams);
-        self.gateway.replace_routes(&upstreams);
+        self.gateway.replace_routes(&upstreams, &tls_clients);
         self.admin.upstreams.store(Arc::new(upstreams.clone()));
         info!(
             services = after.len(),
@@ -302,7 +322,7 @@ pub async fn run_listeners(
         &upstreams,
         metrics.for_requests(metrics::UNROUTED),
         access_log,
-    ));
+    )?);
     let builder = server::http_builder(&config.server);
     info!(
         listen = %config.listen,

@@ -75,13 +75,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// The config, with its certificate and key files read and checked (parse, key matches the
-/// certificate, not expired), so `--check` and the start refuse them before binding.
+/// The config, with every file it names read and checked (certificates parse, keys match,
+/// not expired; CA bundles and client certificates load), so `--check` and the start refuse
+/// them before binding.
 fn load_checked(path: &Path) -> Result<Config, Box<dyn std::error::Error>> {
     let config = Config::load(path)?;
-    if let Some(tls) = &config.tls {
-        switchyard::tls::Certificates::load(&tls.certificates)?;
-    }
+    switchyard::check_files(&config)?;
     Ok(config)
 }
 
