@@ -58,6 +58,8 @@ pub enum DiscoveryError {
     InvalidToken,
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("the Consul server knows no leader; its answer may be an old state")]
+    NoLeader,
 }
 
 /// Headers every Consul call carries: the ACL token, marked sensitive so it is never logged.
@@ -385,7 +387,9 @@ impl DiscoveryError {
     /// Whether another Consul server might do better (not, say, a malformed answer).
     fn is_server_side(&self) -> bool {
         match self {
-            DiscoveryError::Transport(_) | DiscoveryError::Hung(_) => true,
+            DiscoveryError::Transport(_) | DiscoveryError::Hung(_) | DiscoveryError::NoLeader => {
+                true
+            }
             DiscoveryError::Status { status, .. } => *status >= 500 || *status == 429,
             DiscoveryError::MissingIndex
             | DiscoveryError::Decode(_)
@@ -458,9 +462,11 @@ impl ConsulDiscovery {
             .and_then(|v| v.to_str().ok())
             == Some("false")
         {
-            // A stale read from a server that lost its leader may lag; it is still the best
-            // data there is, and the next change will correct it.
-            debug!("Consul answered without a known leader");
+            // A server that knows no leader may serve an old state: a restarted one answers
+            // from its last snapshot until it has replayed its log (seen emptying a table in
+            // the restart drill). Not applied; another server, or this one once it has a
+            // leader, is asked again.
+            return Err(DiscoveryError::NoLeader);
         }
         Ok((index, body))
     }

@@ -199,7 +199,7 @@ impl Gateway {
             Err(error) => return self.answer_unrouted(entry, answer(error), started),
         };
         let hop = Hop {
-            client: connection.peer.ip(),
+            client: connection.peer_ip_header().clone(),
             trusted: self.settings.trusts(connection.peer.ip()),
             secure: connection.secure,
         };
