@@ -62,7 +62,7 @@ pub use tokio_util::sync::CancellationToken as Shutdown;
 use crate::admin::Admin;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
-use crate::server::{ServeSettings, Transport};
+use crate::server::{ServeSettings, Source, Transport};
 use crate::tls::{TlsSettings, TlsTerminator};
 use crate::upstream::Upstreams;
 use crate::watcher::{ConsulDiscovery, WatchSet};
@@ -331,13 +331,19 @@ pub async fn run_listeners(
         services = config.services.len(),
         "switchyard serving"
     );
-    // The TLS listener serves the same gateway through the same connection path.
+    // The TLS listener serves the same gateway through the same connection path, and counts
+    // a client address's connections together with the plain listener's.
+    let settings = ServeSettings::from_server("gateway", &config.server);
+    let clients = server::Clients::new(settings.clients);
     let terminator = tls.as_ref().map(|(_, terminator)| terminator.clone());
     let tls_task = tls.map(|(tls_listener, terminator)| {
         let gateway = gateway.clone();
         tokio::spawn(server::serve_on(
-            tls_listener,
-            Transport::Tls(terminator),
+            Source {
+                listener: tls_listener,
+                transport: Transport::Tls(terminator),
+                clients: clients.clone(),
+            },
             builder.clone(),
             move |connection, request| {
                 let gateway = gateway.clone();
@@ -380,14 +386,19 @@ pub async fn run_listeners(
             gateway.upgrades().drain(grace).await;
         }
     });
-    server::serve(
+    let plain = Source {
         listener,
+        transport: Transport::Plain,
+        clients,
+    };
+    server::serve_on(
+        plain,
         builder,
         move |connection, request| {
             let gateway = gateway.clone();
             async move { gateway.handle(connection, request).await }
         },
-        ServeSettings::from_server("gateway", &config.server),
+        settings,
         metrics.for_connections("gateway"),
         shutdown,
     )
