@@ -17,7 +17,8 @@
 //! - [`watcher`]: Consul blocking queries, index rules, rate limit, backoff; writes tables.
 //!   Per service, or (many services) catalog-wide change detectors plus targeted fetches.
 //! - [`upstream`]: immutable per-service tables behind `ArcSwap`, and the balancers.
-//! - [`gateway`]: routing, header hygiene, forwarding and retries; reads tables.
+//! - [`gateway`]: request screening, routing, header hygiene, forwarding over pooled clients
+//!   (HTTP/1.1, h2c, TLS), retries, upgrades (WebSocket) and gRPC answers; reads tables.
 //! - [`metrics`]: the Prometheus registry and per-service handles (a leaf).
 //! - [`admin`]: the admin listener's endpoints.
 //! - [`access_log`]: the optional JSON-lines access log, written off the request path.
@@ -25,7 +26,7 @@
 //! - [`server`]: the accept loop with connection deadlines and graceful shutdown, shared by
 //!   every listener (plain, TLS, admin).
 //! - [`tls`]: certificates, the SNI resolver (reloadable behind `ArcSwap`), the bounded
-//!   handshake of the TLS listener.
+//!   handshake of the TLS listener; and TLS as a client (instances, Consul).
 //!
 //! `watcher` and `gateway` never import each other: they meet only at the upstream tables.
 //! A config reload ([`run_with_reload`]) re-reads the TLS certificates, rebuilds the tables'
