@@ -112,6 +112,9 @@ pub struct Listeners {
     pub admin: TcpListener,
     /// `tls.listen`; when `None` and the config has `tls`, it is bound here.
     pub tls: Option<TcpListener>,
+    /// More sockets on `listen` (bound with `SO_REUSEPORT`), one per extra worker: each is
+    /// served by an accept loop on a current-thread runtime of its own (`workers: N`).
+    pub workers: Vec<std::net::TcpListener>,
 }
 
 /// Runs the gateway on `listener` and the admin endpoints on `admin_listener` until
@@ -229,8 +232,65 @@ pub async fn run_with_reload(
         gateway: listener,
         admin: admin_listener,
         tls: None,
+        workers: Vec::new(),
     };
     run_listeners(config, listeners, shutdown, reloads).await
+}
+
+/// Runs an accept loop for each extra gateway socket, each on a current-thread runtime of
+/// its own (nginx's and Pingora's worker model): the kernel spreads connections across the
+/// `SO_REUSEPORT` sockets, and a connection's requests stay on its worker's thread. The
+/// workers share the gateway (routes, tables, pools) and the per-client registry.
+fn spawn_workers(
+    sockets: Vec<std::net::TcpListener>,
+    gateway: &Arc<Gateway>,
+    clients: &Arc<server::Clients>,
+    server_config: &config::ServerConfig,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let mut threads = Vec::new();
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let worker = i + 1;
+        let (gateway, clients) = (gateway.clone(), clients.clone());
+        let builder = server::http_builder(server_config);
+        let settings = ServeSettings::from_server("gateway", server_config);
+        let connections = metrics.for_worker_connections("gateway", worker);
+        let shutdown = shutdown.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("switchyard-worker-{worker}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => return error!(worker, %error, "worker runtime failed to start"),
+                };
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(socket) {
+                        Ok(listener) => listener,
+                        Err(error) => return error!(worker, %error, "worker socket unusable"),
+                    };
+                    let source = Source {
+                        listener,
+                        transport: Transport::Plain,
+                        clients,
+                    };
+                    let handler = move |connection, request| {
+                        let gateway = gateway.clone();
+                        async move { gateway.handle(connection, request).await }
+                    };
+                    server::serve_on(source, builder, handler, settings, connections, shutdown)
+                        .await;
+                });
+            });
+        match spawned {
+            Ok(thread) => threads.push(thread),
+            Err(error) => error!(worker, %error, "worker thread failed to start"),
+        }
+    }
+    threads
 }
 
 /// Loads the certificates and binds `tls.listen` (unless `bound`) when the config has TLS.
@@ -271,6 +331,7 @@ pub async fn run_listeners(
         gateway: listener,
         admin: admin_listener,
         tls,
+        workers,
     } = listeners;
     let metrics = Arc::new(Metrics::new()?);
     let tls = start_tls(&config, &metrics, tls).await?;
@@ -387,6 +448,14 @@ pub async fn run_listeners(
             gateway.upgrades().drain(grace).await;
         }
     });
+    let extra_workers = spawn_workers(
+        workers,
+        &gateway,
+        &clients,
+        &config.server,
+        &metrics,
+        &shutdown,
+    );
     let plain = Source {
         listener,
         transport: Transport::Plain,
@@ -403,6 +472,12 @@ pub async fn run_listeners(
         metrics.for_connections("gateway"),
         shutdown,
     )
+    .await;
+    let _ = tokio::task::spawn_blocking(move || {
+        for worker in extra_workers {
+            let _ = worker.join();
+        }
+    })
     .await;
     if let Some(tls_task) = tls_task {
         let _ = tls_task.await;

@@ -518,7 +518,7 @@ async fn the_per_client_cap_spans_plain_and_tls() {
         let metrics = gateway.admin_get("/metrics").await;
         common::metric(
             &metrics,
-            "switchyard_client_connections{listener=\"gateway\"}",
+            "switchyard_client_connections{listener=\"gateway\",worker=\"0\"}",
         ) == 2.0
     })
     .await;
@@ -533,7 +533,7 @@ async fn the_per_client_cap_spans_plain_and_tls() {
     let metrics = gateway.admin_get("/metrics").await;
     let refused = common::metric(
         &metrics,
-        "switchyard_client_connections_closed_total{listener=\"tls\",reason=\"per_client_limit\"}",
+        "switchyard_client_connections_closed_total{listener=\"tls\",reason=\"per_client_limit\",worker=\"0\"}",
     );
     assert_eq!(refused, 1.0);
 }

@@ -675,6 +675,7 @@ impl Gateway {
                     gateway: listener,
                     admin: admin_listener,
                     tls: tls_listener,
+                    workers: Vec::new(),
                 };
                 switchyard::run_listeners(config, listeners, shutdown, reloads)
                     .await
