@@ -17,7 +17,8 @@
 //! - [`watcher`]: Consul blocking queries, index rules, rate limit, backoff; writes tables.
 //!   Per service, or (many services) catalog-wide change detectors plus targeted fetches.
 //! - [`upstream`]: immutable per-service tables behind `ArcSwap`, and the balancers.
-//! - [`gateway`]: routing, header hygiene, forwarding and retries; reads tables.
+//! - [`gateway`]: request screening, routing, header hygiene, forwarding over pooled clients
+//!   (HTTP/1.1, h2c, TLS), retries, upgrades (WebSocket) and gRPC answers; reads tables.
 //! - [`metrics`]: the Prometheus registry and per-service handles (a leaf).
 //! - [`admin`]: the admin listener's endpoints.
 //! - [`access_log`]: the optional JSON-lines access log, written off the request path.
@@ -25,7 +26,7 @@
 //! - [`server`]: the accept loop with connection deadlines and graceful shutdown, shared by
 //!   every listener (plain, TLS, admin).
 //! - [`tls`]: certificates, the SNI resolver (reloadable behind `ArcSwap`), the bounded
-//!   handshake of the TLS listener.
+//!   handshake of the TLS listener; and TLS as a client (instances, Consul).
 //!
 //! `watcher` and `gateway` never import each other: they meet only at the upstream tables.
 //! A config reload ([`run_with_reload`]) re-reads the TLS certificates, rebuilds the tables'
@@ -54,7 +55,7 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use config::Config;
 pub use tokio_util::sync::CancellationToken as Shutdown;
@@ -62,7 +63,7 @@ pub use tokio_util::sync::CancellationToken as Shutdown;
 use crate::admin::Admin;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
-use crate::server::{ServeSettings, Transport};
+use crate::server::{ServeSettings, Source, Transport};
 use crate::tls::{TlsSettings, TlsTerminator};
 use crate::upstream::Upstreams;
 use crate::watcher::{ConsulDiscovery, WatchSet};
@@ -71,6 +72,18 @@ use crate::watcher::{ConsulDiscovery, WatchSet};
 const ADMIN_GRACE: Duration = Duration::from_secs(1);
 /// Scrapers and probes only: a small cap keeps a misbehaving client from exhausting fds.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// Reads and checks every file the config names (certificates and keys to serve, CA bundles
+/// and client certificates for instances and Consul), so that a bad one fails `--check` and
+/// the start, naming its key, before anything is bound.
+pub fn check_files(config: &Config) -> Result<(), tls::TlsError> {
+    if let Some(tls) = &config.tls {
+        tls::Certificates::load(&tls.certificates)?;
+    }
+    gateway::clients::Clients::new(&config.upstream).tls_clients(&config.services)?;
+    watcher::consul_tls(&config.consul)?;
+    Ok(())
+}
 
 /// A failure to start.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +112,9 @@ pub struct Listeners {
     pub admin: TcpListener,
     /// `tls.listen`; when `None` and the config has `tls`, it is bound here.
     pub tls: Option<TcpListener>,
+    /// More sockets on `listen` (bound with `SO_REUSEPORT`), one per extra worker: each is
+    /// served by an accept loop on a current-thread runtime of its own (`workers: N`).
+    pub workers: Vec<std::net::TcpListener>,
 }
 
 /// Runs the gateway on `listener` and the admin endpoints on `admin_listener` until
@@ -153,6 +169,14 @@ impl Reload {
     /// A removed service's metric series go once the last of its handles is dropped (its
     /// watch stopped, its requests answered): see [`metrics`].
     fn apply(&mut self, next: Config) {
+        // Checked first: a service whose TLS files cannot be used refuses the whole reload.
+        let tls_clients = match self.gateway.tls_clients(&next.services) {
+            Ok(clients) => clients,
+            Err(error) => {
+                error!(%error, "reloaded config refused; the running config stays");
+                return;
+            }
+        };
         // First, so that once the new routes are visible the certificates are in place too.
         self.reload_certificates(&next);
         let upstreams = self.upstreams.rebuild(&next.services, &self.metrics);
@@ -167,7 +191,7 @@ impl Reload {
             })
             .count();
         self.watches.reconcile(&upstreams);
-        self.gateway.replace_routes(&upstreams);
+        self.gateway.replace_routes(&upstreams, &tls_clients);
         self.admin.upstreams.store(Arc::new(upstreams.clone()));
         info!(
             services = after.len(),
@@ -208,8 +232,65 @@ pub async fn run_with_reload(
         gateway: listener,
         admin: admin_listener,
         tls: None,
+        workers: Vec::new(),
     };
     run_listeners(config, listeners, shutdown, reloads).await
+}
+
+/// Runs an accept loop for each extra gateway socket, each on a current-thread runtime of
+/// its own (nginx's and Pingora's worker model): the kernel spreads connections across the
+/// `SO_REUSEPORT` sockets, and a connection's requests stay on its worker's thread. The
+/// workers share the gateway (routes, tables, pools) and the per-client registry.
+fn spawn_workers(
+    sockets: Vec<std::net::TcpListener>,
+    gateway: &Arc<Gateway>,
+    clients: &Arc<server::Clients>,
+    server_config: &config::ServerConfig,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let mut threads = Vec::new();
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let worker = i + 1;
+        let (gateway, clients) = (gateway.clone(), clients.clone());
+        let builder = server::http_builder(server_config);
+        let settings = ServeSettings::from_server("gateway", server_config);
+        let connections = metrics.for_worker_connections("gateway", worker);
+        let shutdown = shutdown.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("switchyard-worker-{worker}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => return error!(worker, %error, "worker runtime failed to start"),
+                };
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(socket) {
+                        Ok(listener) => listener,
+                        Err(error) => return error!(worker, %error, "worker socket unusable"),
+                    };
+                    let source = Source {
+                        listener,
+                        transport: Transport::Plain,
+                        clients,
+                    };
+                    let handler = move |connection, request| {
+                        let gateway = gateway.clone();
+                        async move { gateway.handle(connection, request).await }
+                    };
+                    server::serve_on(source, builder, handler, settings, connections, shutdown)
+                        .await;
+                });
+            });
+        match spawned {
+            Ok(thread) => threads.push(thread),
+            Err(error) => error!(worker, %error, "worker thread failed to start"),
+        }
+    }
+    threads
 }
 
 /// Loads the certificates and binds `tls.listen` (unless `bound`) when the config has TLS.
@@ -250,6 +331,7 @@ pub async fn run_listeners(
         gateway: listener,
         admin: admin_listener,
         tls,
+        workers,
     } = listeners;
     let metrics = Arc::new(Metrics::new()?);
     let tls = start_tls(&config, &metrics, tls).await?;
@@ -302,7 +384,7 @@ pub async fn run_listeners(
         &upstreams,
         metrics.for_requests(metrics::UNROUTED),
         access_log,
-    ));
+    )?);
     let builder = server::http_builder(&config.server);
     info!(
         listen = %config.listen,
@@ -311,13 +393,19 @@ pub async fn run_listeners(
         services = config.services.len(),
         "switchyard serving"
     );
-    // The TLS listener serves the same gateway through the same connection path.
+    // The TLS listener serves the same gateway through the same connection path, and counts
+    // a client address's connections together with the plain listener's.
+    let settings = ServeSettings::from_server("gateway", &config.server);
+    let clients = server::Clients::new(settings.clients);
     let terminator = tls.as_ref().map(|(_, terminator)| terminator.clone());
     let tls_task = tls.map(|(tls_listener, terminator)| {
         let gateway = gateway.clone();
         tokio::spawn(server::serve_on(
-            tls_listener,
-            Transport::Tls(terminator),
+            Source {
+                listener: tls_listener,
+                transport: Transport::Tls(terminator),
+                clients: clients.clone(),
+            },
             builder.clone(),
             move |connection, request| {
                 let gateway = gateway.clone();
@@ -360,17 +448,36 @@ pub async fn run_listeners(
             gateway.upgrades().drain(grace).await;
         }
     });
-    server::serve(
+    let extra_workers = spawn_workers(
+        workers,
+        &gateway,
+        &clients,
+        &config.server,
+        &metrics,
+        &shutdown,
+    );
+    let plain = Source {
         listener,
+        transport: Transport::Plain,
+        clients,
+    };
+    server::serve_on(
+        plain,
         builder,
         move |connection, request| {
             let gateway = gateway.clone();
             async move { gateway.handle(connection, request).await }
         },
-        ServeSettings::from_server("gateway", &config.server),
+        settings,
         metrics.for_connections("gateway"),
         shutdown,
     )
+    .await;
+    let _ = tokio::task::spawn_blocking(move || {
+        for worker in extra_workers {
+            let _ = worker.join();
+        }
+    })
     .await;
     if let Some(tls_task) = tls_task {
         let _ = tls_task.await;

@@ -14,7 +14,11 @@
 //! - [`TlsTerminator::accept`] runs one handshake under a deadline and counts its result in
 //!   `switchyard_tls_handshakes_total{result}`.
 //!
+//! - [`client`]: TLS as a client, to instances (`protocol: https | h2`) and to Consul.
+//!
 //! This module reads config types and metric handles; it knows nothing of HTTP.
+
+pub mod client;
 
 use std::collections::HashMap;
 use std::io;
@@ -70,6 +74,8 @@ pub enum Reason {
     KeyMismatch(String),
     #[error("TLS setup: {0}")]
     Setup(rustls::Error),
+    #[error("no ca_file given and no CA certificate found in the system's store")]
+    NoSystemRoots,
 }
 
 fn refused(key: impl Into<String>, reason: Reason) -> TlsError {
@@ -82,6 +88,13 @@ fn refused(key: impl Into<String>, reason: Reason) -> TlsError {
 /// The crypto provider of every TLS object of the gateway.
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Makes *ring* the process's default rustls provider, which reqwest (built without a provider
+/// of its own) needs before any client is built. Idempotent; call it before building one.
+pub fn install_default_provider() {
+    // An error only means a default is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// One loaded, checked set of certificates and the names that select them.

@@ -620,6 +620,7 @@ mod tests {
             },
             balance,
             protocol: Default::default(),
+            tls: None,
             retry: RetryConfig {
                 attempts: 3,
                 timeout: Duration::from_secs(1),

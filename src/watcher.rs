@@ -29,6 +29,8 @@ mod catalog;
 pub use catalog::watch_catalog;
 
 use crate::config::{ConsulConfig, ServiceConfig, WatchMode};
+use crate::tls::client::{client_config, ClientTls};
+use crate::tls::TlsError;
 use crate::upstream::{Instance, Upstream, Upstreams};
 
 /// Extra time beyond Consul's own `wait + wait/16` before a long-poll counts as hung.
@@ -54,9 +56,41 @@ pub enum DiscoveryError {
     Decode(#[source] serde_json::Error),
     #[error("consul.token contains characters not allowed in a header")]
     InvalidToken,
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("the Consul server knows no leader; its answer may be an old state")]
+    NoLeader,
 }
 
 /// Headers every Consul call carries: the ACL token, marked sensitive so it is never logged.
+/// An HTTP client builder for Consul: the token header and, when an address is `https://`,
+/// TLS from `consul.ca_file`, `cert_file`, `key_file`, `tls_server_name`. Shared by the
+/// watches and self-registration.
+pub fn consul_client(config: &ConsulConfig) -> Result<reqwest::ClientBuilder, DiscoveryError> {
+    crate::tls::install_default_provider();
+    let builder = reqwest::Client::builder().default_headers(consul_headers(config)?);
+    match consul_tls(config)? {
+        Some(tls) => Ok(builder.tls_backend_preconfigured(tls)),
+        None => Ok(builder),
+    }
+}
+
+/// The rustls config for Consul when any address is `https://`.
+pub fn consul_tls(config: &ConsulConfig) -> Result<Option<rustls::ClientConfig>, TlsError> {
+    if !config.addresses.iter().any(|a| a.scheme() == "https") {
+        return Ok(None);
+    }
+    let tls = &config.tls;
+    let settings = ClientTls {
+        key: "consul".into(),
+        ca_file: tls.ca_file.clone(),
+        identity: tls.cert_file.clone().zip(tls.key_file.clone()),
+        insecure_skip_verify: false,
+        server_name: tls.server_name.clone(),
+    };
+    client_config(&settings, &[b"http/1.1"]).map(Some)
+}
+
 pub fn consul_headers(config: &ConsulConfig) -> Result<HeaderMap, DiscoveryError> {
     let mut headers = HeaderMap::new();
     if !config.token.is_empty() {
@@ -221,11 +255,9 @@ pub struct ConsulDiscovery {
 
 impl ConsulDiscovery {
     pub fn new(config: &ConsulConfig) -> Result<Self, DiscoveryError> {
-        let headers = consul_headers(config)?;
         // Consul adds up to wait/16 of jitter to every blocking query.
         let hung_after = config.wait + config.wait / 16 + LONG_POLL_SLACK;
-        let http = reqwest::Client::builder()
-            .default_headers(headers)
+        let http = consul_client(config)?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -355,11 +387,14 @@ impl DiscoveryError {
     /// Whether another Consul server might do better (not, say, a malformed answer).
     fn is_server_side(&self) -> bool {
         match self {
-            DiscoveryError::Transport(_) | DiscoveryError::Hung(_) => true,
+            DiscoveryError::Transport(_) | DiscoveryError::Hung(_) | DiscoveryError::NoLeader => {
+                true
+            }
             DiscoveryError::Status { status, .. } => *status >= 500 || *status == 429,
             DiscoveryError::MissingIndex
             | DiscoveryError::Decode(_)
-            | DiscoveryError::InvalidToken => false,
+            | DiscoveryError::InvalidToken
+            | DiscoveryError::Tls(_) => false,
         }
     }
 }
@@ -427,9 +462,11 @@ impl ConsulDiscovery {
             .and_then(|v| v.to_str().ok())
             == Some("false")
         {
-            // A stale read from a server that lost its leader may lag; it is still the best
-            // data there is, and the next change will correct it.
-            debug!("Consul answered without a known leader");
+            // A server that knows no leader may serve an old state: a restarted one answers
+            // from its last snapshot until it has replayed its log (seen emptying a table in
+            // the restart drill). Not applied; another server, or this one once it has a
+            // leader, is asked again.
+            return Err(DiscoveryError::NoLeader);
         }
         Ok((index, body))
     }

@@ -159,8 +159,7 @@ async fn silent_idle_and_greedy_connections() {
     for _ in 0..100 {
         held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
     }
-    let client = reqwest::Client::builder()
-        .no_proxy()
+    let client = common::http_client_builder()
         .local_address(SECOND_CLIENT)
         .timeout(Duration::from_secs(5))
         .build()
@@ -189,7 +188,7 @@ async fn silent_idle_and_greedy_connections() {
     let metrics = gateway.admin_get("/metrics").await;
     let refused = common::metric(
         &metrics,
-        "switchyard_client_connections_closed_total{listener=\"gateway\",reason=\"per_client_limit\"}",
+        "switchyard_client_connections_closed_total{listener=\"gateway\",reason=\"per_client_limit\",worker=\"0\"}",
     );
     assert_eq!(refused, 60.0);
     assert_eq!(
@@ -479,8 +478,7 @@ async fn rapid_reset_with_reconnects_costs_no_upstream_connections() {
         ])
         .output();
     let bystander = async {
-        let client = reqwest::Client::builder()
-            .no_proxy()
+        let client = common::http_client_builder()
             .local_address(SECOND_CLIENT)
             .timeout(Duration::from_secs(5))
             .build()
@@ -507,7 +505,7 @@ async fn rapid_reset_with_reconnects_costs_no_upstream_connections() {
     let metrics = gateway.admin_get("/metrics").await;
     let resets = common::metric(
         &metrics,
-        "switchyard_client_resets_total{listener=\"gateway\"}",
+        "switchyard_client_resets_total{listener=\"gateway\",worker=\"0\"}",
     );
     let throttled = common::metric(
         &metrics,

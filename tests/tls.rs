@@ -8,98 +8,15 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-};
 use tokio::process::Command;
 
+use common::pki::Pki;
 use common::{Backend, Behavior, Consul, Gateway};
 use switchyard::config::{CertificateConfig, Config, ConsulEnv};
-
-/// A test CA and the files of the certificates it signs; removed on drop.
-struct Pki {
-    dir: PathBuf,
-    ca: CertifiedIssuer<'static, KeyPair>,
-    ca_file: PathBuf,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let dir =
-            std::env::temp_dir().join(format!("switchyard-tls-{name}-{}", common::free_port()));
-        std::fs::create_dir_all(&dir).expect("creating the PKI dir");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "switchyard test CA");
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key"))
-            .expect("CA certificate");
-        let ca_file = dir.join("ca.pem");
-        std::fs::write(&ca_file, ca.pem()).expect("writing the CA");
-        Pki { dir, ca, ca_file }
-    }
-
-    /// A leaf with common name `cn` valid for `names`, written as `<file>.pem` / `<file>.key`
-    /// (the key mode 600, replaced atomically like a deploy tool does).
-    fn leaf(&self, file: &str, cn: &str, names: &[&str]) -> CertificateConfig {
-        self.write_leaf(file, cn, names, |_| {})
-    }
-
-    /// A leaf that expired in 2021.
-    fn expired(&self, file: &str, cn: &str) -> CertificateConfig {
-        self.write_leaf(file, cn, &["expired.test"], |params| {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        })
-    }
-
-    fn write_leaf(
-        &self,
-        file: &str,
-        cn: &str,
-        names: &[&str],
-        adjust: impl FnOnce(&mut CertificateParams),
-    ) -> CertificateConfig {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names).expect("leaf params");
-        params.distinguished_name.push(DnType::CommonName, cn);
-        adjust(&mut params);
-        let key = KeyPair::generate().expect("leaf key");
-        let cert = params.signed_by(&key, &self.ca).expect("signing a leaf");
-        let config = self.paths(file);
-        replace(&config.cert_file, cert.pem().as_bytes(), 0o644);
-        replace(&config.key_file, key.serialize_pem().as_bytes(), 0o600);
-        config
-    }
-
-    fn paths(&self, file: &str) -> CertificateConfig {
-        CertificateConfig {
-            cert_file: self.dir.join(format!("{file}.pem")),
-            key_file: self.dir.join(format!("{file}.key")),
-        }
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Writes `path` through a temporary file and a rename, so a reader never sees half a file.
-fn replace(path: &Path, contents: &[u8], mode: u32) {
-    let temporary = path.with_extension("tmp");
-    std::fs::write(&temporary, contents).expect("writing a certificate file");
-    std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode)).expect("chmod");
-    std::fs::rename(&temporary, path).expect("renaming a certificate file");
-}
 
 /// The YAML of a `tls` block for `certificates`.
 fn tls_yaml(certificates: &[CertificateConfig], redirect_http: bool) -> String {
@@ -572,4 +489,51 @@ fn expired_or_mismatched_certificates_at_start_exit_2_naming_the_key() {
     let (code, stderr) = start_binary(&pki, &[missing]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("tls.certificates[0].cert_file"), "{stderr}");
+}
+
+/// One client address holds `server.max_connections_per_client` across the plain and the TLS
+/// listener together: with 2 silent plain connections open, its TLS connection is refused at
+/// accept, while another address completes a handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_client_cap_spans_plain_and_tls() {
+    let pki = Pki::new("per-client");
+    let leaf = pki.leaf("site", "site.test", &["site.test"]);
+    let consul = Consul::start().await;
+    let tls = format!(
+        "{}server:\n  max_connections_per_client: 2\n",
+        tls_yaml(&[leaf], false)
+    );
+    let yaml = format!(
+        "consul:\n  address: {}\n  wait: 30s\n{tls}services:\n  - name: web\n",
+        consul.url()
+    );
+    let config = Config::from_yaml(&yaml, &ConsulEnv::default()).expect("valid test config");
+    let (_backend, gateway) = start(&consul, config).await;
+    let tls_addr = gateway.tls.expect("a TLS listener");
+    let _held: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(gateway.addr).expect("connecting"))
+        .collect();
+    // Wait until the gateway has admitted both (its gauge counts them).
+    let admitted = common::wait_until(Duration::from_secs(5), || async {
+        let metrics = gateway.admin_get("/metrics").await;
+        common::metric(
+            &metrics,
+            "switchyard_client_connections{listener=\"gateway\",worker=\"0\"}",
+        ) == 2.0
+    })
+    .await;
+    assert!(admitted.is_some());
+    let (answer, closed_after) = tokio::task::spawn_blocking(move || {
+        send_and_wait_for_close(tls_addr, b"\x16\x03\x01\x00\x05hello")
+    })
+    .await
+    .unwrap();
+    assert!(answer.is_empty(), "refused before any TLS byte");
+    assert!(closed_after < Duration::from_secs(1), "{closed_after:?}");
+    let metrics = gateway.admin_get("/metrics").await;
+    let refused = common::metric(
+        &metrics,
+        "switchyard_client_connections_closed_total{listener=\"tls\",reason=\"per_client_limit\",worker=\"0\"}",
+    );
+    assert_eq!(refused, 1.0);
 }

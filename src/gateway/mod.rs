@@ -12,6 +12,7 @@
 
 pub mod answers;
 pub mod body;
+pub mod clients;
 pub mod grpc;
 pub mod headers;
 pub mod path;
@@ -33,20 +34,19 @@ use hyper::http::request::Parts;
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ipnet::IpNet;
 use tokio::time::Instant;
 use tracing::debug;
 
 use crate::access_log::{AccessLog, Entry};
-use crate::config::{Config, UpstreamConfig, UpstreamProtocol};
+use crate::config::{Config, ServiceConfig, UpstreamProtocol};
 use crate::metrics::RequestMetrics;
 use crate::server::ClientConnection;
+use crate::tls::TlsError;
 use crate::upstream::{Instance, InstanceSlot, ServiceTable, Tried, Upstream, Upstreams};
 pub use answers::{GatewayError, ERROR_HEADER};
 use body::{client_body_fault, BodyLimits, Exchange, HeldBody, InstanceBody, UpstreamBody};
+use clients::{Clients, TlsClient, TlsClients};
 use headers::{forward_headers, request_authority, Hop};
 pub use headers::{remove_hop_by_hop, strip_port};
 use retry::{is_bad_gateway_status, may_retry, TryFailure};
@@ -94,44 +94,6 @@ impl GatewaySettings {
     }
 }
 
-/// One pooled client per upstream protocol.
-struct Clients {
-    http1: Client<HttpConnector, UpstreamBody>,
-    h2c: Client<HttpConnector, UpstreamBody>,
-}
-
-impl Clients {
-    fn new(config: &UpstreamConfig) -> Self {
-        Self {
-            http1: build_client(config, false),
-            h2c: build_client(config, true),
-        }
-    }
-
-    fn for_protocol(&self, protocol: UpstreamProtocol) -> &Client<HttpConnector, UpstreamBody> {
-        match protocol {
-            UpstreamProtocol::Http1 => &self.http1,
-            UpstreamProtocol::H2c => &self.h2c,
-        }
-    }
-}
-
-/// A pooled client: HTTP/1.1, or HTTP/2 with prior knowledge (`h2c`).
-fn build_client(config: &UpstreamConfig, http2: bool) -> Client<HttpConnector, UpstreamBody> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(config.connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    connector.enforce_http(true);
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(config.pool_idle_timeout)
-        .pool_max_idle_per_host(config.pool_max_idle_per_host)
-        .http2_only(http2)
-        .build(connector)
-}
-
 /// The gateway's request handler and its shared, read-only state.
 pub struct Gateway {
     /// Swapped whole on a config reload; requests in flight keep the one they started with.
@@ -169,25 +131,35 @@ enum Next {
 }
 
 impl Gateway {
+    /// Fails when a service's TLS files (CA, client certificate) cannot be used.
     pub fn new(
         config: &Config,
         upstreams: &Upstreams,
         unrouted: RequestMetrics,
         access_log: Option<AccessLog>,
-    ) -> Self {
-        Self {
-            router: ArcSwap::from_pointee(Router::new(upstreams)),
-            clients: Clients::new(&config.upstream),
+    ) -> Result<Self, TlsError> {
+        let clients = Clients::new(&config.upstream);
+        let tls = clients.tls_clients(&config.services)?;
+        Ok(Self {
+            router: ArcSwap::from_pointee(Router::new(upstreams).with_tls_clients(&tls)),
+            clients,
             settings: GatewaySettings::from_config(config),
             unrouted,
             access_log,
             upgrades: Upgrades::default(),
-        }
+        })
     }
 
-    /// Routes new requests over `upstreams` (a reloaded config).
-    pub fn replace_routes(&self, upstreams: &Upstreams) {
-        self.router.store(Arc::new(Router::new(upstreams)));
+    /// The TLS clients `services` need (files read afresh), checked before a reload applies.
+    pub fn tls_clients(&self, services: &[ServiceConfig]) -> Result<TlsClients, TlsError> {
+        self.clients.tls_clients(services)
+    }
+
+    /// Routes new requests over `upstreams` (a reloaded config), with `tls` from
+    /// [`Gateway::tls_clients`].
+    pub fn replace_routes(&self, upstreams: &Upstreams, tls: &TlsClients) {
+        let router = Router::new(upstreams).with_tls_clients(tls);
+        self.router.store(Arc::new(router));
     }
 
     /// Answers one client request. Never fails: errors become the gateway's own answers.
@@ -227,7 +199,7 @@ impl Gateway {
             Err(error) => return self.answer_unrouted(entry, answer(error), started),
         };
         let hop = Hop {
-            client: connection.peer.ip(),
+            client: connection.peer_ip_header().clone(),
             trusted: self.settings.trusts(connection.peer.ip()),
             secure: connection.secure,
         };
@@ -354,6 +326,7 @@ impl Gateway {
             client
         });
         let mut forwarding = Forwarding {
+            tls: route.tls.clone(),
             upstream,
             table,
             parts,
@@ -435,8 +408,9 @@ impl Gateway {
         let protocol = forwarding.upstream.config.protocol;
         let outgoing = outgoing_request(forwarding, instance, protocol, body)?;
         let deadline = forwarding.deadline;
-        let client = self.clients.for_protocol(protocol);
-        let exchange = Exchange::new(client.request(outgoing), slot, deadline);
+        let tls = forwarding.tls.as_deref();
+        let sent = self.clients.request(protocol, tls, outgoing);
+        let exchange = Exchange::new(sent, slot, deadline);
         match tokio::time::timeout_at(deadline, exchange.send()).await {
             Err(_) => forwarding.settle_timeout(instance),
             Ok(Ok(response)) => Ok(self.settle_answer(forwarding, instance, response, is_last)),
@@ -494,6 +468,8 @@ impl Gateway {
 /// One request on its way through its tries.
 struct Forwarding<'a> {
     upstream: &'a Upstream,
+    /// The service's TLS client, for `https` and `h2`.
+    tls: Option<Arc<TlsClient>>,
     table: Arc<ServiceTable>,
     /// Method and headers as they go to every instance.
     parts: Parts,
@@ -556,8 +532,13 @@ fn outgoing_request(
     protocol: UpstreamProtocol,
     body: UpstreamBody,
 ) -> Result<Request<UpstreamBody>, GatewayError> {
+    let scheme = if protocol.is_tls() {
+        Scheme::HTTPS
+    } else {
+        Scheme::HTTP
+    };
     let uri = Uri::builder()
-        .scheme(Scheme::HTTP)
+        .scheme(scheme)
         .authority(instance.authority.clone())
         .path_and_query(forwarding.path.clone())
         .build()
@@ -566,8 +547,8 @@ fn outgoing_request(
     *outgoing.method_mut() = forwarding.parts.method.clone();
     *outgoing.uri_mut() = uri;
     *outgoing.version_mut() = match protocol {
-        UpstreamProtocol::Http1 => Version::HTTP_11,
-        UpstreamProtocol::H2c => Version::HTTP_2,
+        UpstreamProtocol::Http1 | UpstreamProtocol::Https => Version::HTTP_11,
+        UpstreamProtocol::H2c | UpstreamProtocol::H2 => Version::HTTP_2,
     };
     *outgoing.headers_mut() = forwarding.parts.headers.clone();
     Ok(outgoing)

@@ -5,11 +5,13 @@
 //! segment boundary. The longest matching prefix wins, and at the same prefix a route for
 //! the request's host beats one for any host.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use hyper::http::uri::PathAndQuery;
 use hyper::Uri;
 
+use super::clients::TlsClient;
 use crate::upstream::{Upstream, Upstreams};
 
 /// One route: requests for `host` (any host if `None`) whose path starts with `prefix`.
@@ -20,6 +22,8 @@ pub struct Route {
     prefix: String,
     strip_prefix: bool,
     pub upstream: Arc<Upstream>,
+    /// The service's TLS client (`protocol: https | h2`).
+    pub(super) tls: Option<Arc<TlsClient>>,
 }
 
 /// Routes built once from config into a byte trie of path prefixes, so a lookup costs one
@@ -50,6 +54,7 @@ impl Router {
                     prefix: route.path_prefix.clone(),
                     strip_prefix: route.strip_prefix,
                     upstream: upstream.clone(),
+                    tls: None,
                 }
             })
             .collect();
@@ -75,6 +80,14 @@ impl Router {
             nodes[node].routes.push(index);
         }
         Self { routes, nodes }
+    }
+
+    /// The same routes, each TLS service with its client from `clients` (by service name).
+    pub(super) fn with_tls_clients(mut self, clients: &HashMap<String, Arc<TlsClient>>) -> Self {
+        for route in &mut self.routes {
+            route.tls = clients.get(route.upstream.name()).cloned();
+        }
+        self
     }
 
     /// The best route for `host` and `path`: the longest matching prefix, and at that prefix
