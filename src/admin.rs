@@ -82,10 +82,10 @@ impl Admin {
     fn readiness(&self) -> Response<Full<Bytes>> {
         let mut problems = Vec::new();
         for upstream in self.upstreams.load().iter() {
-            if !upstream.is_synced() {
+            if !upstream.sync.is_synced() {
                 problems.push(format!("{}: no Consul answer yet", upstream.name()));
-            } else if upstream.is_stale(self.stale_after) {
-                let age = upstream.failing_for().unwrap_or_default();
+            } else if upstream.sync.is_stale(self.stale_after) {
+                let age = upstream.sync.failing_for().unwrap_or_default();
                 problems.push(format!(
                     "{}: Consul failing for {:.0}s (limit {:.0}s)",
                     upstream.name(),
@@ -106,9 +106,10 @@ impl Admin {
 
     fn refresh_and_encode(&self) -> Result<Vec<u8>, prometheus::Error> {
         for upstream in self.upstreams.load().iter() {
-            upstream
-                .metrics
-                .refresh(upstream.failing_for(), upstream.table().ejected_count());
+            upstream.metrics.refresh(
+                upstream.sync.failing_for(),
+                upstream.table().ejected_count(),
+            );
         }
         self.metrics.encode()
     }
@@ -149,10 +150,10 @@ impl Admin {
                         "timeout_seconds": config.retry.timeout.as_secs_f64(),
                     },
                     "instances": instances,
-                    "consul_index": upstream.index(),
-                    "synced": upstream.is_synced(),
-                    "consul_failing_seconds": upstream.failing_for().map(|d| d.as_secs_f64()),
-                    "last_sync_age_seconds": upstream.sync_age().map(|age| age.as_secs_f64()),
+                    "consul_index": upstream.sync.index(),
+                    "synced": upstream.sync.is_synced(),
+                    "consul_failing_seconds": upstream.sync.failing_for().map(|d| d.as_secs_f64()),
+                    "last_sync_age_seconds": upstream.sync.sync_age().map(|age| age.as_secs_f64()),
                     // Cumulative, like the Prometheus counters: a reader computes rates
                     // from two answers.
                     "requests_total": upstream.metrics.requests.total(),

@@ -73,15 +73,94 @@ pub enum Balance {
     #[default]
     RoundRobin,
     Random,
+    /// Power of two choices over requests in flight.
+    LeastRequest,
+    /// Consistent hashing (Maglev) of the request's `hash_on` key.
+    Hash,
 }
 
 impl Balance {
+    pub const ALL: [Balance; 4] = [
+        Balance::RoundRobin,
+        Balance::Random,
+        Balance::LeastRequest,
+        Balance::Hash,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Balance::RoundRobin => "round_robin",
             Balance::Random => "random",
+            Balance::LeastRequest => "least_request",
+            Balance::Hash => "hash",
         }
     }
+}
+
+/// What the `hash` balancer hashes (`hash_on`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashOn {
+    /// A request header's value (`header:X-User`); the name is kept lower-case.
+    Header(String),
+    /// A cookie's value (`cookie:session`).
+    Cookie(String),
+    /// The client's IP address (the connection's peer).
+    ClientIp,
+}
+
+impl HashOn {
+    fn parse(key: &str, text: &str) -> Result<HashOn, ConfigError> {
+        let text = text.trim();
+        let named = |name: &str| -> Result<String, ConfigError> {
+            let valid = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b));
+            match valid {
+                true => Ok(name.to_owned()),
+                false => Err(invalid(
+                    key,
+                    format!("{name:?} is not a valid header or cookie name"),
+                )),
+            }
+        };
+        match text.split_once(':') {
+            Some(("header", name)) => Ok(HashOn::Header(named(name.trim())?.to_ascii_lowercase())),
+            Some(("cookie", name)) => Ok(HashOn::Cookie(named(name.trim())?)),
+            _ if text == "client_ip" => Ok(HashOn::ClientIp),
+            _ => Err(invalid(
+                key,
+                format!(
+                    "{text:?} is not one of \"header:<name>\", \"cookie:<name>\", \"client_ip\""
+                ),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for HashOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HashOn::Header(name) => write!(f, "header:{name}"),
+            HashOn::Cookie(name) => write!(f, "cookie:{name}"),
+            HashOn::ClientIp => f.write_str("client_ip"),
+        }
+    }
+}
+
+impl Serialize for HashOn {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// One canary share (`services[].split`): `basis_points` of 10,000 requests go to the
+/// instances carrying all of `tags`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SplitConfig {
+    pub tags: Vec<String>,
+    /// Hundredths of a percent (`percent: 5` is 500).
+    pub basis_points: u32,
 }
 
 /// How the gateway speaks to a service's instances.
@@ -241,6 +320,10 @@ pub struct ServiceConfig {
     pub tags: Vec<String>,
     pub route: RouteConfig,
     pub balance: Balance,
+    /// For `balance: hash`: what identifies a request's session.
+    pub hash_on: Option<HashOn>,
+    /// Shares of requests to instances by tag; the rest to instances in no split.
+    pub split: Vec<SplitConfig>,
     pub protocol: UpstreamProtocol,
     pub retry: RetryConfig,
     pub outlier: OutlierConfig,
@@ -563,6 +646,11 @@ struct RawService {
     /// Parsed in `validate` so the error can list the choices.
     #[serde(default)]
     balance: Option<String>,
+    /// `header:<name>`, `cookie:<name>` or `client_ip`; required by (and only for) `hash`.
+    #[serde(default)]
+    hash_on: String,
+    #[serde(default)]
+    split: Vec<RawSplit>,
     /// Parsed in `validate` so the error can list the choices.
     #[serde(default)]
     protocol: Option<String>,
@@ -570,6 +658,14 @@ struct RawService {
     retry: RawRetry,
     #[serde(default)]
     outlier: RawOutlier,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSplit {
+    tags: Vec<String>,
+    /// 0 to 100, at most two decimals (0.5 is half a percent).
+    percent: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1142,26 +1238,89 @@ impl RawService {
                 ))
             }
         };
-        let balance = match self.balance.as_deref().map(str::trim) {
-            None | Some("round_robin") => Balance::RoundRobin,
-            Some("random") => Balance::Random,
-            Some(other) => {
-                return Err(invalid(
-                    format!("{key}.balance"),
-                    format!("{other:?} is not one of \"round_robin\", \"random\""),
-                ))
-            }
-        };
+        let balance = parse_balance(key, self.balance.as_deref())?;
+        let hash_on =
+            match (balance, self.hash_on.trim()) {
+                (Balance::Hash, "") => return Err(invalid(
+                    format!("{key}.hash_on"),
+                    "is required by `balance: hash` (header:<name>, cookie:<name> or client_ip)",
+                )),
+                (Balance::Hash, text) => Some(HashOn::parse(&format!("{key}.hash_on"), text)?),
+                (_, "") => None,
+                (_, _) => {
+                    return Err(invalid(
+                        format!("{key}.hash_on"),
+                        "is only used by `balance: hash`",
+                    ))
+                }
+            };
+        let split = validate_splits(key, self.split)?;
         Ok(ServiceConfig {
             name,
             tags: self.tags,
             route,
             balance,
+            hash_on,
+            split,
             protocol,
             retry,
             outlier,
         })
     }
+}
+
+fn parse_balance(key: &str, text: Option<&str>) -> Result<Balance, ConfigError> {
+    let text = text.map(str::trim).unwrap_or(Balance::default().as_str());
+    Balance::ALL
+        .into_iter()
+        .find(|b| b.as_str() == text)
+        .ok_or_else(|| {
+            let choices: Vec<String> = Balance::ALL
+                .iter()
+                .map(|b| format!("{:?}", b.as_str()))
+                .collect();
+            invalid(
+                format!("{key}.balance"),
+                format!("{text:?} is not one of {}", choices.join(", ")),
+            )
+        })
+}
+
+/// Splits with tags, shares between 0 and 100 percent (two decimals) summing to at most 100.
+fn validate_splits(key: &str, raw: Vec<RawSplit>) -> Result<Vec<SplitConfig>, ConfigError> {
+    let mut total = 0;
+    let mut splits = Vec::with_capacity(raw.len());
+    for (i, split) in raw.into_iter().enumerate() {
+        let at = format!("{key}.split[{i}]");
+        if split.tags.is_empty() || split.tags.iter().any(|t| t.trim().is_empty()) {
+            return Err(invalid(
+                format!("{at}.tags"),
+                "needs at least one non-empty tag",
+            ));
+        }
+        let basis_points = split.percent * 100.0;
+        if !(0.0..=10_000.0).contains(&basis_points)
+            || (basis_points - basis_points.round()).abs() > 1e-6
+        {
+            return Err(invalid(
+                format!("{at}.percent"),
+                "must be between 0 and 100, with at most two decimals",
+            ));
+        }
+        let basis_points = basis_points.round() as u32;
+        total += basis_points;
+        splits.push(SplitConfig {
+            tags: split.tags,
+            basis_points,
+        });
+    }
+    if total > 10_000 {
+        return Err(invalid(
+            format!("{key}.split"),
+            "the percents add up to more than 100",
+        ));
+    }
+    Ok(splits)
 }
 
 impl RawOutlier {

@@ -30,6 +30,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod gateway;
 pub mod metrics;

@@ -10,6 +10,7 @@
 //! Consul. When the access log is on, it hands each answered request to it (a channel send,
 //! never a write).
 
+pub mod affinity;
 pub mod answers;
 pub mod body;
 pub mod grpc;
@@ -316,7 +317,7 @@ impl Gateway {
         if table.is_empty() {
             return Err(GatewayError::NoHealthyInstance);
         }
-        upstream.deposit_retry_budget();
+        upstream.retry_budget.deposit();
         let grpc = grpc::is_grpc(request.headers());
         // A gRPC client's own deadline, when shorter than the route's, is the deadline.
         let client_deadline = grpc::timeout(request.headers())
@@ -325,6 +326,12 @@ impl Gateway {
         let upgrade = upgrade::requested_protocol(&request)
             .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
         let (mut parts, body) = request.into_parts();
+        // Only `balance: hash` computes a key (before the headers are rewritten).
+        let key = upstream
+            .config
+            .hash_on
+            .as_ref()
+            .and_then(|hash_on| affinity::request_key(hash_on, &parts.headers, hop.client));
         let body = HeldBody::hold(&parts, body, self.settings.body, deadline).await?;
         let path = route.upstream_path(&parts.uri, target.path.as_deref());
         forward_headers(&mut parts, target.authority, hop);
@@ -335,6 +342,7 @@ impl Gateway {
         let mut forwarding = Forwarding {
             upstream,
             table,
+            key,
             parts,
             path,
             body,
@@ -363,7 +371,7 @@ impl Gateway {
             if attempt > 0 && !upstream.try_take_retry() {
                 break;
             }
-            let Some((index, instance)) = table.pick(&tried) else {
+            let Some((index, instance)) = table.pick(&tried, forwarding.key) else {
                 break;
             };
             tried.insert(index);
@@ -474,6 +482,8 @@ impl Gateway {
 struct Forwarding<'a> {
     upstream: &'a Upstream,
     table: Arc<ServiceTable>,
+    /// The `hash` balancer's key for this request (`None` for other balancers).
+    key: Option<u64>,
     /// Method and headers as they go to every instance.
     parts: Parts,
     path: PathAndQuery,

@@ -215,6 +215,22 @@ impl Consul {
         .await;
     }
 
+    /// Registers with Consul's `Weights.Passing` set to `weight`.
+    pub async fn register_weighted(
+        &self,
+        service: &str,
+        id: &str,
+        port: u16,
+        tags: &[&str],
+        weight: u32,
+    ) {
+        self.register_json(json!({
+            "ID": id, "Name": service, "Address": "127.0.0.1", "Port": port, "Tags": tags,
+            "Weights": {"Passing": weight, "Warning": 1},
+        }))
+        .await;
+    }
+
     /// Registers with a TTL check that starts passing; `fail_check` turns it critical.
     pub async fn register_with_ttl(&self, service: &str, id: &str, port: u16) {
         self.register_json(json!({
