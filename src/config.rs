@@ -199,6 +199,7 @@ pub struct Config {
     pub access_log: AccessLogConfig,
     /// `None`: the gateway does not register itself in Consul.
     pub register: Option<RegisterConfig>,
+    pub tag_routes: TagRoutesConfig,
     /// `Some(interval)`: also reload when the config file changes (checked every interval),
     /// besides SIGHUP.
     #[serde(with = "optional_duration")]
@@ -217,6 +218,16 @@ mod optional_duration {
             None => serializer.serialize_none(),
         }
     }
+}
+
+/// Routes from Consul service tags in fabio's grammar, and fabio's KV commands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TagRoutesConfig {
+    pub enabled: bool,
+    /// A tag starting with this is a route (`urlprefix-/api strip=/api`).
+    pub prefix: String,
+    /// The Consul KV key with `route add|del|weight` commands; `None`: not read.
+    pub kv_path: Option<String>,
 }
 
 /// The gateway's own registration in Consul, with an HTTP check on the admin `/healthz`.
@@ -484,9 +495,56 @@ struct RawConfig {
     access_log: RawAccessLog,
     #[serde(default)]
     register: RawRegister,
+    #[serde(default)]
+    tag_routes: RawTagRoutes,
     /// "" or "off": SIGHUP only; a duration ("2s"): also poll the file for changes.
     #[serde(default)]
     watch_config: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTagRoutes {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default = "default_tag_prefix")]
+    prefix: String,
+    #[serde(default = "default_kv_path")]
+    kv_path: String,
+}
+
+impl Default for RawTagRoutes {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            prefix: default_tag_prefix(),
+            kv_path: default_kv_path(),
+        }
+    }
+}
+
+fn default_tag_prefix() -> String {
+    "urlprefix-".into()
+}
+fn default_kv_path() -> String {
+    "/fabio/config".into()
+}
+
+impl RawTagRoutes {
+    fn validate(self) -> Result<TagRoutesConfig, ConfigError> {
+        if self.prefix.trim().is_empty() || self.prefix.contains(char::is_whitespace) {
+            return Err(invalid(
+                "tag_routes.prefix",
+                "must be non-empty, without spaces",
+            ));
+        }
+        let kv_path = self.kv_path.trim().trim_matches('/').to_owned();
+        Ok(TagRoutesConfig {
+            enabled: self.enabled,
+            prefix: self.prefix,
+            kv_path: Some(kv_path).filter(|p| !p.is_empty()),
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -954,6 +1012,7 @@ impl Config {
             upstream,
             access_log,
             register,
+            tag_routes,
             watch_config: _,
         } = self;
         let mut changed = Vec::new();
@@ -970,6 +1029,7 @@ impl Config {
         check("upstream", *upstream != next.upstream);
         check("access_log", *access_log != next.access_log);
         check("register", *register != next.register);
+        check("tag_routes", *tag_routes != next.tag_routes);
         changed
     }
 
@@ -1061,6 +1121,7 @@ impl RawConfig {
             upstream: self.upstream.validate()?,
             access_log: self.access_log.validate()?,
             register: self.register.validate()?,
+            tag_routes: self.tag_routes.validate()?,
             watch_config: match self.watch_config.trim() {
                 "" | "off" => None,
                 text => Some(parse_positive_duration("watch_config", text)?),
@@ -1168,6 +1229,28 @@ fn parse_consul_address(position: usize, count: usize, text: &str) -> Result<Url
         return Err(invalid(&key, "has no host"));
     }
     Ok(url)
+}
+
+impl ServiceConfig {
+    /// A service found at run time (a tag route): every key at its default, the protocol
+    /// given, routed at `/<name>` (the router uses the tag's route instead).
+    pub fn with_defaults(
+        name: &str,
+        protocol: UpstreamProtocol,
+    ) -> Result<ServiceConfig, ConfigError> {
+        let raw = RawService {
+            name: name.to_owned(),
+            tags: Vec::new(),
+            route: None,
+            balance: None,
+            hash_on: String::new(),
+            split: Vec::new(),
+            protocol: Some(protocol.as_str().to_owned()),
+            retry: RawRetry::default(),
+            outlier: RawOutlier::default(),
+        };
+        raw.validate("tag_routes")
+    }
 }
 
 impl RawService {

@@ -4,19 +4,29 @@
 //! right service in Consul and forwards the request there.
 //!
 //! ```text
-//! gateway.yaml + env ─> config ─┬─> watcher (one task per service: Consul blocking queries)
+//! gateway.yaml + env ─> config ─┬─> watcher (one task per service: Consul blocking queries;
+//!                               │      │  tag routes: services found by their tags, KV commands)
 //!                               │      └─ new healthy set? build a table, ArcSwap::store
-//!                               │                               │
-//!                               │                        upstream (one table per service)
-//!                               │                               │ load(), pick()
-//!                               └─> gateway (hyper server) ─────┘─> pooled client ─> instance
-//!                                   admin (/ /metrics /healthz /readyz /routes) reads both
+//!                               │         new tag routes? publish DynamicRoutes ───┐
+//!                               │                               │                   │
+//!                               │                        upstream (one table per    routes
+//!                               │                        service, its balancer)     │
+//!                               │                               │ load(), pick()    │
+//!                               └─> gateway (hyper server) ─────┘─> router ◄────────┘
+//!                                     └─> pooled client ─> instance
+//!                                   admin (/ /metrics /healthz /readyz /routes) reads all
 //! ```
 //!
 //! - [`config`]: the file and env overrides, validated once into typed values.
 //! - [`watcher`]: Consul blocking queries, index rules, rate limit, backoff; writes tables.
 //!   Per service, or (many services) catalog-wide change detectors plus targeted fetches.
-//! - [`upstream`]: immutable per-service tables behind `ArcSwap`, and the balancers.
+//!   [`watcher::tag_routes`] routes services by their Consul tags (fabio's `urlprefix-`).
+//! - [`upstream`]: immutable per-service tables behind `ArcSwap`, composed with the outlier
+//!   detector, the retry budget and the discovery sync status.
+//! - [`balance`]: the balancers, one file each behind one trait (round robin, random,
+//!   least request, Maglev hash) and tag splits.
+//! - [`routes`]: routes found at run time (fabio's grammar: tags, KV commands), where the
+//!   tag-route watcher and the router meet.
 //! - [`gateway`]: routing, header hygiene, forwarding and retries; reads tables.
 //! - [`metrics`]: the Prometheus registry and per-service handles (a leaf).
 //! - [`admin`]: the admin listener's endpoints.
@@ -24,7 +34,8 @@
 //! - [`registration`]: optional self-registration of the gateway in Consul.
 //! - [`server`]: the accept loop with graceful shutdown, shared by both listeners.
 //!
-//! `watcher` and `gateway` never import each other: they meet only at the upstream tables.
+//! `watcher` and `gateway` never import each other: they meet only at the upstream tables and
+//! the dynamic routes (handed over by the wiring here).
 //! A config reload ([`run_with_reload`]) rebuilds the tables' set, the router and the watches
 //! and swaps them in; requests in flight keep what they started with.
 
@@ -35,6 +46,7 @@ pub mod config;
 pub mod gateway;
 pub mod metrics;
 pub mod registration;
+pub mod routes;
 pub mod server;
 pub mod upstream;
 pub mod watcher;
@@ -48,7 +60,7 @@ use std::collections::HashSet;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -58,8 +70,10 @@ pub use tokio_util::sync::CancellationToken as Shutdown;
 use crate::admin::Admin;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
+use crate::routes::DynamicRoutes;
 use crate::server::ServeSettings;
 use crate::upstream::Upstreams;
+use crate::watcher::tag_routes::TagRouteWatch;
 use crate::watcher::{ConsulDiscovery, WatchSet};
 
 /// The admin listener only serves quick requests; it needs little time to drain.
@@ -98,6 +112,9 @@ struct Reload {
     gateway: Arc<Gateway>,
     admin: Arc<Admin>,
     metrics: Arc<Metrics>,
+    /// The file's services as the tag-route watcher sees them, and its wake-up on reload.
+    files: Arc<ArcSwap<Upstreams>>,
+    reloaded: Arc<Notify>,
 }
 
 /// Applies each config from `reloads` until `stop`, then stops the watches.
@@ -142,6 +159,8 @@ impl Reload {
         self.watches.reconcile(&upstreams);
         self.gateway.replace_routes(&upstreams);
         self.admin.upstreams.store(Arc::new(upstreams.clone()));
+        self.files.store(Arc::new(upstreams.clone()));
+        self.reloaded.notify_one();
         info!(
             services = after.len(),
             added = after.difference(&before).count(),
@@ -185,10 +204,11 @@ pub async fn run_with_reload(
 
     // Watchers outlive the listeners' drain so retries during it still see fresh tables.
     let stop_watchers = CancellationToken::new();
-    let watches = WatchSet::start(discovery, &config.consul, &upstreams);
+    let watches = WatchSet::start(discovery.clone(), &config.consul, &upstreams);
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
         upstreams: ArcSwap::from_pointee(upstreams.clone()),
+        dynamic: ArcSwap::from_pointee(DynamicRoutes::default()),
         stale_after: config.consul.stale_after,
     });
     let mut admin_builder = Builder::new(TokioExecutor::new());
@@ -220,6 +240,24 @@ pub async fn run_with_reload(
         metrics.for_requests(metrics::UNROUTED),
         access_log,
     ));
+    let files = Arc::new(ArcSwap::from_pointee(upstreams.clone()));
+    let reloaded = Arc::new(Notify::new());
+    let tag_routes = config.tag_routes.enabled.then(|| {
+        let (gateway, admin) = (gateway.clone(), admin.clone());
+        let watch = TagRouteWatch {
+            discovery: discovery.clone(),
+            settings: config.tag_routes.clone(),
+            consul: config.consul.clone(),
+            files: files.clone(),
+            reloaded: reloaded.clone(),
+            metrics: metrics.clone(),
+            publish: Box::new(move |routes: Arc<DynamicRoutes>| {
+                admin.dynamic.store(routes.clone());
+                gateway.replace_dynamic_routes(routes);
+            }),
+        };
+        tokio::spawn(watch.run(stop_watchers.clone()))
+    });
     let builder = server::http_builder(&config.server);
     info!(
         listen = %config.listen,
@@ -235,6 +273,8 @@ pub async fn run_with_reload(
             gateway: gateway.clone(),
             admin,
             metrics: metrics.clone(),
+            files,
+            reloaded,
         },
         reloads,
         stop_watchers.clone(),
@@ -282,6 +322,9 @@ pub async fn run_with_reload(
     stop_watchers.cancel();
     let _ = admin_task.await;
     let _ = reloader.await;
+    if let Some(tag_routes) = tag_routes {
+        let _ = tag_routes.await;
+    }
     info!("switchyard stopped");
     Ok(())
 }

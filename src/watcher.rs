@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 mod catalog;
+pub mod tag_routes;
 
 pub use catalog::watch_catalog;
 
@@ -429,6 +430,12 @@ impl ConsulDiscovery {
         let (status, headers, body) = tokio::time::timeout(self.hung_after, send)
             .await
             .map_err(|_| DiscoveryError::Hung(self.hung_after))??;
+        // A missing KV key answers 404 with an index; blocking on it waits for its creation.
+        if status == reqwest::StatusCode::NOT_FOUND {
+            if let Some(index) = parse_index(&headers) {
+                return Ok((index, bytes::Bytes::new()));
+            }
+        }
         if !status.is_success() {
             let text = String::from_utf8_lossy(&body);
             let body: String = text.trim().chars().take(200).collect();

@@ -21,7 +21,7 @@ pub mod router;
 pub mod upgrade;
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -43,6 +43,7 @@ use tracing::debug;
 use crate::access_log::{AccessLog, Entry};
 use crate::config::{Config, UpstreamConfig, UpstreamProtocol};
 use crate::metrics::RequestMetrics;
+use crate::routes::DynamicRoutes;
 use crate::server::ClientConnection;
 use crate::upstream::{Instance, InstanceSlot, ServiceTable, Tried, Upstream, Upstreams};
 pub use answers::{GatewayError, ERROR_HEADER};
@@ -127,8 +128,12 @@ fn build_client(config: &UpstreamConfig, http2: bool) -> Client<HttpConnector, U
 
 /// The gateway's request handler and its shared, read-only state.
 pub struct Gateway {
-    /// Swapped whole on a config reload; requests in flight keep the one they started with.
+    /// Swapped whole on a config reload or a dynamic route change; requests in flight keep
+    /// the one they started with.
     router: ArcSwap<Router>,
+    /// What the router is built from (the file's services, the dynamic routes); written off
+    /// the request path only, by the reload and the tag-route tasks.
+    route_inputs: Mutex<(Upstreams, Arc<DynamicRoutes>)>,
     clients: Clients,
     settings: GatewaySettings,
     unrouted: RequestMetrics,
@@ -170,6 +175,7 @@ impl Gateway {
     ) -> Self {
         Self {
             router: ArcSwap::from_pointee(Router::new(upstreams)),
+            route_inputs: Mutex::new((upstreams.clone(), Arc::default())),
             clients: Clients::new(&config.upstream),
             settings: GatewaySettings::from_config(config),
             unrouted,
@@ -180,7 +186,24 @@ impl Gateway {
 
     /// Routes new requests over `upstreams` (a reloaded config).
     pub fn replace_routes(&self, upstreams: &Upstreams) {
-        self.router.store(Arc::new(Router::new(upstreams)));
+        let mut inputs = self
+            .route_inputs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        inputs.0 = upstreams.clone();
+        self.router
+            .store(Arc::new(Router::with_dynamic(&inputs.0, &inputs.1)));
+    }
+
+    /// Routes new requests with `dynamic` routes (tags, KV) besides the file's.
+    pub fn replace_dynamic_routes(&self, dynamic: Arc<DynamicRoutes>) {
+        let mut inputs = self
+            .route_inputs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        inputs.1 = dynamic;
+        self.router
+            .store(Arc::new(Router::with_dynamic(&inputs.0, &inputs.1)));
     }
 
     /// Answers one client request. Never fails: errors become the gateway's own answers.
@@ -220,6 +243,13 @@ impl Gateway {
                 return response;
             }
         };
+        if let Some(response) = route_answer(route, connection.peer.ip(), &request, grpc) {
+            let elapsed = started.elapsed();
+            let requests = &route.upstream.metrics.requests;
+            requests.observe_request(response.status().as_u16(), elapsed);
+            self.log(entry, Some(route), Tries::default(), &response, elapsed);
+            return response;
+        }
         let hop = Hop {
             client: connection.peer.ip(),
             trusted: self.settings.trusts(connection.peer.ip()),
@@ -560,6 +590,35 @@ fn outgoing_request(
     };
     *outgoing.headers_mut() = forwarding.parts.headers.clone();
     Ok(outgoing)
+}
+
+/// What a route answers itself: 403 to a client its `allow=`/`deny=` refuses, its
+/// `redirect=` (with `$path` replaced by the request's path and query).
+fn route_answer(
+    route: &Route,
+    client: IpAddr,
+    request: &Request<Incoming>,
+    grpc: bool,
+) -> Option<Response<ProxyBody>> {
+    if route
+        .access
+        .as_ref()
+        .is_some_and(|access| !access.admits(client))
+    {
+        let error = GatewayError::Forbidden;
+        return Some(if grpc {
+            error.into_grpc_response()
+        } else {
+            error.into_response()
+        });
+    }
+    let redirect = route.redirect.as_ref()?;
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = HeaderValue::from_str(&redirect.url.replace("$path", path)).ok()?;
+    let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+    *response.status_mut() = StatusCode::from_u16(redirect.code).unwrap_or(StatusCode::FOUND);
+    response.headers_mut().insert(header::LOCATION, location);
+    Some(response)
 }
 
 /// `Transfer-Encoding` naming any coding but `chunked` (hyper accepts `gzip, chunked` and

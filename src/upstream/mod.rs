@@ -195,6 +195,13 @@ impl Upstreams {
         Upstreams { services }
     }
 
+    /// Upstreams found at run time (tag routes), in the given order.
+    pub fn from_list(services: Vec<Arc<Upstream>>) -> Self {
+        Self {
+            services: services.into(),
+        }
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Upstream>> {
         self.services.iter()
     }

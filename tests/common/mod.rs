@@ -231,6 +231,16 @@ impl Consul {
         .await;
     }
 
+    /// Writes `value` at `key` in Consul KV.
+    pub async fn kv_put(&self, key: &str, value: &str) {
+        let url = format!("{}/v1/kv/{}", self.url(), key.trim_start_matches('/'));
+        let response = self.client.put(url).body(value.to_owned()).send().await;
+        assert!(response
+            .expect("calling the consul agent")
+            .status()
+            .is_success());
+    }
+
     /// Registers with a TTL check that starts passing; `fail_check` turns it critical.
     pub async fn register_with_ttl(&self, service: &str, id: &str, port: u16) {
         self.register_json(json!({
