@@ -74,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         format!("http://{}", args.consul)
     };
+    switchyard::tls::install_default_provider(); // reqwest's rustls needs one
     let http = reqwest::Client::new();
     let registration = json!({
         "ID": id,

@@ -204,6 +204,7 @@ fn service_json(
         "hash_on": config.hash_on,
         "split": config.split,
         "protocol": config.protocol.as_str(),
+        "tls_insecure_skip_verify": config.tls.as_ref().map(|t| t.insecure_skip_verify),
         "tags": config.tags,
         "retry": {
             "attempts": config.retry.attempts,

@@ -164,7 +164,7 @@ pub struct SplitConfig {
 }
 
 /// How the gateway speaks to a service's instances.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UpstreamProtocol {
     /// HTTP/1.1 over plain TCP.
@@ -172,6 +172,10 @@ pub enum UpstreamProtocol {
     Http1,
     /// HTTP/2 over plain TCP with prior knowledge (gRPC's usual transport).
     H2c,
+    /// HTTP/1.1 over TLS.
+    Https,
+    /// HTTP/2 over TLS (ALPN `h2`).
+    H2,
 }
 
 impl UpstreamProtocol {
@@ -179,8 +183,29 @@ impl UpstreamProtocol {
         match self {
             UpstreamProtocol::Http1 => "http1",
             UpstreamProtocol::H2c => "h2c",
+            UpstreamProtocol::Https => "https",
+            UpstreamProtocol::H2 => "h2",
         }
     }
+
+    /// Whether the connection to the instance is TLS.
+    pub fn is_tls(self) -> bool {
+        matches!(self, UpstreamProtocol::Https | UpstreamProtocol::H2)
+    }
+}
+
+/// TLS to a service's instances (`services[].tls`, with `protocol: https | h2`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct UpstreamTlsConfig {
+    /// PEM CA bundle to verify instances; `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// The name to verify (and send as SNI); `None`: the instance's address.
+    pub server_name: Option<String>,
+    /// Accept any certificate (warned about at start).
+    pub insecure_skip_verify: bool,
+    /// Client certificate chain and key, for instances that require mTLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 /// The whole, validated configuration.
@@ -200,6 +225,8 @@ pub struct Config {
     /// `None`: the gateway does not register itself in Consul.
     pub register: Option<RegisterConfig>,
     pub tag_routes: TagRoutesConfig,
+    /// `None`: no TLS listener.
+    pub tls: Option<TlsConfig>,
     /// `Some(interval)`: also reload when the config file changes (checked every interval),
     /// besides SIGHUP.
     #[serde(with = "optional_duration")]
@@ -228,6 +255,25 @@ pub struct TagRoutesConfig {
     pub prefix: String,
     /// The Consul KV key with `route add|del|weight` commands; `None`: not read.
     pub kv_path: Option<String>,
+}
+
+/// TLS termination: a second client listener. The files are read by the `tls` module, at
+/// start and on every reload; only their paths live here (never key material).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TlsConfig {
+    pub listen: SocketAddr,
+    /// SNI picks among these by the names each certificate is valid for; the first is the
+    /// default (no SNI, or a name none of them has).
+    pub certificates: Vec<CertificateConfig>,
+    /// The plain listener answers every request with a 308 to the https URL.
+    pub redirect_http: bool,
+}
+
+/// One certificate: a PEM chain (leaf first) and its private key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CertificateConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// The gateway's own registration in Consul, with an HTTP check on the admin `/healthz`.
@@ -271,6 +317,20 @@ pub struct ConsulConfig {
     /// client address by default).
     pub max_connections: usize,
     pub watch: WatchMode,
+    /// TLS for `https://` addresses.
+    pub tls: ConsulTlsConfig,
+}
+
+/// TLS to Consul (`consul.ca_file` ... or Consul's own `CONSUL_CACERT` ... variables).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ConsulTlsConfig {
+    /// PEM CA bundle; `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain and key (Consul's `verify_incoming`).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The name to verify; `None`: the address's host.
+    pub server_name: Option<String>,
 }
 
 /// How services are watched.
@@ -299,6 +359,7 @@ impl ConsulConfig {
             stale_after,
             max_connections,
             watch,
+            tls,
         } = self;
         check("consul.address", *addresses != next.addresses);
         check("consul.token", *token != next.token);
@@ -312,6 +373,13 @@ impl ConsulConfig {
             *max_connections != next.max_connections,
         );
         check("consul.watch", *watch != next.watch);
+        check("consul.ca_file", tls.ca_file != next.tls.ca_file);
+        check("consul.cert_file", tls.cert_file != next.tls.cert_file);
+        check("consul.key_file", tls.key_file != next.tls.key_file);
+        check(
+            "consul.tls_server_name",
+            tls.server_name != next.tls.server_name,
+        );
     }
 
     /// The mode in effect for `services` services.
@@ -336,6 +404,8 @@ pub struct ServiceConfig {
     /// Shares of requests to instances by tag; the rest to instances in no split.
     pub split: Vec<SplitConfig>,
     pub protocol: UpstreamProtocol,
+    /// `Some` exactly when `protocol` is `https` or `h2`.
+    pub tls: Option<UpstreamTlsConfig>,
     pub retry: RetryConfig,
     pub outlier: OutlierConfig,
 }
@@ -497,6 +567,8 @@ struct RawConfig {
     register: RawRegister,
     #[serde(default)]
     tag_routes: RawTagRoutes,
+    #[serde(default)]
+    tls: Option<RawTls>,
     /// "" or "off": SIGHUP only; a duration ("2s"): also poll the file for changes.
     #[serde(default)]
     watch_config: String,
@@ -652,6 +724,10 @@ struct RawConsul {
     max_connections: usize,
     #[serde(default)]
     watch: Option<String>,
+    ca_file: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    tls_server_name: Option<String>,
 }
 
 /// `consul.address`: one address, a comma-separated list (handy in env overrides), or a list.
@@ -674,6 +750,10 @@ impl Default for RawConsul {
             stale_after: default_stale_after(),
             max_connections: default_consul_max_connections(),
             watch: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            tls_server_name: None,
         }
     }
 }
@@ -713,9 +793,75 @@ struct RawService {
     #[serde(default)]
     protocol: Option<String>,
     #[serde(default)]
+    tls: Option<RawUpstreamTls>,
+    #[serde(default)]
     retry: RawRetry,
     #[serde(default)]
     outlier: RawOutlier,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    #[serde(default)]
+    ca_file: String,
+    #[serde(default)]
+    server_name: String,
+    #[serde(default)]
+    insecure_skip_verify: bool,
+    #[serde(default)]
+    cert_file: String,
+    #[serde(default)]
+    key_file: String,
+}
+
+/// A path, or `None` for an empty string.
+fn optional_path(text: &str) -> Option<PathBuf> {
+    Some(text.trim())
+        .filter(|t| !t.is_empty())
+        .map(PathBuf::from)
+}
+
+/// `cert_file` and `key_file` come together or not at all.
+fn identity_pair(
+    key: &str,
+    cert_file: &str,
+    key_file: &str,
+) -> Result<(Option<PathBuf>, Option<PathBuf>), ConfigError> {
+    let (cert, private) = (optional_path(cert_file), optional_path(key_file));
+    match (&cert, &private) {
+        (Some(_), None) => Err(invalid(
+            format!("{key}.key_file"),
+            "required with `cert_file`",
+        )),
+        (None, Some(_)) => Err(invalid(
+            format!("{key}.cert_file"),
+            "required with `key_file`",
+        )),
+        _ => Ok((cert, private)),
+    }
+}
+
+impl RawUpstreamTls {
+    fn validate(self, key: &str) -> Result<UpstreamTlsConfig, ConfigError> {
+        let (cert_file, key_file) = identity_pair(key, &self.cert_file, &self.key_file)?;
+        let server_name = Some(self.server_name.trim().to_owned()).filter(|n| !n.is_empty());
+        if let Some(name) = &server_name {
+            if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return Err(invalid(
+                    format!("{key}.server_name"),
+                    format!("{name:?} is not a DNS name or IP address"),
+                ));
+            }
+        }
+        Ok(UpstreamTlsConfig {
+            ca_file: optional_path(&self.ca_file),
+            server_name,
+            insecure_skip_verify: self.insecure_skip_verify,
+            cert_file,
+            key_file,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -925,6 +1071,30 @@ fn default_max_connections_per_instance() -> usize {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawTls {
+    #[serde(default = "default_tls_listen")]
+    listen: String,
+    #[serde(default)]
+    certificates: Vec<RawCertificate>,
+    #[serde(default)]
+    redirect_http: bool,
+}
+
+fn default_tls_listen() -> String {
+    "0.0.0.0:8443".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    #[serde(default)]
+    cert_file: String,
+    #[serde(default)]
+    key_file: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawAccessLog {
     #[serde(default)]
     path: String,
@@ -955,6 +1125,14 @@ pub struct ConsulEnv {
     pub http_addr: Option<String>,
     /// `CONSUL_HTTP_TOKEN`
     pub http_token: Option<String>,
+    /// `CONSUL_CACERT`
+    pub ca_cert: Option<String>,
+    /// `CONSUL_CLIENT_CERT`
+    pub client_cert: Option<String>,
+    /// `CONSUL_CLIENT_KEY`
+    pub client_key: Option<String>,
+    /// `CONSUL_TLS_SERVER_NAME`
+    pub tls_server_name: Option<String>,
 }
 
 impl ConsulEnv {
@@ -963,6 +1141,10 @@ impl ConsulEnv {
         Self {
             http_addr: non_empty("CONSUL_HTTP_ADDR"),
             http_token: non_empty("CONSUL_HTTP_TOKEN"),
+            ca_cert: non_empty("CONSUL_CACERT"),
+            client_cert: non_empty("CONSUL_CLIENT_CERT"),
+            client_key: non_empty("CONSUL_CLIENT_KEY"),
+            tls_server_name: non_empty("CONSUL_TLS_SERVER_NAME"),
         }
     }
 }
@@ -1014,6 +1196,7 @@ impl Config {
             register,
             tag_routes,
             watch_config: _,
+            tls,
         } = self;
         let mut changed = Vec::new();
         let mut check = |key, differs: bool| {
@@ -1030,6 +1213,14 @@ impl Config {
         check("access_log", *access_log != next.access_log);
         check("register", *register != next.register);
         check("tag_routes", *tag_routes != next.tag_routes);
+        // Certificates are re-read on every reload; the listener and the redirect are not.
+        let listen_of = |tls: &Option<TlsConfig>| tls.as_ref().map(|t| t.listen);
+        check("tls.listen", listen_of(tls) != listen_of(&next.tls));
+        let redirect_of = |tls: &Option<TlsConfig>| tls.as_ref().map(|t| t.redirect_http);
+        check(
+            "tls.redirect_http",
+            redirect_of(tls) != redirect_of(&next.tls),
+        );
         changed
     }
 
@@ -1122,6 +1313,10 @@ impl RawConfig {
             access_log: self.access_log.validate()?,
             register: self.register.validate()?,
             tag_routes: self.tag_routes.validate()?,
+            tls: self
+                .tls
+                .map(|tls| tls.validate(listen, admin_listen))
+                .transpose()?,
             watch_config: match self.watch_config.trim() {
                 "" | "off" => None,
                 text => Some(parse_positive_duration("watch_config", text)?),
@@ -1191,7 +1386,17 @@ impl RawConsul {
                 ))
             }
         };
+        let tls = consul_tls(
+            [
+                self.ca_file,
+                self.cert_file,
+                self.key_file,
+                self.tls_server_name,
+            ],
+            env,
+        )?;
         Ok(ConsulConfig {
+            tls,
             addresses,
             stale_after,
             max_connections: self.max_connections,
@@ -1203,6 +1408,29 @@ impl RawConsul {
             backoff_max,
         })
     }
+}
+
+/// `consul.ca_file`, `cert_file`, `key_file`, `tls_server_name`, each falling back to Consul's
+/// own variable when the file leaves it out.
+fn consul_tls(file: [Option<String>; 4], env: &ConsulEnv) -> Result<ConsulTlsConfig, ConfigError> {
+    let [ca_file, cert_file, key_file, server_name] = file;
+    let pick = |file: Option<String>, env: &Option<String>| {
+        file.filter(|v| !v.trim().is_empty())
+            .or_else(|| env.clone())
+            .unwrap_or_default()
+    };
+    let (cert_file, key_file) = identity_pair(
+        "consul",
+        &pick(cert_file, &env.client_cert),
+        &pick(key_file, &env.client_key),
+    )?;
+    let server_name = pick(server_name, &env.tls_server_name);
+    Ok(ConsulTlsConfig {
+        ca_file: optional_path(&pick(ca_file, &env.ca_cert)),
+        cert_file,
+        key_file,
+        server_name: Some(server_name.trim().to_owned()).filter(|n| !n.is_empty()),
+    })
 }
 
 fn parse_consul_address(position: usize, count: usize, text: &str) -> Result<Url, ConfigError> {
@@ -1219,10 +1447,13 @@ fn parse_consul_address(position: usize, count: usize, text: &str) -> Result<Url
         format!("http://{text}")
     };
     let url = Url::parse(&full).map_err(|e| invalid(&key, format!("{text:?}: {e}")))?;
-    if url.scheme() != "http" {
+    if url.scheme() != "http" && url.scheme() != "https" {
         return Err(invalid(
             &key,
-            format!("scheme {:?} is not supported (use http://)", url.scheme()),
+            format!(
+                "scheme {:?} is not supported (use http:// or https://)",
+                url.scheme()
+            ),
         ));
     }
     if url.host_str().is_none() {
@@ -1233,11 +1464,20 @@ fn parse_consul_address(position: usize, count: usize, text: &str) -> Result<Url
 
 impl ServiceConfig {
     /// A service found at run time (a tag route): every key at its default, the protocol
-    /// given, routed at `/<name>` (the router uses the tag's route instead).
+    /// given (with `insecure_skip_verify` for a TLS one), routed at `/<name>` (the router
+    /// uses the tag's route instead).
     pub fn with_defaults(
         name: &str,
         protocol: UpstreamProtocol,
+        insecure_skip_verify: bool,
     ) -> Result<ServiceConfig, ConfigError> {
+        let tls = (protocol.is_tls() && insecure_skip_verify).then(|| RawUpstreamTls {
+            ca_file: String::new(),
+            server_name: String::new(),
+            insecure_skip_verify,
+            cert_file: String::new(),
+            key_file: String::new(),
+        });
         let raw = RawService {
             name: name.to_owned(),
             tags: Vec::new(),
@@ -1246,6 +1486,7 @@ impl ServiceConfig {
             hash_on: String::new(),
             split: Vec::new(),
             protocol: Some(protocol.as_str().to_owned()),
+            tls,
             retry: RawRetry::default(),
             outlier: RawOutlier::default(),
         };
@@ -1314,10 +1555,22 @@ impl RawService {
         let protocol = match self.protocol.as_deref().map(str::trim) {
             None | Some("http1") => UpstreamProtocol::Http1,
             Some("h2c") => UpstreamProtocol::H2c,
+            Some("https") => UpstreamProtocol::Https,
+            Some("h2") => UpstreamProtocol::H2,
             Some(other) => {
                 return Err(invalid(
                     format!("{key}.protocol"),
-                    format!("{other:?} is not one of \"http1\", \"h2c\""),
+                    format!("{other:?} is not one of \"http1\", \"h2c\", \"https\", \"h2\""),
+                ))
+            }
+        };
+        let tls = match (protocol.is_tls(), self.tls) {
+            (true, raw) => Some(raw.unwrap_or_default().validate(&format!("{key}.tls"))?),
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(invalid(
+                    format!("{key}.tls"),
+                    "needs `protocol: https` or `protocol: h2`",
                 ))
             }
         };
@@ -1346,6 +1599,7 @@ impl RawService {
             hash_on,
             split,
             protocol,
+            tls,
             retry,
             outlier,
         })
@@ -1462,6 +1716,53 @@ impl RawServer {
             client_reset_rate: self.client_reset_rate,
             trusted_proxies: parse_networks("server.trusted_proxies", &self.trusted_proxies)?,
             normalize_path: self.normalize_path,
+        })
+    }
+}
+
+impl RawTls {
+    /// Paths only: the files are read (and their errors named) by the `tls` module.
+    fn validate(
+        self,
+        listen: SocketAddr,
+        admin_listen: SocketAddr,
+    ) -> Result<TlsConfig, ConfigError> {
+        let tls_listen = parse_socket_addr("tls.listen", &self.listen)?;
+        if tls_listen == listen || tls_listen == admin_listen {
+            return Err(invalid(
+                "tls.listen",
+                "must differ from `listen` and `admin_listen`",
+            ));
+        }
+        if self.certificates.is_empty() {
+            return Err(invalid(
+                "tls.certificates",
+                "at least one certificate is required",
+            ));
+        }
+        let certificates = self
+            .certificates
+            .into_iter()
+            .enumerate()
+            .map(|(i, raw)| raw.validate(&format!("tls.certificates[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TlsConfig {
+            listen: tls_listen,
+            certificates,
+            redirect_http: self.redirect_http,
+        })
+    }
+}
+
+impl RawCertificate {
+    fn validate(self, key: &str) -> Result<CertificateConfig, ConfigError> {
+        let path = |field: &str, text: String| match text.trim() {
+            "" => Err(invalid(format!("{key}.{field}"), "is required")),
+            path => Ok(PathBuf::from(path)),
+        };
+        Ok(CertificateConfig {
+            cert_file: path("cert_file", self.cert_file)?,
+            key_file: path("key_file", self.key_file)?,
         })
     }
 }
@@ -1650,6 +1951,7 @@ mod tests {
         let env = ConsulEnv {
             http_addr: Some("10.1.2.3:8500".into()),
             http_token: Some("s3cret".into()),
+            ..ConsulEnv::default()
         };
         let config = Config::from_yaml(MINIMAL, &env).unwrap();
         assert_eq!(config.consul.addresses[0].as_str(), "http://10.1.2.3:8500/");
@@ -1671,11 +1973,58 @@ mod tests {
         let comma = "consul:\n  address: \"http://127.0.0.1:1, http://127.0.0.3:3\"\nservices:\n  - name: a\n";
         assert_eq!(parse(comma).unwrap().consul.addresses.len(), 2);
         let bad =
-            "consul:\n  address: [\"http://127.0.0.1:1\", \"https://x\"]\nservices:\n  - name: a\n";
+            "consul:\n  address: [\"http://127.0.0.1:1\", \"ftp://x\"]\nservices:\n  - name: a\n";
         assert!(parse(bad)
             .unwrap_err()
             .to_string()
             .contains("consul.address[1]"));
+    }
+
+    #[test]
+    fn tls_is_off_unless_configured_and_names_its_keys() {
+        assert!(parse(MINIMAL).unwrap().tls.is_none());
+        let tls = parse(&format!(
+            "tls:\n  certificates:\n    - {{cert_file: /c.pem, key_file: /k.pem}}\n{MINIMAL}"
+        ))
+        .unwrap()
+        .tls
+        .expect("tls configured");
+        assert_eq!(tls.listen, "0.0.0.0:8443".parse().unwrap());
+        assert!(!tls.redirect_http);
+        assert_eq!(tls.certificates[0].key_file, PathBuf::from("/k.pem"));
+        let cases = [
+            ("tls: {certificates: []}", "tls.certificates"),
+            (
+                "tls:\n  certificates:\n    - {cert_file: /c, key_file: /k}\n    - {cert_file: /c}",
+                "tls.certificates[1].key_file",
+            ),
+            (
+                "tls: {listen: nowhere, certificates: [{cert_file: /c, key_file: /k}]}",
+                "tls.listen",
+            ),
+            (
+                "tls: {certificates: [{cert_file: /c, key_file: /k, password: x}]}",
+                "unknown field `password`",
+            ),
+            (
+                "listen: 0.0.0.0:8443\ntls: {certificates: [{cert_file: /c, key_file: /k}]}",
+                "tls.listen",
+            ),
+        ];
+        for (yaml, key) in cases {
+            let err = parse(&format!("{yaml}\n{MINIMAL}")).unwrap_err();
+            assert!(err.to_string().contains(key), "{key}: {err}");
+        }
+        // Certificates are re-read on reload; the listener and the redirect need a restart.
+        let with = |tls: &str| parse(&format!("tls: {tls}\n{MINIMAL}")).unwrap();
+        let base = with("{certificates: [{cert_file: /c, key_file: /k}]}");
+        let rotated = with("{certificates: [{cert_file: /c2, key_file: /k2}]}");
+        assert!(base.restart_only_changes(&rotated).is_empty());
+        let moved = with("{listen: 0.0.0.0:9443, redirect_http: true, certificates: [{cert_file: /c, key_file: /k}]}");
+        assert_eq!(
+            base.restart_only_changes(&moved),
+            ["tls.listen", "tls.redirect_http"]
+        );
     }
 
     #[test]
@@ -1701,10 +2050,49 @@ mod tests {
     }
 
     #[test]
+    fn consul_tls_falls_back_to_consuls_own_variables() {
+        let env = ConsulEnv {
+            ca_cert: Some("/etc/consul/ca.pem".into()),
+            client_cert: Some("/etc/consul/client.pem".into()),
+            client_key: Some("/etc/consul/client.key".into()),
+            tls_server_name: Some("consul.internal".into()),
+            ..ConsulEnv::default()
+        };
+        let yaml = "consul: {address: \"https://10.0.0.5:8501\"}\nservices:\n  - name: a\n";
+        let tls = Config::from_yaml(yaml, &env).unwrap().consul.tls;
+        assert_eq!(tls.ca_file, Some("/etc/consul/ca.pem".into()));
+        assert_eq!(tls.cert_file, Some("/etc/consul/client.pem".into()));
+        assert_eq!(tls.server_name.as_deref(), Some("consul.internal"));
+        let file = "consul: {ca_file: /file/ca.pem}\nservices:\n  - name: a\n";
+        let tls = Config::from_yaml(file, &env).unwrap().consul.tls;
+        assert_eq!(tls.ca_file, Some("/file/ca.pem".into()), "the file wins");
+        let half = "consul: {cert_file: /c.pem}\nservices:\n  - name: a\n";
+        let err = Config::from_yaml(half, &ConsulEnv::default()).unwrap_err();
+        assert!(err.to_string().contains("consul.key_file"), "{err}");
+    }
+
+    #[test]
+    fn upstream_tls_needs_a_tls_protocol() {
+        let ok = parse("services:\n  - {name: a, protocol: h2, tls: {server_name: a.internal}}\n");
+        let tls = ok.unwrap().services[0].tls.clone().unwrap();
+        assert_eq!(tls.server_name.as_deref(), Some("a.internal"));
+        let default = parse("services:\n  - {name: a, protocol: https}\n").unwrap();
+        assert!(
+            default.services[0].tls.is_some(),
+            "https gets TLS with defaults"
+        );
+        let err = parse("services:\n  - {name: a, tls: {ca_file: x}}\n").unwrap_err();
+        assert!(err.to_string().contains("services[0].tls"), "{err}");
+        let err = parse("services:\n  - {name: a, protocol: quic}\n").unwrap_err();
+        assert!(err.to_string().contains("services[0].protocol"), "{err}");
+    }
+
+    #[test]
     fn token_never_printed() {
         let env = ConsulEnv {
             http_addr: None,
             http_token: Some("s3cret".into()),
+            ..ConsulEnv::default()
         };
         let config = Config::from_yaml(MINIMAL, &env).unwrap();
         assert!(!format!("{config:?}").contains("s3cret"));

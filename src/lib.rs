@@ -12,7 +12,7 @@
 //!                               │                        upstream (one table per    routes
 //!                               │                        service, its balancer)     │
 //!                               │                               │ load(), pick()    │
-//!                               └─> gateway (hyper server) ─────┘─> router ◄────────┘
+//!                               └─> gateway (plain + TLS) ──────┘─> router ◄────────┘
 //!                                     └─> pooled client ─> instance
 //!                                   admin (/ /metrics /healthz /readyz /routes) reads all
 //! ```
@@ -32,12 +32,16 @@
 //! - [`admin`]: the admin listener's endpoints.
 //! - [`access_log`]: the optional JSON-lines access log, written off the request path.
 //! - [`registration`]: optional self-registration of the gateway in Consul.
-//! - [`server`]: the accept loop with graceful shutdown, shared by both listeners.
+//! - [`server`]: the accept loop with connection deadlines and graceful shutdown, shared by
+//!   every listener (plain, TLS, admin).
+//! - [`tls`]: certificates, the SNI resolver (reloadable behind `ArcSwap`), the bounded
+//!   handshake of the TLS listener.
 //!
 //! `watcher` and `gateway` never import each other: they meet only at the upstream tables and
 //! the dynamic routes (handed over by the wiring here).
-//! A config reload ([`run_with_reload`]) rebuilds the tables' set, the router and the watches
-//! and swaps them in; requests in flight keep what they started with.
+//! A config reload ([`run_with_reload`]) re-reads the TLS certificates, rebuilds the tables'
+//! set, the router and the watches and swaps them in; requests in flight keep what they
+//! started with.
 
 pub mod access_log;
 pub mod admin;
@@ -48,6 +52,7 @@ pub mod metrics;
 pub mod registration;
 pub mod routes;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 pub mod watcher;
 
@@ -62,7 +67,7 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use config::Config;
 pub use tokio_util::sync::CancellationToken as Shutdown;
@@ -71,7 +76,8 @@ use crate::admin::Admin;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::routes::DynamicRoutes;
-use crate::server::ServeSettings;
+use crate::server::{ServeSettings, Transport};
+use crate::tls::{TlsSettings, TlsTerminator};
 use crate::upstream::Upstreams;
 use crate::watcher::tag_routes::TagRouteWatch;
 use crate::watcher::{ConsulDiscovery, WatchSet};
@@ -80,6 +86,18 @@ use crate::watcher::{ConsulDiscovery, WatchSet};
 const ADMIN_GRACE: Duration = Duration::from_secs(1);
 /// Scrapers and probes only: a small cap keeps a misbehaving client from exhausting fds.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// Reads and checks every file the config names (certificates and keys to serve, CA bundles
+/// and client certificates for instances and Consul), so that a bad one fails `--check` and
+/// the start, naming its key, before anything is bound.
+pub fn check_files(config: &Config) -> Result<(), tls::TlsError> {
+    if let Some(tls) = &config.tls {
+        tls::Certificates::load(&tls.certificates)?;
+    }
+    gateway::clients::Clients::new(&config.upstream).tls_clients(&config.services)?;
+    watcher::consul_tls(&config.consul)?;
+    Ok(())
+}
 
 /// A failure to start.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +108,24 @@ pub enum RunError {
     Discovery(#[from] watcher::DiscoveryError),
     #[error(transparent)]
     AccessLog(#[from] access_log::AccessLogError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("binding `{key}` {addr}: {source}")]
+    Bind {
+        key: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The sockets the gateway serves on, bound by the caller (so a bad address fails first).
+pub struct Listeners {
+    /// `listen`: plain HTTP/1.1 and h2c.
+    pub gateway: TcpListener,
+    /// `admin_listen`.
+    pub admin: TcpListener,
+    /// `tls.listen`; when `None` and the config has `tls`, it is bound here.
+    pub tls: Option<TcpListener>,
 }
 
 /// Runs the gateway on `listener` and the admin endpoints on `admin_listener` until
@@ -112,6 +148,8 @@ struct Reload {
     gateway: Arc<Gateway>,
     admin: Arc<Admin>,
     metrics: Arc<Metrics>,
+    /// Present when the TLS listener runs; its certificates are re-read on every reload.
+    tls: Option<Arc<TlsTerminator>>,
     /// The file's services as the tag-route watcher sees them, and its wake-up on reload.
     files: Arc<ArcSwap<Upstreams>>,
     reloaded: Arc<Notify>,
@@ -145,6 +183,16 @@ impl Reload {
     /// A removed service's metric series go once the last of its handles is dropped (its
     /// watch stopped, its requests answered): see [`metrics`].
     fn apply(&mut self, next: Config) {
+        // Checked first: a service whose TLS files cannot be used refuses the whole reload.
+        let tls_clients = match self.gateway.tls_clients(&next.services) {
+            Ok(clients) => clients,
+            Err(error) => {
+                error!(%error, "reloaded config refused; the running config stays");
+                return;
+            }
+        };
+        // First, so that once the new routes are visible the certificates are in place too.
+        self.reload_certificates(&next);
         let upstreams = self.upstreams.rebuild(&next.services, &self.metrics);
         let before: HashSet<&str> = self.upstreams.iter().map(|u| u.name()).collect();
         let after: HashSet<&str> = upstreams.iter().map(|u| u.name()).collect();
@@ -157,7 +205,7 @@ impl Reload {
             })
             .count();
         self.watches.reconcile(&upstreams);
-        self.gateway.replace_routes(&upstreams);
+        self.gateway.replace_routes(&upstreams, &tls_clients);
         self.admin.upstreams.store(Arc::new(upstreams.clone()));
         self.files.store(Arc::new(upstreams.clone()));
         self.reloaded.notify_one();
@@ -177,6 +225,14 @@ impl Reload {
         self.upstreams = upstreams;
         self.config = next;
     }
+
+    /// New handshakes get the re-read certificates; a set that does not load is logged by
+    /// the terminator (naming the key) and the running one kept.
+    fn reload_certificates(&self, next: &Config) {
+        if let (Some(terminator), Some(tls)) = (&self.tls, &next.tls) {
+            let _ = terminator.reload(&tls.certificates);
+        }
+    }
 }
 
 /// [`run`], also applying each config sent on `reloads` (SIGHUP in `main`): services and
@@ -188,7 +244,55 @@ pub async fn run_with_reload(
     shutdown: CancellationToken,
     reloads: mpsc::Receiver<Config>,
 ) -> Result<(), RunError> {
+    let listeners = Listeners {
+        gateway: listener,
+        admin: admin_listener,
+        tls: None,
+    };
+    run_listeners(config, listeners, shutdown, reloads).await
+}
+
+/// Loads the certificates and binds `tls.listen` (unless `bound`) when the config has TLS.
+async fn start_tls(
+    config: &Config,
+    metrics: &Metrics,
+    bound: Option<TcpListener>,
+) -> Result<Option<(TcpListener, Arc<TlsTerminator>)>, RunError> {
+    let Some(tls) = &config.tls else {
+        return Ok(None);
+    };
+    let settings = TlsSettings {
+        certificates: tls.certificates.clone(),
+        handshake_timeout: config.server.header_read_timeout,
+    };
+    let terminator = Arc::new(TlsTerminator::new(&settings, metrics.tls_handshakes())?);
+    let listener = match bound {
+        Some(listener) => listener,
+        None => TcpListener::bind(tls.listen)
+            .await
+            .map_err(|source| RunError::Bind {
+                key: "tls.listen",
+                addr: tls.listen,
+                source,
+            })?,
+    };
+    Ok(Some((listener, terminator)))
+}
+
+/// [`run_with_reload`] on sockets the caller bound, the TLS one included.
+pub async fn run_listeners(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    reloads: mpsc::Receiver<Config>,
+) -> Result<(), RunError> {
+    let Listeners {
+        gateway: listener,
+        admin: admin_listener,
+        tls,
+    } = listeners;
     let metrics = Arc::new(Metrics::new()?);
+    let tls = start_tls(&config, &metrics, tls).await?;
     let upstreams = Upstreams::new(&config.services, &metrics);
     let discovery = Arc::new(ConsulDiscovery::new(&config.consul)?);
     // Opened before anything is spawned, so a bad path fails the start cleanly. The writer
@@ -239,7 +343,7 @@ pub async fn run_with_reload(
         &upstreams,
         metrics.for_requests(metrics::UNROUTED),
         access_log,
-    ));
+    )?);
     let files = Arc::new(ArcSwap::from_pointee(upstreams.clone()));
     let reloaded = Arc::new(Notify::new());
     let tag_routes = config.tag_routes.enabled.then(|| {
@@ -262,9 +366,27 @@ pub async fn run_with_reload(
     info!(
         listen = %config.listen,
         admin = %config.admin_listen,
+        tls = ?config.tls.as_ref().map(|t| t.listen),
         services = config.services.len(),
         "switchyard serving"
     );
+    // The TLS listener serves the same gateway through the same connection path.
+    let terminator = tls.as_ref().map(|(_, terminator)| terminator.clone());
+    let tls_task = tls.map(|(tls_listener, terminator)| {
+        let gateway = gateway.clone();
+        tokio::spawn(server::serve_on(
+            tls_listener,
+            Transport::Tls(terminator),
+            builder.clone(),
+            move |connection, request| {
+                let gateway = gateway.clone();
+                async move { gateway.handle(connection, request).await }
+            },
+            ServeSettings::from_server("tls", &config.server),
+            metrics.for_connections("tls"),
+            shutdown.clone(),
+        ))
+    });
     let reloader = tokio::spawn(apply_reloads(
         Reload {
             config: config.clone(),
@@ -273,6 +395,7 @@ pub async fn run_with_reload(
             gateway: gateway.clone(),
             admin,
             metrics: metrics.clone(),
+            tls: terminator,
             files,
             reloaded,
         },
@@ -310,6 +433,9 @@ pub async fn run_with_reload(
         shutdown,
     )
     .await;
+    if let Some(tls_task) = tls_task {
+        let _ = tls_task.await;
+    }
     let _ = upgrades_drained.await;
 
     if let Some(registration) = registration {

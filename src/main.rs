@@ -47,7 +47,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    let config = match Config::load(&cli.config) {
+    let config = match load_checked(&cli.config) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("switchyard: config {}: {error}", cli.config.display());
@@ -75,6 +75,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// The config, with every file it names read and checked (certificates parse, keys match,
+/// not expired; CA bundles and client certificates load), so `--check` and the start refuse
+/// them before binding.
+fn load_checked(path: &Path) -> Result<Config, Box<dyn std::error::Error>> {
+    let config = Config::load(path)?;
+    switchyard::check_files(&config)?;
+    Ok(config)
+}
+
 fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     // One worker: a current-thread runtime does the same work without the multi-thread
     // scheduler's cross-thread queues and wake-ups.
@@ -97,6 +106,19 @@ fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         let admin_listener = TcpListener::bind(config.admin_listen)
             .await
             .with_context(|| format!("binding `admin_listen` {}", config.admin_listen))?;
+        let tls = match &config.tls {
+            Some(tls) => Some(
+                TcpListener::bind(tls.listen)
+                    .await
+                    .with_context(|| format!("binding `tls.listen` {}", tls.listen))?,
+            ),
+            None => None,
+        };
+        let listeners = switchyard::Listeners {
+            gateway: listener,
+            admin: admin_listener,
+            tls,
+        };
         let shutdown = Shutdown::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         let (reload_tx, reloads) = tokio::sync::mpsc::channel(4);
@@ -109,7 +131,7 @@ fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         });
         tokio::spawn(reload_on_change(reloader.clone(), poll));
         tokio::spawn(reload_on_sighup(reloader));
-        switchyard::run_with_reload(config, listener, admin_listener, shutdown, reloads).await?;
+        switchyard::run_listeners(config, listeners, shutdown, reloads).await?;
         Ok(())
     })
 }

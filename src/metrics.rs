@@ -40,6 +40,7 @@ pub struct Metrics {
     per_service: Arc<PerService>,
     propagation: Histogram,
     access_log_dropped: IntCounter,
+    tls_handshakes: IntCounterVec,
     connections: ConnectionFamilies,
 }
 
@@ -228,6 +229,14 @@ impl Metrics {
         )?;
         registry.register(Box::new(propagation.clone()))?;
         registry.register(Box::new(access_log_dropped.clone()))?;
+        let tls_handshakes = IntCounterVec::new(
+            Opts::new(
+                "switchyard_tls_handshakes_total",
+                "TLS handshakes on the TLS listener, by result: ok, error (failed or not TLS), timeout (not done within server.header_read_timeout).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(tls_handshakes.clone()))?;
         let connections = ConnectionFamilies::register(&registry)?;
         let upgraded = IntGaugeVec::new(
             Opts::new(
@@ -261,6 +270,7 @@ impl Metrics {
             }),
             propagation,
             access_log_dropped,
+            tls_handshakes,
             connections,
         })
     }
@@ -268,6 +278,15 @@ impl Metrics {
     /// Handles for one listener's connection lifecycle (`listener`: "gateway", "admin", ...).
     pub fn for_connections(&self, listener: &str) -> ConnectionMetrics {
         self.connections.for_listener(listener)
+    }
+
+    /// The handshake counters of the TLS listener, resolved once (each series starts at 0).
+    pub fn tls_handshakes(&self) -> HandshakeMetrics {
+        HandshakeMetrics {
+            ok: self.tls_handshakes.with_label_values(&["ok"]),
+            error: self.tls_handshakes.with_label_values(&["error"]),
+            timeout: self.tls_handshakes.with_label_values(&["timeout"]),
+        }
     }
 
     /// The counter of access log entries dropped on overflow.
@@ -322,6 +341,14 @@ impl Metrics {
         TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
         Ok(buffer)
     }
+}
+
+/// `switchyard_tls_handshakes_total{result}`, one handle per result.
+#[derive(Clone)]
+pub struct HandshakeMetrics {
+    pub ok: IntCounter,
+    pub error: IntCounter,
+    pub timeout: IntCounter,
 }
 
 /// The families of client-connection series, labelled by listener.

@@ -16,8 +16,8 @@ pub enum RegistrationError {
     Transport(#[from] reqwest::Error),
     #[error("registering in Consul failed: Consul answered {status}: {body}")]
     Status { status: u16, body: String },
-    #[error("consul.token contains characters not allowed in a header")]
-    BadToken,
+    #[error("Consul client: {0}")]
+    Client(#[from] crate::watcher::DiscoveryError),
 }
 
 /// A registration that can be undone.
@@ -46,10 +46,7 @@ pub async fn register(
     listen: SocketAddr,
     admin: SocketAddr,
 ) -> Result<Registration, RegistrationError> {
-    let headers =
-        crate::watcher::consul_headers(consul).map_err(|_| RegistrationError::BadToken)?;
-    let http = reqwest::Client::builder()
-        .default_headers(headers)
+    let http = crate::watcher::consul_client(consul)?
         .timeout(Duration::from_secs(10))
         .build()?;
     let id = instance_id(config, listen);

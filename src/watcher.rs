@@ -30,6 +30,8 @@ pub mod tag_routes;
 pub use catalog::watch_catalog;
 
 use crate::config::{ConsulConfig, ServiceConfig, WatchMode};
+use crate::tls::client::{client_config, ClientTls};
+use crate::tls::TlsError;
 use crate::upstream::{Instance, Upstream, Upstreams};
 
 /// Extra time beyond Consul's own `wait + wait/16` before a long-poll counts as hung.
@@ -55,9 +57,39 @@ pub enum DiscoveryError {
     Decode(#[source] serde_json::Error),
     #[error("consul.token contains characters not allowed in a header")]
     InvalidToken,
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Headers every Consul call carries: the ACL token, marked sensitive so it is never logged.
+/// An HTTP client builder for Consul: the token header and, when an address is `https://`,
+/// TLS from `consul.ca_file`, `cert_file`, `key_file`, `tls_server_name`. Shared by the
+/// watches and self-registration.
+pub fn consul_client(config: &ConsulConfig) -> Result<reqwest::ClientBuilder, DiscoveryError> {
+    crate::tls::install_default_provider();
+    let builder = reqwest::Client::builder().default_headers(consul_headers(config)?);
+    match consul_tls(config)? {
+        Some(tls) => Ok(builder.tls_backend_preconfigured(tls)),
+        None => Ok(builder),
+    }
+}
+
+/// The rustls config for Consul when any address is `https://`.
+pub fn consul_tls(config: &ConsulConfig) -> Result<Option<rustls::ClientConfig>, TlsError> {
+    if !config.addresses.iter().any(|a| a.scheme() == "https") {
+        return Ok(None);
+    }
+    let tls = &config.tls;
+    let settings = ClientTls {
+        key: "consul".into(),
+        ca_file: tls.ca_file.clone(),
+        identity: tls.cert_file.clone().zip(tls.key_file.clone()),
+        insecure_skip_verify: false,
+        server_name: tls.server_name.clone(),
+    };
+    client_config(&settings, &[b"http/1.1"]).map(Some)
+}
+
 pub fn consul_headers(config: &ConsulConfig) -> Result<HeaderMap, DiscoveryError> {
     let mut headers = HeaderMap::new();
     if !config.token.is_empty() {
@@ -222,11 +254,9 @@ pub struct ConsulDiscovery {
 
 impl ConsulDiscovery {
     pub fn new(config: &ConsulConfig) -> Result<Self, DiscoveryError> {
-        let headers = consul_headers(config)?;
         // Consul adds up to wait/16 of jitter to every blocking query.
         let hung_after = config.wait + config.wait / 16 + LONG_POLL_SLACK;
-        let http = reqwest::Client::builder()
-            .default_headers(headers)
+        let http = consul_client(config)?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -376,7 +406,8 @@ impl DiscoveryError {
             DiscoveryError::Status { status, .. } => *status >= 500 || *status == 429,
             DiscoveryError::MissingIndex
             | DiscoveryError::Decode(_)
-            | DiscoveryError::InvalidToken => false,
+            | DiscoveryError::InvalidToken
+            | DiscoveryError::Tls(_) => false,
         }
     }
 }

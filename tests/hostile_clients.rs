@@ -159,8 +159,7 @@ async fn silent_idle_and_greedy_connections() {
     for _ in 0..100 {
         held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
     }
-    let client = reqwest::Client::builder()
-        .no_proxy()
+    let client = common::http_client_builder()
         .local_address(SECOND_CLIENT)
         .timeout(Duration::from_secs(5))
         .build()
@@ -479,8 +478,7 @@ async fn rapid_reset_with_reconnects_costs_no_upstream_connections() {
         ])
         .output();
     let bystander = async {
-        let client = reqwest::Client::builder()
-            .no_proxy()
+        let client = common::http_client_builder()
             .local_address(SECOND_CLIENT)
             .timeout(Duration::from_secs(5))
             .build()

@@ -4,7 +4,7 @@
 //!
 //! What it owns: the [`router`] (built from config, swapped whole on reload, read without
 //! locks), request screening (one valid `Host`, methods, transfer codings, path
-//! normalisation, throttled clients), [`headers`] hygiene, the [`retry`] rules, the [`body`]
+//! normalisation, throttled clients), the https [`redirect`] of `tls.redirect_http`, [`headers`] hygiene, the [`retry`] rules, the [`body`]
 //! handling that tells a client's broken body from an instance's failure, and the gateway's
 //! own [`answers`]. It reads upstream tables and never writes them; it does not know about
 //! Consul. When the access log is on, it hands each answered request to it (a channel send,
@@ -13,9 +13,11 @@
 pub mod affinity;
 pub mod answers;
 pub mod body;
+pub mod clients;
 pub mod grpc;
 pub mod headers;
 pub mod path;
+pub mod redirect;
 pub mod retry;
 pub mod router;
 pub mod upgrade;
@@ -33,21 +35,20 @@ use hyper::http::request::Parts;
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ipnet::IpNet;
 use tokio::time::Instant;
 use tracing::debug;
 
 use crate::access_log::{AccessLog, Entry};
-use crate::config::{Config, UpstreamConfig, UpstreamProtocol};
+use crate::config::{Config, ServiceConfig, UpstreamProtocol};
 use crate::metrics::RequestMetrics;
 use crate::routes::DynamicRoutes;
 use crate::server::ClientConnection;
+use crate::tls::TlsError;
 use crate::upstream::{Instance, InstanceSlot, ServiceTable, Tried, Upstream, Upstreams};
 pub use answers::{GatewayError, ERROR_HEADER};
 use body::{client_body_fault, BodyLimits, Exchange, HeldBody, InstanceBody, UpstreamBody};
+use clients::{Clients, TlsClient, TlsClients};
 use headers::{forward_headers, request_authority, Hop};
 pub use headers::{remove_hop_by_hop, strip_port};
 use retry::{is_bad_gateway_status, may_retry, TryFailure};
@@ -67,6 +68,8 @@ pub struct GatewaySettings {
     /// In-flight requests per instance, and how long a request waits for one to free up.
     pub max_connections_per_instance: usize,
     pub connect_timeout: Duration,
+    /// `tls.redirect_http`: plain requests get a 308 to this HTTPS port instead of a route.
+    pub redirect_https: Option<u16>,
 }
 
 impl GatewaySettings {
@@ -80,6 +83,11 @@ impl GatewaySettings {
             normalize_path: config.server.normalize_path,
             max_connections_per_instance: config.upstream.max_connections_per_instance,
             connect_timeout: config.upstream.connect_timeout,
+            redirect_https: config
+                .tls
+                .as_ref()
+                .filter(|tls| tls.redirect_http)
+                .map(|tls| tls.listen.port()),
         }
     }
 
@@ -88,57 +96,40 @@ impl GatewaySettings {
     }
 }
 
-/// One pooled client per upstream protocol.
-struct Clients {
-    http1: Client<HttpConnector, UpstreamBody>,
-    h2c: Client<HttpConnector, UpstreamBody>,
-}
-
-impl Clients {
-    fn new(config: &UpstreamConfig) -> Self {
-        Self {
-            http1: build_client(config, false),
-            h2c: build_client(config, true),
-        }
-    }
-
-    fn for_protocol(&self, protocol: UpstreamProtocol) -> &Client<HttpConnector, UpstreamBody> {
-        match protocol {
-            UpstreamProtocol::Http1 => &self.http1,
-            UpstreamProtocol::H2c => &self.h2c,
-        }
-    }
-}
-
-/// A pooled client: HTTP/1.1, or HTTP/2 with prior knowledge (`h2c`).
-fn build_client(config: &UpstreamConfig, http2: bool) -> Client<HttpConnector, UpstreamBody> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(config.connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    connector.enforce_http(true);
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(config.pool_idle_timeout)
-        .pool_max_idle_per_host(config.pool_max_idle_per_host)
-        .http2_only(http2)
-        .build(connector)
-}
-
 /// The gateway's request handler and its shared, read-only state.
 pub struct Gateway {
     /// Swapped whole on a config reload or a dynamic route change; requests in flight keep
     /// the one they started with.
     router: ArcSwap<Router>,
-    /// What the router is built from (the file's services, the dynamic routes); written off
-    /// the request path only, by the reload and the tag-route tasks.
-    route_inputs: Mutex<(Upstreams, Arc<DynamicRoutes>)>,
+    /// What the router is built from; written off the request path only, by the reload and
+    /// the tag-route tasks.
+    route_inputs: Mutex<RouteInputs>,
     clients: Clients,
     settings: GatewaySettings,
     unrouted: RequestMetrics,
     access_log: Option<AccessLog>,
     upgrades: Upgrades,
+}
+
+/// The file's services and the dynamic routes, each with their TLS clients.
+struct RouteInputs {
+    upstreams: Upstreams,
+    tls: TlsClients,
+    dynamic: Arc<DynamicRoutes>,
+    dynamic_tls: TlsClients,
+}
+
+impl RouteInputs {
+    /// The router of these inputs (a file service's TLS client wins over a tag service's).
+    fn router(&self) -> Router {
+        let mut tls = self.dynamic_tls.clone();
+        tls.extend(
+            self.tls
+                .iter()
+                .map(|(name, client)| (name.clone(), client.clone())),
+        );
+        Router::with_dynamic(&self.upstreams, &self.dynamic).with_tls_clients(&tls)
+    }
 }
 
 /// What the tries of one request came to, for the access log.
@@ -167,43 +158,73 @@ enum Next {
 }
 
 impl Gateway {
+    /// Fails when a service's TLS files (CA, client certificate) cannot be used.
     pub fn new(
         config: &Config,
         upstreams: &Upstreams,
         unrouted: RequestMetrics,
         access_log: Option<AccessLog>,
-    ) -> Self {
-        Self {
-            router: ArcSwap::from_pointee(Router::new(upstreams)),
-            route_inputs: Mutex::new((upstreams.clone(), Arc::default())),
-            clients: Clients::new(&config.upstream),
+    ) -> Result<Self, TlsError> {
+        let clients = Clients::new(&config.upstream);
+        let tls = clients.tls_clients(&config.services)?;
+        Ok(Self {
+            router: ArcSwap::from_pointee(Router::new(upstreams).with_tls_clients(&tls)),
+            route_inputs: Mutex::new(RouteInputs {
+                upstreams: upstreams.clone(),
+                tls,
+                dynamic: Arc::default(),
+                dynamic_tls: TlsClients::default(),
+            }),
+            clients,
             settings: GatewaySettings::from_config(config),
             unrouted,
             access_log,
             upgrades: Upgrades::default(),
-        }
+        })
     }
 
-    /// Routes new requests over `upstreams` (a reloaded config).
-    pub fn replace_routes(&self, upstreams: &Upstreams) {
-        let mut inputs = self
-            .route_inputs
+    /// The TLS clients `services` need (files read afresh), checked before a reload applies.
+    pub fn tls_clients(&self, services: &[ServiceConfig]) -> Result<TlsClients, TlsError> {
+        self.clients.tls_clients(services)
+    }
+
+    fn route_inputs(&self) -> std::sync::MutexGuard<'_, RouteInputs> {
+        self.route_inputs
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        inputs.0 = upstreams.clone();
-        self.router
-            .store(Arc::new(Router::with_dynamic(&inputs.0, &inputs.1)));
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Routes new requests with `dynamic` routes (tags, KV) besides the file's.
+    /// Routes new requests over `upstreams` (a reloaded config), with `tls` from
+    /// [`Gateway::tls_clients`]; the dynamic routes stay.
+    pub fn replace_routes(&self, upstreams: &Upstreams, tls: &TlsClients) {
+        let mut inputs = self.route_inputs();
+        inputs.upstreams = upstreams.clone();
+        inputs.tls = tls.clone();
+        self.router.store(Arc::new(inputs.router()));
+    }
+
+    /// Routes new requests with `dynamic` routes (tags, KV) besides the file's. Their TLS
+    /// services (`proto=https|grpcs`) get clients; if those cannot be built the routes are
+    /// not applied (logged).
     pub fn replace_dynamic_routes(&self, dynamic: Arc<DynamicRoutes>) {
-        let mut inputs = self
-            .route_inputs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        inputs.1 = dynamic;
-        self.router
-            .store(Arc::new(Router::with_dynamic(&inputs.0, &inputs.1)));
+        let mut configs: Vec<ServiceConfig> = Vec::new();
+        for target in dynamic.routes.iter().flat_map(|r| &r.targets) {
+            let config = &target.upstream.config;
+            if config.protocol.is_tls() && !configs.iter().any(|c| c.name == config.name) {
+                configs.push(config.clone());
+            }
+        }
+        let dynamic_tls = match self.clients.tls_clients(&configs) {
+            Ok(clients) => clients,
+            Err(error) => {
+                tracing::warn!(%error, "tag routes: a TLS client could not be built; routes unchanged");
+                return;
+            }
+        };
+        let mut inputs = self.route_inputs();
+        inputs.dynamic = dynamic;
+        inputs.dynamic_tls = dynamic_tls;
+        self.router.store(Arc::new(inputs.router()));
     }
 
     /// Answers one client request. Never fails: errors become the gateway's own answers.
@@ -214,13 +235,19 @@ impl Gateway {
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let entry = self.access_log_entry(&connection, &request);
+        let screened = self.screen(&connection, &request);
+        let redirect = self.settings.redirect_https.filter(|_| !connection.secure);
+        if let (Ok(target), Some(port)) = (&screened, redirect) {
+            let response = redirect::to_https(target.authority.as_ref(), request.uri(), port);
+            return self.answer_unrouted(entry, response, started);
+        }
         let grpc = grpc::is_grpc(request.headers());
         let answer = |error: GatewayError| match grpc {
             true => error.into_grpc_response(),
             false => error.into_response(),
         };
         let router = self.router.load_full();
-        let routed = self.screen(&connection, &request).and_then(|target| {
+        let routed = screened.and_then(|target| {
             let path = target.path.as_deref().unwrap_or(request.uri().path());
             let host = target
                 .authority
@@ -234,14 +261,7 @@ impl Gateway {
         });
         let (route, target) = match routed {
             Ok(routed) => routed,
-            Err(error) => {
-                let response = answer(error);
-                let elapsed = started.elapsed();
-                self.unrouted
-                    .observe_request(response.status().as_u16(), elapsed);
-                self.log(entry, None, Tries::default(), &response, elapsed);
-                return response;
-            }
+            Err(error) => return self.answer_unrouted(entry, answer(error), started),
         };
         if let Some(response) = route_answer(route, connection.peer.ip(), &request, grpc) {
             let elapsed = started.elapsed();
@@ -314,6 +334,20 @@ impl Gateway {
         })
     }
 
+    /// Counts and logs an answer that went to no service (refused, no route, redirect).
+    fn answer_unrouted(
+        &self,
+        entry: Option<Entry>,
+        response: Response<ProxyBody>,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        let elapsed = started.elapsed();
+        self.unrouted
+            .observe_request(response.status().as_u16(), elapsed);
+        self.log(entry, None, Tries::default(), &response, elapsed);
+        response
+    }
+
     /// Completes `entry` (present only when the access log is on) and queues it.
     fn log(
         &self,
@@ -370,6 +404,7 @@ impl Gateway {
             client
         });
         let mut forwarding = Forwarding {
+            tls: route.tls.clone(),
             upstream,
             table,
             key,
@@ -452,8 +487,9 @@ impl Gateway {
         let protocol = forwarding.upstream.config.protocol;
         let outgoing = outgoing_request(forwarding, instance, protocol, body)?;
         let deadline = forwarding.deadline;
-        let client = self.clients.for_protocol(protocol);
-        let exchange = Exchange::new(client.request(outgoing), slot, deadline);
+        let tls = forwarding.tls.as_deref();
+        let sent = self.clients.request(protocol, tls, outgoing);
+        let exchange = Exchange::new(sent, slot, deadline);
         match tokio::time::timeout_at(deadline, exchange.send()).await {
             Err(_) => forwarding.settle_timeout(instance),
             Ok(Ok(response)) => Ok(self.settle_answer(forwarding, instance, response, is_last)),
@@ -511,6 +547,8 @@ impl Gateway {
 /// One request on its way through its tries.
 struct Forwarding<'a> {
     upstream: &'a Upstream,
+    /// The service's TLS client, for `https` and `h2`.
+    tls: Option<Arc<TlsClient>>,
     table: Arc<ServiceTable>,
     /// The `hash` balancer's key for this request (`None` for other balancers).
     key: Option<u64>,
@@ -575,8 +613,13 @@ fn outgoing_request(
     protocol: UpstreamProtocol,
     body: UpstreamBody,
 ) -> Result<Request<UpstreamBody>, GatewayError> {
+    let scheme = if protocol.is_tls() {
+        Scheme::HTTPS
+    } else {
+        Scheme::HTTP
+    };
     let uri = Uri::builder()
-        .scheme(Scheme::HTTP)
+        .scheme(scheme)
         .authority(instance.authority.clone())
         .path_and_query(forwarding.path.clone())
         .build()
@@ -585,8 +628,8 @@ fn outgoing_request(
     *outgoing.method_mut() = forwarding.parts.method.clone();
     *outgoing.uri_mut() = uri;
     *outgoing.version_mut() = match protocol {
-        UpstreamProtocol::Http1 => Version::HTTP_11,
-        UpstreamProtocol::H2c => Version::HTTP_2,
+        UpstreamProtocol::Http1 | UpstreamProtocol::Https => Version::HTTP_11,
+        UpstreamProtocol::H2c | UpstreamProtocol::H2 => Version::HTTP_2,
     };
     *outgoing.headers_mut() = forwarding.parts.headers.clone();
     Ok(outgoing)

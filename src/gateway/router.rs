@@ -8,12 +8,14 @@
 //! A route served by several services (fabio's shared routes) picks one per request by
 //! their weights. At the same host and prefix the config file's route wins.
 
+use std::collections::HashMap;
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use hyper::http::uri::PathAndQuery;
 use hyper::Uri;
 
+use super::clients::TlsClient;
 use crate::routes::{Access, DynamicRoutes, Origin, Redirect, Target};
 use crate::upstream::{Upstream, Upstreams};
 
@@ -37,6 +39,8 @@ pub struct Route {
     pub redirect: Option<Redirect>,
     pub origin: Origin,
     pub upstream: Arc<Upstream>,
+    /// The service's TLS client (`protocol: https | h2`).
+    pub(super) tls: Option<Arc<TlsClient>>,
 }
 
 /// Routes built into a byte trie of path prefixes, so a lookup costs one walk along the
@@ -78,6 +82,7 @@ impl Route {
             redirect: None,
             origin: Origin::File,
             upstream: upstream.clone(),
+            tls: None,
         }
     }
 
@@ -93,6 +98,7 @@ impl Route {
             redirect: options.redirect.clone(),
             origin: target.origin.clone(),
             upstream: target.upstream.clone(),
+            tls: None,
         }
     }
 }
@@ -168,6 +174,14 @@ impl Router {
             Some(_) => (0, 0),
             None => (2, 0),
         });
+    }
+
+    /// The same routes, each TLS service with its client from `clients` (by service name).
+    pub(super) fn with_tls_clients(mut self, clients: &HashMap<String, Arc<TlsClient>>) -> Self {
+        for route in &mut self.routes {
+            route.tls = clients.get(route.upstream.name()).cloned();
+        }
+        self
     }
 
     /// The best route for `host` and `path`: the longest matching prefix, and at that prefix

@@ -5,10 +5,10 @@
 //!   <w>] [tags "<t>,..."] [opts "<k=v> ..."]`, `route del <svc> [<src> [<dst>]]`,
 //!   `route weight <svc> <src> weight <w>`.
 //!
-//! Options honoured: `strip=`, `prepend=`, `proto=http|grpc` (`https`, `grpcs`, `tcp` need
-//! what this gateway does not do to instances), `tlsskipverify=` (only meaningful with
-//! `https`), `weight=`, `redirect=<code>,<url>`, `allow=`/`deny=` (`ip:<cidr>,...`). A tag
-//! using anything else is not routed; the reason is returned for `/routes`.
+//! Options honoured: `strip=`, `prepend=`, `proto=http|https|grpc|grpcs` (`tcp` is not
+//! proxied), `tlsskipverify=true`, `weight=`, `redirect=<code>,<url>`, `allow=`/`deny=`
+//! (`ip:<cidr>,...`). A tag using anything else is not routed; the reason is returned for
+//! `/routes`.
 
 use std::fmt;
 
@@ -19,8 +19,12 @@ use ipnet::IpNet;
 pub enum Proto {
     #[default]
     Http,
+    /// HTTP/1.1 over TLS.
+    Https,
     /// gRPC over h2c (fabio's `proto=grpc`).
     Grpc,
+    /// gRPC over TLS (HTTP/2, ALPN).
+    Grpcs,
 }
 
 /// Client addresses a route admits (`allow=`) or refuses (`deny=`).
@@ -50,6 +54,8 @@ pub struct RouteOptions {
     pub strip: Option<String>,
     pub prepend: Option<String>,
     pub proto: Proto,
+    /// `tlsskipverify=true`: accept any certificate of a TLS instance.
+    pub tls_skip_verify: bool,
     /// This service's share of the route (0 to 1) when several serve it.
     pub weight: Option<f64>,
     pub redirect: Option<Redirect>,
@@ -82,7 +88,7 @@ pub struct TagRoute {
 pub enum Unhonoured {
     #[error("no path: a route needs at least one '/' (TCP routes like ':3306' are not proxied)")]
     NoPath,
-    #[error("proto={0} is not supported (http and grpc are)")]
+    #[error("proto={0} is not supported (http, https, grpc and grpcs are)")]
     Proto(String),
     #[error("option {0}= is not supported")]
     Option(String),
@@ -141,12 +147,15 @@ fn parse_option(options: &mut RouteOptions, key: &str, value: &str) -> Result<()
         "proto" => {
             options.proto = match value {
                 "http" => Proto::Http,
+                "https" => Proto::Https,
                 "grpc" => Proto::Grpc,
+                "grpcs" => Proto::Grpcs,
                 other => return Err(Unhonoured::Proto(other.to_owned())),
             }
         }
-        // Only meaningful for https instances, which are refused above.
-        "tlsskipverify" if matches!(value, "true" | "false") => {}
+        "tlsskipverify" if matches!(value, "true" | "false") => {
+            options.tls_skip_verify = value == "true";
+        }
         "weight" => options.weight = Some(parse_weight(value)?),
         "redirect" => options.redirect = Some(parse_redirect(value)?),
         "allow" | "deny" => {
@@ -328,14 +337,14 @@ mod tests {
         assert_eq!(all.source.to_string(), "mysite.com/");
         let strip = route("urlprefix-/foo/bar strip=/foo").unwrap();
         assert_eq!(strip.options.strip.as_deref(), Some("/foo"));
-        assert_eq!(
-            route("urlprefix-/foo/bar proto=https"),
-            Err(Unhonoured::Proto("https".into()))
-        );
-        assert_eq!(
-            route("urlprefix-/foo/bar proto=https tlsskipverify=true"),
-            Err(Unhonoured::Proto("https".into()))
-        );
+        let https = route("urlprefix-/foo/bar proto=https").unwrap();
+        let (proto, skip) = (https.options.proto, https.options.tls_skip_verify);
+        assert_eq!((proto, skip), (Proto::Https, false));
+        let insecure = route("urlprefix-/foo/bar proto=https tlsskipverify=true").unwrap();
+        let (proto, skip) = (insecure.options.proto, insecure.options.tls_skip_verify);
+        assert_eq!((proto, skip), (Proto::Https, true));
+        let tcp = route("urlprefix-/a proto=tcp");
+        assert_eq!(tcp, Err(Unhonoured::Proto("tcp".into())));
         assert_eq!(route("urlprefix-:3306 proto=tcp"), Err(Unhonoured::NoPath));
         assert!(parse_tag("urlprefix-", "v1").is_none());
     }

@@ -12,6 +12,11 @@
 //!
 //! Per client address: at most `max_connections` connections, and a budget of abandoned
 //! requests ([`clients`]).
+//!
+//! Plain and TLS listeners share this path; a [`Transport`] says what happens between accept
+//! and HTTP. For TLS: a handshake bounded by the first-request deadline (a slow or never
+//! finished handshake is cut and counted), and the connection marked `secure` for the
+//! handler. The first request must still arrive within the deadline counted from accept.
 
 pub mod clients;
 pub mod connection;
@@ -35,6 +40,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::ServerConfig;
 use crate::metrics::ConnectionMetrics;
+use crate::tls::TlsTerminator;
 pub use clients::{Client, ClientLimits, Clients};
 pub use connection::ClientConnection;
 use connection::{Pending, Tracked};
@@ -56,6 +62,15 @@ pub struct ServeSettings {
     pub idle_timeout: Duration,
     /// How long in-flight requests may finish after shutdown starts.
     pub grace: Duration,
+}
+
+/// What a listener does between accept and HTTP.
+#[derive(Clone)]
+pub enum Transport {
+    /// HTTP straight on the TCP stream.
+    Plain,
+    /// A TLS handshake first (under its own timeout), then HTTP over TLS.
+    Tls(Arc<TlsTerminator>),
 }
 
 /// HTTP/2 keep-alive: a PING after this much silence on a connection with streams open...
@@ -111,12 +126,36 @@ struct Shared<H> {
     cut: CancellationToken,
 }
 
-/// Serves `listener` until `shutdown`, then drains for at most `settings.grace`.
+/// Serves plain HTTP on `listener` until `shutdown`, then drains for at most
+/// `settings.grace`.
 ///
 /// `handler` answers each request; it gets the connection and never fails (errors become
 /// responses).
 pub async fn serve<H, F, B>(
     listener: TcpListener,
+    builder: Builder<TokioExecutor>,
+    handler: H,
+    settings: ServeSettings,
+    metrics: ConnectionMetrics,
+    shutdown: CancellationToken,
+) where
+    H: Fn(Arc<ClientConnection>, Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let transport = Transport::Plain;
+    serve_on(
+        listener, transport, builder, handler, settings, metrics, shutdown,
+    )
+    .await;
+}
+
+/// [`serve`] for any [`Transport`]: the TLS listener serves HTTPS through here.
+pub async fn serve_on<H, F, B>(
+    listener: TcpListener,
+    transport: Transport,
     builder: Builder<TokioExecutor>,
     handler: H,
     settings: ServeSettings,
@@ -160,18 +199,34 @@ pub async fn serve<H, F, B>(
             debug!(listener = settings.name, %peer, "connection refused: per-client limit");
             continue;
         };
+        let accepted = Instant::now();
         let shared = shared.clone();
+        let transport = transport.clone();
         tracker.spawn(async move {
             let _slot = slot;
+            let secure = matches!(transport, Transport::Tls(_));
             let connection = Arc::new(ClientConnection::new(
                 peer,
-                false,
+                secure,
                 client.client.clone(),
                 shared.metrics.resets.clone(),
             ));
-            shared
-                .serve_connection(TokioIo::new(stream), connection)
-                .await;
+            match transport {
+                Transport::Plain => {
+                    let io = TokioIo::new(stream);
+                    shared.serve_connection(io, connection, accepted).await;
+                }
+                Transport::Tls(tls) => {
+                    let handshake = tokio::select! {
+                        stream = tls.accept(stream) => stream,
+                        _ = shared.cut.cancelled() => None,
+                    };
+                    if let Some(stream) = handshake {
+                        let io = TokioIo::new(stream);
+                        shared.serve_connection(io, connection, accepted).await;
+                    }
+                }
+            }
             drop(client);
         });
     }
@@ -235,8 +290,14 @@ where
 {
     /// Serves one connection (plain or TLS) until it ends, is closed for idling or silence,
     /// or is cut at the end of the grace period.
-    pub async fn serve_connection<I>(self: Arc<Self>, io: I, connection: Arc<ClientConnection>)
-    where
+    /// The first request must start within the header read timeout of `accepted` (a TLS
+    /// handshake counts against it).
+    pub async fn serve_connection<I>(
+        self: Arc<Self>,
+        io: I,
+        connection: Arc<ClientConnection>,
+        accepted: Instant,
+    ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         self.metrics.open.inc();
@@ -254,7 +315,7 @@ where
         let conn = self.builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(conn);
         let settings = &self.settings;
-        let mut deadline = Instant::now() + settings.first_request_timeout;
+        let mut deadline = accepted + settings.first_request_timeout;
         let mut seen = 0;
         let mut phase = Phase::Serving;
         loop {

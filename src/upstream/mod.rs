@@ -255,6 +255,7 @@ mod tests {
             hash_on: None,
             split: vec![],
             protocol: Default::default(),
+            tls: None,
             retry: RetryConfig {
                 attempts: 3,
                 timeout: Duration::from_secs(1),

@@ -306,8 +306,11 @@ impl State {
         }
         let protocol = match route.options.proto {
             Proto::Http => UpstreamProtocol::Http1,
+            Proto::Https => UpstreamProtocol::Https,
             Proto::Grpc => UpstreamProtocol::H2c,
+            Proto::Grpcs => UpstreamProtocol::H2,
         };
+        let skip_verify = route.options.tls_skip_verify;
         let key = key_of(route);
         // One upstream per service: its first route's protocol decides.
         if let Some(upstream) = own.get(&key) {
@@ -315,11 +318,19 @@ impl State {
         }
         // The last build's is kept while its protocol is the same (table, health, watch).
         let kept = self.own.get(&key).cloned();
-        if let Some(upstream) = kept.filter(|u| u.config.protocol == protocol) {
+        let same = |u: &Arc<Upstream>| {
+            let kept_skip = u
+                .config
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.insecure_skip_verify);
+            u.config.protocol == protocol && kept_skip == (skip_verify && protocol.is_tls())
+        };
+        if let Some(upstream) = kept.filter(same) {
             own.insert(key, upstream.clone());
             return Some(upstream);
         }
-        let config = ServiceConfig::with_defaults(&route.service, protocol).ok()?;
+        let config = ServiceConfig::with_defaults(&route.service, protocol, skip_verify).ok()?;
         let upstream = Arc::new(Upstream::new(config, metrics.for_service(&route.service)));
         if let Some(dst) = &route.dst {
             let instance = fixed_instance(dst)?;

@@ -26,9 +26,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use switchyard::config::{Config, ConsulEnv};
+use switchyard::config::{CertificateConfig, Config, ConsulEnv};
 use switchyard::Shutdown;
 
+pub mod pki;
 pub mod raw;
 
 /// A port nothing listens on right now.
@@ -59,11 +60,16 @@ where
 }
 
 pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
+    http_client_builder()
         .timeout(Duration::from_secs(30))
         .build()
         .expect("building an HTTP client")
+}
+
+/// A reqwest builder without proxies (reqwest's rustls gets the gateway's *ring* provider).
+pub fn http_client_builder() -> reqwest::ClientBuilder {
+    switchyard::tls::install_default_provider();
+    reqwest::Client::builder().no_proxy()
 }
 
 /// The value of one series (exactly as written, labels included) in Prometheus text; 0 if absent.
@@ -94,6 +100,8 @@ pub struct Consul {
     pub http_port: u16,
     log: PathBuf,
     client: reqwest::Client,
+    /// Extra agent configuration (JSON; `{https_port}` is replaced), e.g. TLS.
+    extra_config: Option<String>,
 }
 
 impl Consul {
@@ -101,6 +109,31 @@ impl Consul {
     /// agent or an outgoing connection) before consul binds it; then consul exits at once, and
     /// the start is retried on new ports.
     pub async fn start() -> Consul {
+        Self::start_with_config(None).await
+    }
+
+    /// Starts an agent that also serves HTTPS (at [`Consul::https_url`]) with `cert`, and
+    /// there requires client certificates signed by `ca_file` (`verify_incoming_https`).
+    pub async fn start_tls(ca_file: &std::path::Path, cert: &CertificateConfig) -> Consul {
+        let config = json!({
+            "ports": {"https": "{https_port}"},
+            "ca_file": ca_file,
+            "cert_file": cert.cert_file,
+            "key_file": cert.key_file,
+            "verify_incoming_https": true,
+        });
+        // Consul wants the port as a number.
+        let text = config
+            .to_string()
+            .replace("\"{https_port}\"", "{https_port}");
+        Self::start_with_config(Some(text)).await
+    }
+
+    pub fn https_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.ports[3])
+    }
+
+    async fn start_with_config(extra_config: Option<String>) -> Consul {
         let mut last_log = String::new();
         for _ in 0..3 {
             let http_port = free_port();
@@ -110,6 +143,7 @@ impl Consul {
                 http_port,
                 log: std::env::temp_dir().join(format!("switchyard-test-consul-{http_port}.log")),
                 client: http_client(),
+                extra_config: extra_config.clone(),
             };
             if consul.try_spawn().await {
                 return consul;
@@ -135,8 +169,15 @@ impl Consul {
     /// Starts the agent and waits for a leader; false (agent stopped) if it exited or did not
     /// elect one in time.
     async fn try_spawn(&mut self) -> bool {
-        let [serf_lan, serf_wan, server, _] = self.ports;
+        let [serf_lan, serf_wan, server, https] = self.ports;
         let log = std::fs::File::create(&self.log).expect("creating the consul log file");
+        let mut extra = Vec::new();
+        if let Some(config) = &self.extra_config {
+            let path = self.log.with_extension("json");
+            let text = config.replace("{https_port}", &https.to_string());
+            std::fs::write(&path, text).expect("writing the consul config");
+            extra = vec!["-config-file".to_owned(), path.display().to_string()];
+        }
         let child = Command::new("consul")
             .args([
                 "agent",
@@ -152,6 +193,7 @@ impl Consul {
             .args(["-serf-wan-port", &serf_wan.to_string()])
             .args(["-server-port", &server.to_string()])
             .args(["-node", &format!("test-{}", self.http_port)])
+            .args(&extra)
             .stdout(Stdio::from(log.try_clone().expect("cloning a file handle")))
             .stderr(Stdio::from(log))
             .spawn()
@@ -434,11 +476,12 @@ async fn serve_backend(
             async move {
                 hits.fetch_add(1, Ordering::SeqCst);
                 let echo = format!(
-                    "{} {} host={} xff={}",
+                    "{} {} host={} xff={} proto={}",
                     request.method(),
                     request.uri(),
                     header(&request, "host"),
                     header(&request, "x-forwarded-for"),
+                    header(&request, "x-forwarded-proto"),
                 );
                 let _ = request.into_body().collect().await;
                 let status = match behavior {
@@ -597,6 +640,8 @@ pub fn header_or(headers: &hyper::HeaderMap, name: &str, default: &str) -> Strin
 pub struct Gateway {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The TLS listener, when the config has `tls`.
+    pub tls: Option<SocketAddr>,
     pub shutdown: Shutdown,
     pub task: Option<JoinHandle<()>>,
     /// Sends a new config, as SIGHUP does in the binary.
@@ -634,14 +679,30 @@ impl Gateway {
             .expect("binding admin");
         config.listen = listener.local_addr().expect("gateway address");
         config.admin_listen = admin_listener.local_addr().expect("admin address");
+        let tls_listener = match config.tls.as_mut() {
+            Some(tls) => {
+                let listener = TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("binding the TLS listener");
+                tls.listen = listener.local_addr().expect("TLS address");
+                Some(listener)
+            }
+            None => None,
+        };
         let (addr, admin) = (config.listen, config.admin_listen);
+        let tls = config.tls.as_ref().map(|tls| tls.listen);
         let shutdown = Shutdown::new();
         let (reload, reloads) = tokio::sync::mpsc::channel(4);
         let started_with = config.clone();
         let task = tokio::spawn({
             let shutdown = shutdown.clone();
             async move {
-                switchyard::run_with_reload(config, listener, admin_listener, shutdown, reloads)
+                let listeners = switchyard::Listeners {
+                    gateway: listener,
+                    admin: admin_listener,
+                    tls: tls_listener,
+                };
+                switchyard::run_listeners(config, listeners, shutdown, reloads)
                     .await
                     .expect("gateway run");
             }
@@ -649,6 +710,7 @@ impl Gateway {
         Gateway {
             addr,
             admin,
+            tls,
             shutdown,
             task: Some(task),
             reload,

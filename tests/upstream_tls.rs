@@ -1,0 +1,274 @@
+//! TLS as a client: to instances (`protocol: https | h2`, `services[].tls`: CA, server name,
+//! client certificate for mTLS, `insecure_skip_verify`) and to a real Consul agent serving
+//! HTTPS with `verify_incoming_https`. Certificates come from a test CA (tests/common/pki.rs).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use common::pki::Pki;
+use common::Consul;
+use switchyard::config::CertificateConfig;
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The rustls config of an HTTPS instance; with `client_ca`, client certificates it signed
+/// are required (mTLS).
+fn server_tls(cert: &CertificateConfig, client_ca: Option<&Path>) -> ServerConfig {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert.cert_file)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&cert.key_file).unwrap();
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).unwrap() {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider())
+                .build()
+                .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(chain, key).unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config
+}
+
+/// An HTTPS instance answering with its id and the HTTP version it was asked in.
+async fn tls_instance(id: &'static str, tls: ServerConfig) -> (u16, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return; // a refused handshake (no or wrong client certificate)
+                };
+                let service = service_fn(move |request: Request<Incoming>| async move {
+                    let version = format!("{:?}", request.version());
+                    let response = Response::builder()
+                        .header("x-instance", id)
+                        .header("x-version", version)
+                        .body(Full::new(Bytes::from(id)))
+                        .unwrap();
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                let _ = Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_over_tls_h1_h2_mtls_server_name_and_skip_verify() {
+    let pki = Pki::new("upstream");
+    let other = Pki::new("upstream-other");
+    let server = pki.leaf("backend", "backend.test", &["backend.test"]);
+    let client = pki.leaf("client", "switchyard", &["switchyard.test"]);
+    let untrusted = other.leaf("untrusted", "untrusted.test", &["untrusted.test"]);
+    let (mtls_port, _a) = tls_instance("mtls-1", server_tls(&server, Some(&pki.ca_file))).await;
+    let (plain_port, _b) = tls_instance("untrusted-1", server_tls(&untrusted, None)).await;
+
+    let consul = Consul::start().await;
+    let tls = |extra: &str| {
+        format!(
+            "{{ca_file: {:?}, cert_file: {:?}, key_file: {:?}{extra}}}",
+            pki.ca_file, client.cert_file, client.key_file
+        )
+    };
+    let services = [
+        (
+            "secure",
+            "https",
+            mtls_port,
+            tls(", server_name: backend.test"),
+        ),
+        (
+            "secure2",
+            "h2",
+            mtls_port,
+            tls(", server_name: backend.test"),
+        ),
+        (
+            "nocert",
+            "https",
+            mtls_port,
+            format!("{{ca_file: {:?}, server_name: backend.test}}", pki.ca_file),
+        ),
+        (
+            "wrongname",
+            "https",
+            mtls_port,
+            tls(", server_name: other.test"),
+        ),
+        (
+            "skip",
+            "https",
+            plain_port,
+            "{insecure_skip_verify: true}".to_owned(),
+        ),
+    ];
+    let mut yaml = String::from("services:\n");
+    for (name, protocol, port, tls) in &services {
+        consul
+            .register(name, &format!("{name}-1"), *port, &[])
+            .await;
+        yaml.push_str(&format!(
+            "  - {{name: {name}, protocol: {protocol}, tls: {tls}}}\n"
+        ));
+    }
+    let gateway = common::Gateway::start(&consul, &yaml).await;
+    for (name, ..) in &services {
+        let id = format!("{name}-1");
+        let synced = gateway
+            .wait_for_instances(name, &[&id], Duration::from_secs(10))
+            .await;
+        assert!(synced.is_some(), "{name}");
+    }
+    let get = |path: &'static str| gateway.get(path);
+    let secure = get("/secure").await;
+    assert_eq!(secure.status(), 200);
+    assert_eq!(secure.headers()["x-instance"], "mtls-1");
+    assert_eq!(secure.headers()["x-version"], "HTTP/1.1");
+    let secure2 = get("/secure2").await;
+    assert_eq!(secure2.status(), 200);
+    assert_eq!(
+        secure2.headers()["x-version"],
+        "HTTP/2.0",
+        "protocol: h2 speaks h2"
+    );
+    for refused in ["/nocert", "/wrongname"] {
+        let response = get(refused).await;
+        assert_eq!(response.status(), 502, "{refused}");
+        assert_eq!(
+            response.headers()["x-switchyard-error"],
+            "upstream-unreachable"
+        );
+    }
+    let skip = get("/skip").await;
+    assert_eq!(skip.status(), 200);
+    assert_eq!(skip.headers()["x-instance"], "untrusted-1");
+}
+
+#[test]
+fn unusable_tls_files_for_instances_or_consul_exit_2_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("switchyard-tlsfiles-{}", common::free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (
+            "services:\n  - {name: a, protocol: https, tls: {ca_file: /nonexistent/ca.pem}}\n",
+            "invalid `services[0].tls.ca_file`",
+        ),
+        (
+            "consul: {address: \"https://127.0.0.1:1\", ca_file: /nonexistent/ca.pem}\nservices:\n  - name: a\n",
+            "invalid `consul.ca_file`",
+        ),
+        (
+            "services:\n  - {name: a, tls: {insecure_skip_verify: true}}\n",
+            "invalid `services[0].tls`",
+        ),
+    ];
+    for (yaml, expected) in cases {
+        let path = dir.join("gateway.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("--config")
+            .arg(&path)
+            .arg("--check")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_over_tls_with_a_client_certificate() {
+    let pki = Pki::new("consul");
+    let server = pki.leaf("consul", "consul.test", &["consul.test"]);
+    let client = pki.leaf("client", "switchyard", &["switchyard.test"]);
+    let consul = Consul::start_tls(&pki.ca_file, &server).await;
+    let backend = common::Backend::start("web-1", common::Behavior::Ok).await;
+    consul.register("web", "web-1", backend.port, &[]).await;
+    let tls = format!(
+        "  ca_file: {:?}\n  cert_file: {:?}\n  key_file: {:?}\n  tls_server_name: consul.test\n",
+        pki.ca_file, client.cert_file, client.key_file
+    );
+    let gateway =
+        common::Gateway::start_with(&[consul.https_url()], &tls, "services:\n  - name: web\n")
+            .await;
+    let synced = gateway
+        .wait_for_instances("web", &["web-1"], Duration::from_secs(10))
+        .await;
+    assert!(
+        synced.is_some(),
+        "watched over HTTPS with a client certificate"
+    );
+    assert_eq!(gateway.get("/web").await.status(), 200);
+
+    // Without the client certificate Consul refuses the gateway: nothing syncs.
+    let no_cert = format!(
+        "  ca_file: {:?}\n  tls_server_name: consul.test\n",
+        pki.ca_file
+    );
+    let refused = common::Gateway::start_with(
+        &[consul.https_url()],
+        &no_cert,
+        "services:\n  - name: web\n",
+    )
+    .await;
+    let metrics_url = refused.admin_url("/metrics");
+    let errors = common::wait_until(Duration::from_secs(10), || {
+        let url = metrics_url.clone();
+        async move {
+            let text = common::http_client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            common::metric(&text, "switchyard_consul_errors_total{service=\"web\"}") > 0.0
+        }
+    })
+    .await;
+    assert!(
+        errors.is_some(),
+        "a refused TLS client counts Consul errors"
+    );
+    assert!(refused.instances("web").await.is_empty());
+}
