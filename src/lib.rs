@@ -128,6 +128,31 @@ pub struct Listeners {
     pub tls: Option<TcpListener>,
 }
 
+/// The tag-route watcher of `config` (`tag_routes.enabled`): it reads the file's services
+/// from `files` (swapped, and `reloaded` notified, on every reload) and hands each changed
+/// set of routes to the gateway's router and the admin listener.
+fn tag_route_watch(
+    config: &Config,
+    discovery: &Arc<ConsulDiscovery>,
+    (files, reloaded): (&Arc<ArcSwap<Upstreams>>, &Arc<Notify>),
+    metrics: &Arc<Metrics>,
+    gateway: Arc<Gateway>,
+    admin: Arc<Admin>,
+) -> TagRouteWatch {
+    TagRouteWatch {
+        discovery: discovery.clone(),
+        settings: config.tag_routes.clone(),
+        consul: config.consul.clone(),
+        files: files.clone(),
+        reloaded: reloaded.clone(),
+        metrics: metrics.clone(),
+        publish: Box::new(move |routes: Arc<DynamicRoutes>| {
+            admin.dynamic.store(routes.clone());
+            gateway.replace_dynamic_routes(routes);
+        }),
+    }
+}
+
 /// Runs the gateway on `listener` and the admin endpoints on `admin_listener` until
 /// `shutdown` is cancelled, then drains in-flight requests for `server.shutdown_grace`.
 pub async fn run(
@@ -347,19 +372,9 @@ pub async fn run_listeners(
     let files = Arc::new(ArcSwap::from_pointee(upstreams.clone()));
     let reloaded = Arc::new(Notify::new());
     let tag_routes = config.tag_routes.enabled.then(|| {
+        let inputs = (&files, &reloaded);
         let (gateway, admin) = (gateway.clone(), admin.clone());
-        let watch = TagRouteWatch {
-            discovery: discovery.clone(),
-            settings: config.tag_routes.clone(),
-            consul: config.consul.clone(),
-            files: files.clone(),
-            reloaded: reloaded.clone(),
-            metrics: metrics.clone(),
-            publish: Box::new(move |routes: Arc<DynamicRoutes>| {
-                admin.dynamic.store(routes.clone());
-                gateway.replace_dynamic_routes(routes);
-            }),
-        };
+        let watch = tag_route_watch(&config, &discovery, inputs, &metrics, gateway, admin);
         tokio::spawn(watch.run(stop_watchers.clone()))
     });
     let builder = server::http_builder(&config.server);

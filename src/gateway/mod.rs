@@ -264,11 +264,7 @@ impl Gateway {
             Err(error) => return self.answer_unrouted(entry, answer(error), started),
         };
         if let Some(response) = route_answer(route, connection.peer.ip(), &request, grpc) {
-            let elapsed = started.elapsed();
-            let requests = &route.upstream.metrics.requests;
-            requests.observe_request(response.status().as_u16(), elapsed);
-            self.log(entry, Some(route), Tries::default(), &response, elapsed);
-            return response;
+            return self.answer_routed(entry, route, Tries::default(), response, started);
         }
         let hop = Hop {
             client: connection.peer.ip(),
@@ -280,6 +276,18 @@ impl Gateway {
             Ok(response) => response,
             Err(error) => answer(error),
         };
+        self.answer_routed(entry, route, tries, response, started)
+    }
+
+    /// Counts and logs a routed request's answer.
+    fn answer_routed(
+        &self,
+        entry: Option<Entry>,
+        route: &Route,
+        tries: Tries,
+        response: Response<ProxyBody>,
+        started: Instant,
+    ) -> Response<ProxyBody> {
         let elapsed = started.elapsed();
         let requests = &route.upstream.metrics.requests;
         requests.observe_request(response.status().as_u16(), elapsed);

@@ -95,11 +95,7 @@ impl TagRouteWatch {
                 _ = stop.cancelled() => break,
                 _ = self.reloaded.notified() => {}
                 update = received.recv() => match update {
-                    Some(Update::Catalog(body)) => match serde_json::from_slice(&body) {
-                        Ok(catalog) => state.catalog = catalog,
-                        Err(error) => warn!(%error, "unreadable /v1/catalog/services answer"),
-                    },
-                    Some(Update::Kv(body)) => state.kv = String::from_utf8_lossy(&body).into_owned(),
+                    Some(update) => state.take(update),
                     None => break,
                 },
             }
@@ -174,6 +170,16 @@ struct Found {
 }
 
 impl State {
+    fn take(&mut self, update: Update) {
+        match update {
+            Update::Catalog(body) => match serde_json::from_slice(&body) {
+                Ok(catalog) => self.catalog = catalog,
+                Err(error) => warn!(%error, "unreadable /v1/catalog/services answer"),
+            },
+            Update::Kv(body) => self.kv = String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+
     fn build(
         &mut self,
         settings: &TagRoutesConfig,
@@ -363,4 +369,75 @@ fn fixed_instance(dst: &str) -> Option<Instance> {
         BTreeMap::new(),
     )
     .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(catalog: &[(&str, &[&str])], kv: &str) -> State {
+        State {
+            catalog: catalog
+                .iter()
+                .map(|(s, tags)| (s.to_string(), tags.iter().map(|t| t.to_string()).collect()))
+                .collect(),
+            kv: kv.to_owned(),
+            ..State::default()
+        }
+    }
+
+    fn settings() -> TagRoutesConfig {
+        TagRoutesConfig {
+            enabled: true,
+            prefix: "urlprefix-".into(),
+            kv_path: Some("fabio/config".into()),
+        }
+    }
+
+    #[test]
+    fn tags_commands_and_file_services_make_the_routes() {
+        let metrics = Metrics::new().unwrap();
+        let config =
+            crate::config::Config::from_yaml("services:\n  - name: api\n", &Default::default())
+                .unwrap();
+        let files = Upstreams::new(&config.services, &metrics);
+        let mut state = state(
+            &[
+                ("api", &["urlprefix-/api strip=/api"]),
+                ("web", &["urlprefix-/web", "v1"]),
+                ("web-v2", &["urlprefix-/web"]),
+                ("db", &["urlprefix-:5432 proto=tcp"]),
+            ],
+            "route weight web-v2 /web weight 0.1\nroute add legacy /old http://10.0.0.9:8080/\nroute del nobody\n",
+        );
+        let routes = state.build(&settings(), &files, &metrics);
+        let sources: Vec<String> = routes.routes.iter().map(|r| r.source.to_string()).collect();
+        assert_eq!(sources, ["/api", "/old", "/web"]);
+        // A service the file lists reuses the file's upstream (its watch, its table).
+        assert!(Arc::ptr_eq(
+            &routes.routes[0].targets[0].upstream,
+            files.get("api").unwrap()
+        ));
+        let web = &routes.routes[2].targets;
+        assert_eq!(web.len(), 2);
+        assert_eq!(web[1].options.weight, Some(0.1), "route weight from KV");
+        let old = &routes.routes[1].targets[0];
+        assert_eq!(
+            old.upstream.table().instances()[0].authority.as_str(),
+            "10.0.0.9:8080"
+        );
+        assert!(matches!(old.origin, Origin::Kv { .. }));
+        assert_eq!(routes.skipped.len(), 1, "{:?}", routes.skipped);
+        // Watched: the tag services only (not the file's, not route add's fixed address).
+        let mut watched: Vec<String> = state
+            .watched()
+            .iter()
+            .map(|u| u.name().to_owned())
+            .collect();
+        watched.sort();
+        assert_eq!(watched, ["web", "web-v2"]);
+        // Rebuilt unchanged: the same upstreams, so nothing to publish.
+        let again = state.build(&settings(), &files, &metrics);
+        assert!(again.same_as(&routes));
+    }
 }
