@@ -27,7 +27,8 @@
 //!   least request, Maglev hash) and tag splits.
 //! - [`routes`]: routes found at run time (fabio's grammar: tags, KV commands), where the
 //!   tag-route watcher and the router meet.
-//! - [`gateway`]: routing, header hygiene, forwarding and retries; reads tables.
+//! - [`gateway`]: request screening, routing, header hygiene, forwarding over pooled clients
+//!   (HTTP/1.1, h2c, TLS), retries, upgrades (WebSocket) and gRPC answers; reads tables.
 //! - [`metrics`]: the Prometheus registry and per-service handles (a leaf).
 //! - [`admin`]: the admin listener's endpoints.
 //! - [`access_log`]: the optional JSON-lines access log, written off the request path.
@@ -35,7 +36,7 @@
 //! - [`server`]: the accept loop with connection deadlines and graceful shutdown, shared by
 //!   every listener (plain, TLS, admin).
 //! - [`tls`]: certificates, the SNI resolver (reloadable behind `ArcSwap`), the bounded
-//!   handshake of the TLS listener.
+//!   handshake of the TLS listener; and TLS as a client (instances, Consul).
 //!
 //! `watcher` and `gateway` never import each other: they meet only at the upstream tables and
 //! the dynamic routes (handed over by the wiring here).
@@ -76,7 +77,7 @@ use crate::admin::Admin;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::routes::DynamicRoutes;
-use crate::server::{ServeSettings, Transport};
+use crate::server::{ServeSettings, Source, Transport};
 use crate::tls::{TlsSettings, TlsTerminator};
 use crate::upstream::Upstreams;
 use crate::watcher::tag_routes::TagRouteWatch;
@@ -126,6 +127,9 @@ pub struct Listeners {
     pub admin: TcpListener,
     /// `tls.listen`; when `None` and the config has `tls`, it is bound here.
     pub tls: Option<TcpListener>,
+    /// More sockets on `listen` (bound with `SO_REUSEPORT`), one per extra worker: each is
+    /// served by an accept loop on a current-thread runtime of its own (`workers: N`).
+    pub workers: Vec<std::net::TcpListener>,
 }
 
 /// The tag-route watcher of `config` (`tag_routes.enabled`): it reads the file's services
@@ -273,8 +277,65 @@ pub async fn run_with_reload(
         gateway: listener,
         admin: admin_listener,
         tls: None,
+        workers: Vec::new(),
     };
     run_listeners(config, listeners, shutdown, reloads).await
+}
+
+/// Runs an accept loop for each extra gateway socket, each on a current-thread runtime of
+/// its own (nginx's and Pingora's worker model): the kernel spreads connections across the
+/// `SO_REUSEPORT` sockets, and a connection's requests stay on its worker's thread. The
+/// workers share the gateway (routes, tables, pools) and the per-client registry.
+fn spawn_workers(
+    sockets: Vec<std::net::TcpListener>,
+    gateway: &Arc<Gateway>,
+    clients: &Arc<server::Clients>,
+    server_config: &config::ServerConfig,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let mut threads = Vec::new();
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let worker = i + 1;
+        let (gateway, clients) = (gateway.clone(), clients.clone());
+        let builder = server::http_builder(server_config);
+        let settings = ServeSettings::from_server("gateway", server_config);
+        let connections = metrics.for_worker_connections("gateway", worker);
+        let shutdown = shutdown.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("switchyard-worker-{worker}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => return error!(worker, %error, "worker runtime failed to start"),
+                };
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(socket) {
+                        Ok(listener) => listener,
+                        Err(error) => return error!(worker, %error, "worker socket unusable"),
+                    };
+                    let source = Source {
+                        listener,
+                        transport: Transport::Plain,
+                        clients,
+                    };
+                    let handler = move |connection, request| {
+                        let gateway = gateway.clone();
+                        async move { gateway.handle(connection, request).await }
+                    };
+                    server::serve_on(source, builder, handler, settings, connections, shutdown)
+                        .await;
+                });
+            });
+        match spawned {
+            Ok(thread) => threads.push(thread),
+            Err(error) => error!(worker, %error, "worker thread failed to start"),
+        }
+    }
+    threads
 }
 
 /// Loads the certificates and binds `tls.listen` (unless `bound`) when the config has TLS.
@@ -315,6 +376,7 @@ pub async fn run_listeners(
         gateway: listener,
         admin: admin_listener,
         tls,
+        workers,
     } = listeners;
     let metrics = Arc::new(Metrics::new()?);
     let tls = start_tls(&config, &metrics, tls).await?;
@@ -385,13 +447,19 @@ pub async fn run_listeners(
         services = config.services.len(),
         "switchyard serving"
     );
-    // The TLS listener serves the same gateway through the same connection path.
+    // The TLS listener serves the same gateway through the same connection path, and counts
+    // a client address's connections together with the plain listener's.
+    let settings = ServeSettings::from_server("gateway", &config.server);
+    let clients = server::Clients::new(settings.clients);
     let terminator = tls.as_ref().map(|(_, terminator)| terminator.clone());
     let tls_task = tls.map(|(tls_listener, terminator)| {
         let gateway = gateway.clone();
         tokio::spawn(server::serve_on(
-            tls_listener,
-            Transport::Tls(terminator),
+            Source {
+                listener: tls_listener,
+                transport: Transport::Tls(terminator),
+                clients: clients.clone(),
+            },
             builder.clone(),
             move |connection, request| {
                 let gateway = gateway.clone();
@@ -436,17 +504,36 @@ pub async fn run_listeners(
             gateway.upgrades().drain(grace).await;
         }
     });
-    server::serve(
+    let extra_workers = spawn_workers(
+        workers,
+        &gateway,
+        &clients,
+        &config.server,
+        &metrics,
+        &shutdown,
+    );
+    let plain = Source {
         listener,
+        transport: Transport::Plain,
+        clients,
+    };
+    server::serve_on(
+        plain,
         builder,
         move |connection, request| {
             let gateway = gateway.clone();
             async move { gateway.handle(connection, request).await }
         },
-        ServeSettings::from_server("gateway", &config.server),
+        settings,
         metrics.for_connections("gateway"),
         shutdown,
     )
+    .await;
+    let _ = tokio::task::spawn_blocking(move || {
+        for worker in extra_workers {
+            let _ = worker.join();
+        }
+    })
     .await;
     if let Some(tls_task) = tls_task {
         let _ = tls_task.await;

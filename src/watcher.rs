@@ -59,6 +59,8 @@ pub enum DiscoveryError {
     InvalidToken,
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("the Consul server knows no leader; its answer may be an old state")]
+    NoLeader,
 }
 
 /// Headers every Consul call carries: the ACL token, marked sensitive so it is never logged.
@@ -402,7 +404,9 @@ impl DiscoveryError {
     /// Whether another Consul server might do better (not, say, a malformed answer).
     fn is_server_side(&self) -> bool {
         match self {
-            DiscoveryError::Transport(_) | DiscoveryError::Hung(_) => true,
+            DiscoveryError::Transport(_) | DiscoveryError::Hung(_) | DiscoveryError::NoLeader => {
+                true
+            }
             DiscoveryError::Status { status, .. } => *status >= 500 || *status == 429,
             DiscoveryError::MissingIndex
             | DiscoveryError::Decode(_)
@@ -462,12 +466,9 @@ impl ConsulDiscovery {
             .await
             .map_err(|_| DiscoveryError::Hung(self.hung_after))??;
         // A missing KV key answers 404 with an index; blocking on it waits for its creation.
-        if status == reqwest::StatusCode::NOT_FOUND {
-            if let Some(index) = parse_index(&headers) {
-                return Ok((index, bytes::Bytes::new()));
-            }
-        }
-        if !status.is_success() {
+        let missing_key =
+            status == reqwest::StatusCode::NOT_FOUND && parse_index(&headers).is_some();
+        if !status.is_success() && !missing_key {
             let text = String::from_utf8_lossy(&body);
             let body: String = text.trim().chars().take(200).collect();
             return Err(DiscoveryError::Status {
@@ -481,11 +482,16 @@ impl ConsulDiscovery {
             .and_then(|v| v.to_str().ok())
             == Some("false")
         {
-            // A stale read from a server that lost its leader may lag; it is still the best
-            // data there is, and the next change will correct it.
-            debug!("Consul answered without a known leader");
+            // A server that knows no leader may serve an old state: a restarted one answers
+            // from its last snapshot until it has replayed its log (seen emptying a table in
+            // the restart drill). Not applied; another server, or this one once it has a
+            // leader, is asked again.
+            return Err(DiscoveryError::NoLeader);
         }
-        Ok((index, body))
+        match missing_key {
+            true => Ok((index, bytes::Bytes::new())),
+            false => Ok((index, body)),
+        }
     }
 }
 

@@ -47,8 +47,9 @@ impl Balancer for Maglev {
         }
     }
 
-    /// Without a key (the header or cookie is missing), a random candidate.
-    #[inline]
+    /// Without a key (the header or cookie is missing), a random candidate. Not inlined:
+    /// keeps `pick` small enough for the round-robin path to inline.
+    #[inline(never)]
     fn next(&self, candidates: &Candidates<'_>, key: Option<u64>, attempt: usize) -> usize {
         let Some(key) = key else {
             return fastrand::usize(..candidates.len());

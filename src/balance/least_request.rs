@@ -20,7 +20,8 @@ impl Balancer for LeastRequest {
         }
     }
 
-    #[inline]
+    /// Not inlined: keeps `pick` small enough for the round-robin path to inline.
+    #[inline(never)]
     fn next(&self, candidates: &Candidates<'_>, _key: Option<u64>, _attempt: usize) -> usize {
         let count = candidates.len();
         if count == 1 {

@@ -2,23 +2,18 @@
 //! value or the client's IP, hashed where it lies in the request (no copy, no allocation).
 //! Only services with `balance: hash` compute one.
 
-use std::net::IpAddr;
-
 use hyper::header::{HeaderMap, COOKIE};
 
 use crate::balance::hash::hash_bytes;
 use crate::config::HashOn;
 
 /// The hash of the request's `hash_on` value; `None` when the request has none (the
-/// balancer then picks at random).
-pub fn request_key(hash_on: &HashOn, headers: &HeaderMap, client: IpAddr) -> Option<u64> {
+/// balancer then picks at random). `client` is the peer's address as text (`10.0.0.7`).
+pub fn request_key(hash_on: &HashOn, headers: &HeaderMap, client: &[u8]) -> Option<u64> {
     match hash_on {
         HashOn::Header(name) => headers.get(name.as_str()).map(|v| hash_bytes(v.as_bytes())),
         HashOn::Cookie(name) => cookie(headers, name).map(hash_bytes),
-        HashOn::ClientIp => Some(match client {
-            IpAddr::V4(ip) => hash_bytes(&ip.octets()),
-            IpAddr::V6(ip) => hash_bytes(&ip.octets()),
-        }),
+        HashOn::ClientIp => Some(hash_bytes(client)),
     }
 }
 
@@ -44,7 +39,7 @@ mod tests {
 
     #[test]
     fn keys_from_header_cookie_and_ip() {
-        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        let ip = b"10.0.0.7".as_slice();
         let mut headers = HeaderMap::new();
         headers.insert("x-user", HeaderValue::from_static("alice"));
         headers.append(COOKIE, HeaderValue::from_static("a=1; session=s-42"));
@@ -68,7 +63,7 @@ mod tests {
         );
         assert_eq!(
             request_key(&HashOn::ClientIp, &headers, ip),
-            Some(hash_bytes(&[10, 0, 0, 7]))
+            Some(hash_bytes(b"10.0.0.7"))
         );
     }
 }

@@ -267,7 +267,7 @@ impl Gateway {
             return self.answer_routed(entry, route, Tries::default(), response, started);
         }
         let hop = Hop {
-            client: connection.peer.ip(),
+            client: connection.peer_ip_header().clone(),
             trusted: self.settings.trusts(connection.peer.ip()),
             secure: connection.secure,
         };
@@ -399,11 +399,9 @@ impl Gateway {
             .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
         let (mut parts, body) = request.into_parts();
         // Only `balance: hash` computes a key (before the headers are rewritten).
-        let key = upstream
-            .config
-            .hash_on
-            .as_ref()
-            .and_then(|hash_on| affinity::request_key(hash_on, &parts.headers, hop.client));
+        let key = upstream.config.hash_on.as_ref().and_then(|hash_on| {
+            affinity::request_key(hash_on, &parts.headers, hop.client.as_bytes())
+        });
         let body = HeldBody::hold(&parts, body, self.settings.body, deadline).await?;
         let path = route.upstream_path(&parts.uri, target.path.as_deref());
         forward_headers(&mut parts, target.authority, hop);

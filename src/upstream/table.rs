@@ -72,6 +72,7 @@ impl ServiceTable {
     /// Picks an instance for a request with hash `key` (`None` unless the balancer is
     /// `hash`): one neither tried by this request nor ejected if there is one, else an
     /// ejected one not tried, else any. Returns its index in this table.
+    #[inline]
     pub fn pick(&self, tried: &Tried, key: Option<u64>) -> Option<(usize, &Instance)> {
         let count = self.instances.len();
         if count == 0 {
@@ -95,7 +96,9 @@ impl ServiceTable {
     }
 
     /// The first instance from `start` on that is neither tried nor ejected, else an ejected
-    /// one not tried, else `start`.
+    /// one not tried, else `start`. Rare (every draw was tried or ejected): kept out of line.
+    #[cold]
+    #[inline(never)]
     fn scan(
         &self,
         start: usize,

@@ -701,6 +701,7 @@ impl Gateway {
                     gateway: listener,
                     admin: admin_listener,
                     tls: tls_listener,
+                    workers: Vec::new(),
                 };
                 switchyard::run_listeners(config, listeners, shutdown, reloads)
                     .await
