@@ -4,19 +4,29 @@
 //! right service in Consul and forwards the request there.
 //!
 //! ```text
-//! gateway.yaml + env ─> config ─┬─> watcher (one task per service: Consul blocking queries)
+//! gateway.yaml + env ─> config ─┬─> watcher (one task per service: Consul blocking queries;
+//!                               │      │  tag routes: services found by their tags, KV commands)
 //!                               │      └─ new healthy set? build a table, ArcSwap::store
-//!                               │                               │
-//!                               │                        upstream (one table per service)
-//!                               │                               │ load(), pick()
-//!                               └─> gateway (plain + TLS) ──────┘─> pooled client ─> instance
-//!                                   admin (/ /metrics /healthz /readyz /routes) reads both
+//!                               │         new tag routes? publish DynamicRoutes ───┐
+//!                               │                               │                   │
+//!                               │                        upstream (one table per    routes
+//!                               │                        service, its balancer)     │
+//!                               │                               │ load(), pick()    │
+//!                               └─> gateway (plain + TLS) ──────┘─> router ◄────────┘
+//!                                     └─> pooled client ─> instance
+//!                                   admin (/ /metrics /healthz /readyz /routes) reads all
 //! ```
 //!
 //! - [`config`]: the file and env overrides, validated once into typed values.
 //! - [`watcher`]: Consul blocking queries, index rules, rate limit, backoff; writes tables.
 //!   Per service, or (many services) catalog-wide change detectors plus targeted fetches.
-//! - [`upstream`]: immutable per-service tables behind `ArcSwap`, and the balancers.
+//!   [`watcher::tag_routes`] routes services by their Consul tags (fabio's `urlprefix-`).
+//! - [`upstream`]: immutable per-service tables behind `ArcSwap`, composed with the outlier
+//!   detector, the retry budget and the discovery sync status.
+//! - [`balance`]: the balancers, one file each behind one trait (round robin, random,
+//!   least request, Maglev hash) and tag splits.
+//! - [`routes`]: routes found at run time (fabio's grammar: tags, KV commands), where the
+//!   tag-route watcher and the router meet.
 //! - [`gateway`]: request screening, routing, header hygiene, forwarding over pooled clients
 //!   (HTTP/1.1, h2c, TLS), retries, upgrades (WebSocket) and gRPC answers; reads tables.
 //! - [`metrics`]: the Prometheus registry and per-service handles (a leaf).
@@ -28,17 +38,20 @@
 //! - [`tls`]: certificates, the SNI resolver (reloadable behind `ArcSwap`), the bounded
 //!   handshake of the TLS listener; and TLS as a client (instances, Consul).
 //!
-//! `watcher` and `gateway` never import each other: they meet only at the upstream tables.
+//! `watcher` and `gateway` never import each other: they meet only at the upstream tables and
+//! the dynamic routes (handed over by the wiring here).
 //! A config reload ([`run_with_reload`]) re-reads the TLS certificates, rebuilds the tables'
 //! set, the router and the watches and swaps them in; requests in flight keep what they
 //! started with.
 
 pub mod access_log;
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod gateway;
 pub mod metrics;
 pub mod registration;
+pub mod routes;
 pub mod server;
 pub mod tls;
 pub mod upstream;
@@ -53,7 +66,7 @@ use std::collections::HashSet;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -63,9 +76,11 @@ pub use tokio_util::sync::CancellationToken as Shutdown;
 use crate::admin::Admin;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
+use crate::routes::DynamicRoutes;
 use crate::server::{ServeSettings, Source, Transport};
 use crate::tls::{TlsSettings, TlsTerminator};
 use crate::upstream::Upstreams;
+use crate::watcher::tag_routes::TagRouteWatch;
 use crate::watcher::{ConsulDiscovery, WatchSet};
 
 /// The admin listener only serves quick requests; it needs little time to drain.
@@ -117,6 +132,31 @@ pub struct Listeners {
     pub workers: Vec<std::net::TcpListener>,
 }
 
+/// The tag-route watcher of `config` (`tag_routes.enabled`): it reads the file's services
+/// from `files` (swapped, and `reloaded` notified, on every reload) and hands each changed
+/// set of routes to the gateway's router and the admin listener.
+fn tag_route_watch(
+    config: &Config,
+    discovery: &Arc<ConsulDiscovery>,
+    (files, reloaded): (&Arc<ArcSwap<Upstreams>>, &Arc<Notify>),
+    metrics: &Arc<Metrics>,
+    gateway: Arc<Gateway>,
+    admin: Arc<Admin>,
+) -> TagRouteWatch {
+    TagRouteWatch {
+        discovery: discovery.clone(),
+        settings: config.tag_routes.clone(),
+        consul: config.consul.clone(),
+        files: files.clone(),
+        reloaded: reloaded.clone(),
+        metrics: metrics.clone(),
+        publish: Box::new(move |routes: Arc<DynamicRoutes>| {
+            admin.dynamic.store(routes.clone());
+            gateway.replace_dynamic_routes(routes);
+        }),
+    }
+}
+
 /// Runs the gateway on `listener` and the admin endpoints on `admin_listener` until
 /// `shutdown` is cancelled, then drains in-flight requests for `server.shutdown_grace`.
 pub async fn run(
@@ -139,6 +179,9 @@ struct Reload {
     metrics: Arc<Metrics>,
     /// Present when the TLS listener runs; its certificates are re-read on every reload.
     tls: Option<Arc<TlsTerminator>>,
+    /// The file's services as the tag-route watcher sees them, and its wake-up on reload.
+    files: Arc<ArcSwap<Upstreams>>,
+    reloaded: Arc<Notify>,
 }
 
 /// Applies each config from `reloads` until `stop`, then stops the watches.
@@ -193,6 +236,8 @@ impl Reload {
         self.watches.reconcile(&upstreams);
         self.gateway.replace_routes(&upstreams, &tls_clients);
         self.admin.upstreams.store(Arc::new(upstreams.clone()));
+        self.files.store(Arc::new(upstreams.clone()));
+        self.reloaded.notify_one();
         info!(
             services = after.len(),
             added = after.difference(&before).count(),
@@ -350,10 +395,11 @@ pub async fn run_listeners(
 
     // Watchers outlive the listeners' drain so retries during it still see fresh tables.
     let stop_watchers = CancellationToken::new();
-    let watches = WatchSet::start(discovery, &config.consul, &upstreams);
+    let watches = WatchSet::start(discovery.clone(), &config.consul, &upstreams);
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
         upstreams: ArcSwap::from_pointee(upstreams.clone()),
+        dynamic: ArcSwap::from_pointee(DynamicRoutes::default()),
         stale_after: config.consul.stale_after,
     });
     let mut admin_builder = Builder::new(TokioExecutor::new());
@@ -385,6 +431,14 @@ pub async fn run_listeners(
         metrics.for_requests(metrics::UNROUTED),
         access_log,
     )?);
+    let files = Arc::new(ArcSwap::from_pointee(upstreams.clone()));
+    let reloaded = Arc::new(Notify::new());
+    let tag_routes = config.tag_routes.enabled.then(|| {
+        let inputs = (&files, &reloaded);
+        let (gateway, admin) = (gateway.clone(), admin.clone());
+        let watch = tag_route_watch(&config, &discovery, inputs, &metrics, gateway, admin);
+        tokio::spawn(watch.run(stop_watchers.clone()))
+    });
     let builder = server::http_builder(&config.server);
     info!(
         listen = %config.listen,
@@ -425,6 +479,8 @@ pub async fn run_listeners(
             admin,
             metrics: metrics.clone(),
             tls: terminator,
+            files,
+            reloaded,
         },
         reloads,
         stop_watchers.clone(),
@@ -494,6 +550,9 @@ pub async fn run_listeners(
     stop_watchers.cancel();
     let _ = admin_task.await;
     let _ = reloader.await;
+    if let Some(tag_routes) = tag_routes {
+        let _ = tag_routes.await;
+    }
     info!("switchyard stopped");
     Ok(())
 }
