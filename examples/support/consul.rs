@@ -68,6 +68,7 @@ impl Registration {
                 "DeregisterCriticalServiceAfter": "1m",
             },
         });
+        switchyard::tls::install_default_provider(); // reqwest's rustls needs one
         let http = reqwest::Client::new();
         http.put(format!("{consul}/v1/agent/service/register"))
             .json(&registration)
