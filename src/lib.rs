@@ -15,7 +15,8 @@
 //!
 //! - [`config`]: the file and env overrides, validated once into typed values.
 //! - [`watcher`]: Consul blocking queries, index rules, rate limit, backoff; writes tables.
-//!   Per service, or (many services) catalog-wide change detectors plus targeted fetches.
+//!   Per service, or (many services) per service for as many as the connection budget
+//!   allows and catalog-wide change detectors plus targeted fetches for the rest.
 //! - [`upstream`]: immutable per-service tables behind `ArcSwap`, and the balancers.
 //! - [`gateway`]: routing, header hygiene, forwarding and retries; reads tables.
 //! - [`metrics`]: the Prometheus registry and per-service handles (a leaf).

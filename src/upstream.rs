@@ -593,6 +593,15 @@ impl Upstreams {
     }
 }
 
+/// A subset of the services (e.g. those one watch covers), in the given order.
+impl FromIterator<Arc<Upstream>> for Upstreams {
+    fn from_iter<I: IntoIterator<Item = Arc<Upstream>>>(iter: I) -> Self {
+        Upstreams {
+            services: iter.into_iter().collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
