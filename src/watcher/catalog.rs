@@ -93,8 +93,11 @@ fn check_key(node: &str, check_id: &str) -> u64 {
 #[derive(Debug, Default, PartialEq)]
 struct ChecksDiff {
     services: HashSet<String>,
-    /// Raft indexes at which the changes happened.
+    /// Raft indexes at which checks were added or changed.
     indexes: Vec<u64>,
+    /// Whether checks were removed: a removal leaves no index behind, it happened somewhere
+    /// after the old snapshot's index, up to the new one's.
+    removed: bool,
 }
 
 fn snapshot(entries: Vec<CheckEntry<'_>>) -> ChecksSnapshot {
@@ -109,9 +112,8 @@ fn snapshot(entries: Vec<CheckEntry<'_>>) -> ChecksSnapshot {
         .collect()
 }
 
-/// Services whose checks were added, changed or removed; `index` is the checks table's index
-/// (the raft index of a removal, which leaves no ModifyIndex behind).
-fn diff_checks(old: &ChecksSnapshot, new: &ChecksSnapshot, index: u64) -> ChecksDiff {
+/// Services whose checks were added, changed or removed.
+fn diff_checks(old: &ChecksSnapshot, new: &ChecksSnapshot) -> ChecksDiff {
     let mut diff = ChecksDiff::default();
     for (key, (service, modify_index)) in new {
         if old
@@ -126,7 +128,7 @@ fn diff_checks(old: &ChecksSnapshot, new: &ChecksSnapshot, index: u64) -> Checks
     }
     for (key, (service, _)) in old {
         if !new.contains_key(key) {
-            diff.indexes.push(index);
+            diff.removed = true;
             if !service.is_empty() {
                 diff.services.insert(service.clone());
             }
@@ -384,7 +386,7 @@ impl Coordinator {
     fn on_checks(&mut self, index: u64, snapshot: ChecksSnapshot) {
         if let Some(old) = &self.checks {
             let started = Instant::now();
-            let diff = diff_checks(old, &snapshot, index);
+            let diff = diff_checks(old, &snapshot);
             debug!(
                 index,
                 services = diff.services.len(),
@@ -392,11 +394,30 @@ impl Coordinator {
                 "checks diffed"
             );
             self.remember(&diff.indexes);
+            if diff.removed {
+                self.explain_removal(index);
+            }
             self.mark_dirty(&diff.services);
         }
         self.checks = Some(snapshot);
         self.checks_index = index;
         self.resolve(|pending, coordinator| pending <= coordinator.checks_index);
+    }
+
+    /// Checks were removed between the last snapshot and this one at `index`, by a
+    /// deregistration the catalog detector saw too. When one waiting catalog change lies in
+    /// that window it is the one (several: which is unknown, so they stay unexplained).
+    fn explain_removal(&mut self, index: u64) {
+        let inside: Vec<u64> = self
+            .unexplained
+            .iter()
+            .copied()
+            .filter(|&pending| pending > self.checks_index && pending <= index)
+            .filter(|pending| !self.explained.contains(pending))
+            .collect();
+        if inside.len() == 1 {
+            self.remember(&inside);
+        }
     }
 
     fn on_catalog(&mut self, index: u64, names: HashSet<String>) {
@@ -657,20 +678,21 @@ mod tests {
             check("n1", "service:a-1", "a", 20), // status changed
             check("n1", "service:c-1", "c", 12), // unchanged
             check("n1", "service:d-1", "d", 21), // registered
-        ]); // b-1 deregistered at 22
-        let diff = diff_checks(&old, &new, 22);
+        ]); // b-1 deregistered
+        let diff = diff_checks(&old, &new);
         let mut services: Vec<_> = diff.services.into_iter().collect();
         services.sort();
         assert_eq!(services, ["a", "b", "d"]);
         let mut indexes = diff.indexes;
         indexes.sort();
-        assert_eq!(indexes, [20, 21, 22]);
+        assert_eq!(indexes, [20, 21]);
+        assert!(diff.removed);
     }
 
     #[test]
     fn equal_snapshots_have_no_diff() {
         let a = snapshot(vec![check("n1", "service:a-1", "a", 10)]);
         let b = snapshot(vec![check("n1", "service:a-1", "a", 10)]);
-        assert_eq!(diff_checks(&a, &b, 10), ChecksDiff::default());
+        assert_eq!(diff_checks(&a, &b), ChecksDiff::default());
     }
 }
