@@ -1,13 +1,15 @@
 //! Micro-benchmarks of the request path's building blocks (`cargo bench --bench hot_path`):
-//! route lookup, `pick()` for round robin and random over 3/100/1000 instances, and building
-//! and swapping a table.
+//! route lookup, `pick()` for every balancer (and weighted round robin, and a 5% split) over
+//! 3/100/1000 instances, and building and swapping a table.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
-use switchyard::config::{Balance, Config, ConsulEnv};
+use switchyard::balance::hash::hash_bytes;
+use switchyard::balance::BalanceSettings;
+use switchyard::config::{Balance, Config, ConsulEnv, SplitConfig};
 use switchyard::gateway::Router;
 use switchyard::metrics::Metrics;
 use switchyard::upstream::{Instance, ServiceTable, Tried, Upstreams};
@@ -53,16 +55,65 @@ fn route_lookup(c: &mut Criterion) {
     group.finish();
 }
 
+fn settings(balance: Balance) -> BalanceSettings {
+    BalanceSettings {
+        balance,
+        splits: vec![],
+    }
+}
+
+/// Weights 1, 2, 3, 1, 2, 3... (a smooth weighted cycle, or cumulative weights).
+fn weighted(count: usize) -> Vec<Instance> {
+    instances(count)
+        .into_iter()
+        .enumerate()
+        .map(|(n, i)| i.with_weight(n as u32 % 3 + 1))
+        .collect()
+}
+
 fn pick(c: &mut Criterion) {
     let mut group = c.benchmark_group("pick");
-    for balance in [Balance::RoundRobin, Balance::Random] {
-        for count in [3, 100, 1000] {
-            let table = ServiceTable::new(instances(count), balance);
+    let canary = BalanceSettings {
+        balance: Balance::RoundRobin,
+        splits: vec![SplitConfig {
+            tags: vec!["canary".into()],
+            basis_points: 500,
+        }],
+    };
+    for count in [3, 100, 1000] {
+        let mut tables: Vec<(String, ServiceTable)> = Balance::ALL
+            .iter()
+            .map(|&b| {
+                (
+                    b.as_str().to_owned(),
+                    ServiceTable::new(instances(count), &settings(b)),
+                )
+            })
+            .collect();
+        for balance in [Balance::RoundRobin, Balance::Random] {
+            let table = ServiceTable::new(weighted(count), &settings(balance));
+            tables.push((format!("{}_weighted", balance.as_str()), table));
+        }
+        let mut split_set = instances(count);
+        split_set[0].tags = vec!["canary".into()];
+        tables.push(("split_5pc".into(), ServiceTable::new(split_set, &canary)));
+        for (name, table) in &tables {
             let tried = Tried::default();
+            let hashed = name == "hash";
+            let mut key = hash_bytes(b"user-42");
             group.bench_with_input(
-                BenchmarkId::new(balance.as_str(), count),
-                &table,
-                |b, table| b.iter(|| black_box(table.pick(black_box(&tried))).map(|(i, _)| i)),
+                BenchmarkId::new(name, count),
+                table,
+                |b, table| match hashed {
+                    // Another user per request.
+                    true => b.iter(|| {
+                        key = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                        black_box(table.pick(black_box(&tried), Some(key))).map(|(i, _)| i)
+                    }),
+                    false => {
+                        b.iter(|| black_box(table.pick(black_box(&tried), None)).map(|(i, _)| i))
+                    }
+                },
             );
         }
     }
@@ -74,8 +125,21 @@ fn table_build_and_swap(c: &mut Criterion) {
     for count in [3, 100, 1000] {
         group.bench_with_input(BenchmarkId::new("build", count), &count, |b, &count| {
             let set = instances(count);
-            b.iter(|| black_box(ServiceTable::new(set.clone(), Balance::RoundRobin)))
+            b.iter(|| {
+                black_box(ServiceTable::new(
+                    set.clone(),
+                    &settings(Balance::RoundRobin),
+                ))
+            })
         });
+        group.bench_with_input(
+            BenchmarkId::new("build_hash", count),
+            &count,
+            |b, &count| {
+                let set = instances(count);
+                b.iter(|| black_box(ServiceTable::new(set.clone(), &settings(Balance::Hash))))
+            },
+        );
         let config = config(1);
         let metrics = Metrics::new().unwrap();
         let upstreams = Upstreams::new(&config.services, &metrics);

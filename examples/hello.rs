@@ -4,7 +4,11 @@
 //!
 //! ```text
 //! cargo run --example hello -- --port 0 --consul http://127.0.0.1:8500
+//! # a weighted pair: 3 of every 4 requests to the first (round robin honours Consul weights)
+//! cargo run --example hello -- --weight 3 & cargo run --example hello -- --weight 1
 //! ```
+//! Its default tags include `urlprefix-/hello`, so a gateway with `tag_routes.enabled` routes
+//! it without a `services[]` entry, as fabio would.
 //! Prints `listening on <addr> as <id>` once registered.
 
 use std::convert::Infallible;
@@ -37,8 +41,11 @@ struct Args {
     #[arg(long)]
     id: Option<String>,
     /// Comma-separated tags.
-    #[arg(long, default_value = "demo", value_delimiter = ',')]
+    #[arg(long, default_value = "demo,urlprefix-/hello", value_delimiter = ',')]
     tags: Vec<String>,
+    /// Consul `Weights.Passing`: this instance's share relative to the others.
+    #[arg(long, default_value_t = 1)]
+    weight: u32,
     /// Consul HTTP address.
     #[arg(
         long,
@@ -75,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
         "Address": local.ip().to_string(),
         "Port": local.port(),
         "Tags": args.tags,
+        "Weights": {"Passing": args.weight, "Warning": 1},
         "Meta": {"version": env!("CARGO_PKG_VERSION")},
         "Check": {
             "HTTP": format!("http://{local}/health"),

@@ -434,6 +434,156 @@ def scenario_chart(churn, kill, path, ncpu):
 # RESULTS.md
 # --------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------
+# TLS, HTTP/2 and gRPC rows (edge.sh)
+# --------------------------------------------------------------------------------------------
+
+EDGE_KINDS = {
+    "tls": ("Keep-alive HTTPS (HTTP/1.1)", "req/s"),
+    "h2": ("HTTP/2 over TLS", "req/s"),
+    "hs": ("Full TLS handshakes (a new connection per request)", "handshakes/s"),
+    "grpc": ("gRPC unary over h2c", "calls/s"),
+}
+EDGE_TARGETS = ["direct", "switchyard", "nginx", "haproxy"]
+
+
+def parse_h2load(path):
+    text = path.read_text()
+    match = re.search(r"^finished in ([\d.]+)(\w+), ([\d.]+) req/s", text, re.M)
+    if not match:
+        raise ValueError(f"{path}: no 'finished in' line:\n{text}")
+    out = {"rps": float(match.group(3))}
+    match = re.search(r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                      r"(\d+) failed, (\d+) errored, (\d+) timeout", text, re.M)
+    total, _, done, succeeded, failed, errored, timeout = (int(g) for g in match.groups())
+    match = re.search(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text, re.M)
+    non2xx = sum(int(g) for g in match.groups()[1:])
+    out["requests"] = done
+    out["errors"] = failed + errored + timeout + non2xx
+    match = re.search(r"^Application protocol: (\S+)", text, re.M)
+    out["protocol"] = match.group(1) if match else "?"
+    durations = []
+    log = path.with_suffix(".log")
+    if log.exists():
+        for line in log.read_text().splitlines():
+            fields = line.split("\t")
+            if len(fields) >= 3:
+                durations.append(float(fields[2]))
+    durations.sort()
+    out["p50"] = percentile(durations, 50)
+    out["p99"] = percentile(durations, 99)
+    return out
+
+
+def edge_section(out_dir, meta, clk_tck):
+    """RESULTS.md lines for the edge rows, and the medians for the summary."""
+    tsv = out_dir / "edge" / "cpu.tsv"
+    if not tsv.exists():
+        return [], {}
+    runs = {}
+    for line in tsv.read_text().splitlines()[1:]:
+        round_, kind, target, ticks, loadavg, other_ticks, seconds, handshakes = line.split("\t")
+        path = out_dir / "edge" / f"r{round_}-{kind}-{target}.txt"
+        parsed = parse_wrk(path) if kind in ("tls", "hs") else parse_h2load(path)
+        parsed["cpu"] = int(ticks) * 1e6 / clk_tck / max(1, parsed["requests"])
+        parsed["ticks"] = int(ticks)
+        parsed["other"] = int(other_ticks) / clk_tck / float(seconds)
+        parsed["handshakes"] = None if handshakes == "-" else int(handshakes)
+        runs.setdefault((kind, target), []).append((int(round_), parsed))
+    results = {}
+    for (kind, target), rs in runs.items():
+        values = [p for _, p in rs]
+        results[(kind, target)] = {
+            key: median([v[key] for v in values]) for key in ("rps", "p50", "p99", "cpu")
+        }
+        results[(kind, target)]["errors"] = sum(v["errors"] for v in values)
+        results[(kind, target)]["rounds"] = sorted(rs, key=lambda r: r[0])
+    rounds = len({r for rs in runs.values() for r, _ in rs})
+    other = [p["other"] for rs in runs.values() for _, p in rs]
+    d = meta.get("edge_duration", meta.get("duration"))
+    c = meta.get("conns", "50")
+
+    lines = []
+    add = lines.append
+    add("## TLS, HTTP/2 and gRPC")
+    add("")
+    add(f"switchyard, nginx and HAProxy terminate TLS with the same ECDSA P-256 certificate "
+        "(made by `openssl req` at the start of the run), one worker/thread each, in front of the "
+        "same 3 backends; TLS 1.3 is what every client here negotiates. gRPC: one instance of "
+        "`examples/grpc.rs` (tonic, `helloworld.Greeter/SayHello`), called directly or through "
+        "each proxy over h2c (switchyard `protocol: h2c`, nginx `grpc_pass`, HAProxy `proto h2`). "
+        f"Medians of {rounds} interleaved round(s) of {d} s per run; the load generator, the "
+        "proxies and the instances share the machine's cores. CPU per request is the target's "
+        "own CPU time (`/proc/<pid>/stat`) over the run divided by the requests answered; for "
+        "`direct` it is the gRPC instance's own cost.")
+    add("")
+    add(f"- **Keep-alive HTTPS**: `wrk -t1 -c{c} -d{d}s --latency https://…/` (HTTP/1.1).")
+    add(f"- **HTTP/2**: `h2load -t1 -c{c} -m10 -D {d} https://…/` (ALPN h2, 10 streams per "
+        "connection); p50/p99 from h2load's per-request `--log-file`.")
+    add(f"- **Full handshakes**: `wrk -t1 -c{c} -d{d}s -H 'Connection: close' https://…/`: every "
+        "request opens a new connection and does a full TLS 1.3 handshake (ECDHE X25519 + ECDSA "
+        "P-256 signature; wrk keeps no session, so none is resumed: checked below against "
+        "switchyard's handshake counter). Handshakes/s = requests/s.")
+    add(f"- **gRPC unary**: `h2load -t1 -c{c} -m10 -D {d} -d grpc-body.bin -H 'content-type: "
+        "application/grpc' -H 'te: trailers' http://…/helloworld.Greeter/SayHello` (h2c prior "
+        "knowledge; the body is one framed `HelloRequest`). h2load checks the HTTP status only; "
+        "one call per target with the tonic client before the runs checks the gRPC answer.")
+    add("")
+    for kind, (title, unit) in EDGE_KINDS.items():
+        targets = [t for t in EDGE_TARGETS if (kind, t) in results]
+        if not targets:
+            continue
+        add(f"### {title}")
+        add("")
+        cpu_title = "CPU per handshake" if kind == "hs" else "CPU per request"
+        add(f"| target | {unit} | p50 | p99 | {cpu_title} | errors |")
+        add("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for t in targets:
+            r = results[(kind, t)]
+            add(f"| {t} | {fmt_int(r['rps'])} | {fmt_us(r['p50'])} | {fmt_us(r['p99'])} | "
+                f"{fmt_cpu(r['cpu'])}{' (instance)' if t == 'direct' else ''} | {r['errors']} |")
+        add("")
+        sy = results.get((kind, "switchyard"))
+        ng = results.get((kind, "nginx"))
+        if kind == "hs" and sy:
+            counted = [p for _, p in sy["rounds"] if p["handshakes"] is not None]
+            if counted:
+                add(f"Check: over the switchyard runs wrk completed "
+                    f"{fmt_int(sum(p['requests'] for p in counted))} requests and "
+                    "`switchyard_tls_handshakes_total{result=\"ok\"}` grew by "
+                    f"{fmt_int(sum(p['handshakes'] for p in counted))}: one handshake per request "
+                    "(a few more for connections cut at the end of a run).")
+                add("")
+        if sy and ng:
+            verdict = ("meets the target (no worse than nginx)"
+                       if sy["rps"] >= ng["rps"] and sy["cpu"] <= ng["cpu"]
+                       else "**misses the target** (no worse than nginx)")
+            add(f"switchyard vs nginx: {unit} {100 * sy['rps'] / ng['rps']:.0f}%, "
+                f"p99 {100 * sy['p99'] / ng['p99']:.0f}%, {cpu_title} "
+                f"{100 * sy['cpu'] / ng['cpu']:.0f}% — {verdict}.")
+            add("")
+    add("<details><summary>Every round (edge rows)</summary>")
+    add("")
+    add("| row | target | round | rate | requests | p50 | p99 | CPU ticks | CPU per request | errors | switchyard handshakes | other processes' CPU |")
+    add("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for kind in EDGE_KINDS:
+        for t in EDGE_TARGETS:
+            for r, p in results.get((kind, t), {}).get("rounds", []):
+                hs = "—" if p["handshakes"] is None else fmt_int(p["handshakes"])
+                add(f"| {kind} | {t} | {r} | {fmt_int(p['rps'])} | {fmt_int(p['requests'])} | "
+                    f"{fmt_us(p['p50'])} | {fmt_us(p['p99'])} | {p['ticks']} | {fmt_cpu(p['cpu'])} | "
+                    f"{p['errors']} | {hs} | {p['other']:.2f} cores |")
+    add("")
+    add("</details>")
+    add("")
+    if other:
+        add(f"During the edge runs, processes outside the load test used "
+            f"{statistics.mean(other):.2f} of the {meta.get('nproc')} cores on average "
+            f"({min(other):.2f} – {max(other):.2f} per run).")
+        add("")
+    return lines, results
+
+
 def main():
     out_dir = Path(sys.argv[1])
     dest = Path(sys.argv[2])
@@ -574,6 +724,9 @@ def main():
     add("")
     add("![RPS, p99 and proxy CPU per request per target](chart.svg)")
     add("")
+
+    edge_lines, _ = edge_section(out_dir, meta, clk_tck)
+    lines.extend(edge_lines)
 
     # Scenarios
     churn = kill = None

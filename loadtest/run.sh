@@ -6,6 +6,7 @@
 #   QUICK=1 bash loadtest/run.sh         # smoke run: 1 round, 2 s runs, short scenarios
 #   ROUNDS=5 DURATION=20 bash loadtest/run.sh
 #   PIN=0 bash loadtest/run.sh           # do not pin the c=1 runs to one CPU (see README)
+#   EDGE=0 bash loadtest/run.sh          # skip the TLS, HTTP/2 and gRPC rows (edge.sh)
 #
 # Writes loadtest/RESULTS.md, loadtest/chart.svg and loadtest/scenarios.svg; raw outputs, configs
 # and logs go to loadtest/out/ (not committed). Everything listens on 127.0.0.1 on free ports,
@@ -32,6 +33,8 @@ ROUNDS="$(positive "$ROUNDS")"; DURATION="$(positive "$DURATION")"; C1_DURATION=
 CHURN_SECONDS="$(positive "$CHURN_SECONDS")"; KILL_SECONDS="$(positive "$KILL_SECONDS")"; KILL_AT="$(positive "$KILL_AT")"
 (( KILL_AT < KILL_SECONDS )) || { echo "run.sh: KILL_AT ($KILL_AT) must be below KILL_SECONDS ($KILL_SECONDS)" >&2; exit 2; }
 PIN="${PIN:-1}"
+EDGE="${EDGE:-1}"                               # the TLS / HTTP/2 / gRPC rows (edge.sh)
+EDGE_DURATION="$(positive "${EDGE_DURATION:-$DURATION}")"
 if [[ "$PIN" == 1 && $(nproc) -lt 2 ]]; then echo "run.sh: one CPU only; PIN=0"; PIN=0; fi
 CONNS=50          # the c=50 runs
 CHURN_EVERY_MS=100
@@ -47,7 +50,8 @@ die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 install_debs() {
   local missing=() cmd pkg
-  for pair in curl:curl nginx:nginx-light haproxy:haproxy wrk:wrk python3:python3; do
+  for pair in curl:curl nginx:nginx-light haproxy:haproxy wrk:wrk python3:python3 \
+    h2load:nghttp2-client openssl:openssl; do
     cmd="${pair%%:*}"; pkg="${pair#*:}"
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
   done
@@ -70,13 +74,14 @@ if ! command -v oha >/dev/null 2>&1; then
   cargo install oha --locked
 fi
 bash scripts/install-consul.sh
-for tool in consul nginx haproxy wrk oha curl python3 taskset; do
+for tool in consul nginx haproxy wrk oha curl python3 taskset h2load openssl; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool is still missing after the install step"
 done
 
-log "building switchyard (cargo build --release)"
-cargo build --release --quiet --bin switchyard
+log "building switchyard and the gRPC example (cargo build --release)"
+cargo build --release --quiet --bin switchyard --example grpc
 SWITCHYARD_BIN="$ROOT/target/release/switchyard"
+GREETER_BIN="$ROOT/target/release/examples/grpc"
 
 # ---------------------------------------------------------------------------------------------
 # Bookkeeping: output directory, process list, cleanup
@@ -198,10 +203,22 @@ pin() { # cpu-list pids... : every thread of these processes and of their childr
 CONSUL_HTTP=$(free_port); SERF_LAN=$(free_port); SERF_WAN=$(free_port); CONSUL_SERVER=$(free_port)
 B1=$(free_port); B2=$(free_port); B3=$(free_port); SPARE=$(free_port); VICTIM=$(free_port)
 SY_PORT=$(free_port); SY_ADMIN=$(free_port); NGX_PORT=$(free_port); HAP_PORT=$(free_port)
+# TLS listeners of the three proxies, their gRPC (h2c) listeners, the gRPC instance.
+SY_TLS=$(free_port); NGX_TLS=$(free_port); HAP_TLS=$(free_port)
+NGX_GRPC=$(free_port); HAP_GRPC=$(free_port); GREETER=$(free_port)
 CONSUL="http://127.0.0.1:$CONSUL_HTTP"
 
 # A fixed 100-byte body per backend; the first word names the backend so the spread can be checked.
 body() { python3 -c 'import sys; s = sys.argv[1] + " "; print((s + "x" * 100)[:100], end="")' "$1"; }
+
+# One throwaway ECDSA P-256 certificate for all three TLS listeners (HAProxy wants the chain and
+# the key in one file).
+mkdir -p "$OUT/tls"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+  -keyout "$OUT/tls/key.pem" -out "$OUT/tls/cert.pem" 2>/dev/null || die "openssl could not make a certificate"
+chmod 600 "$OUT/tls/key.pem"
+(umask 077 && cat "$OUT/tls/cert.pem" "$OUT/tls/key.pem" >"$OUT/tls/haproxy.pem")
 
 nginx_common() {
   cat <<EOF
@@ -261,6 +278,27 @@ EOF
       proxy_set_header Connection "";
     }
   }
+  server {
+    listen 127.0.0.1:$NGX_TLS ssl http2;
+    ssl_certificate $OUT/tls/cert.pem;
+    ssl_certificate_key $OUT/tls/key.pem;
+    location / {
+      proxy_pass http://bench;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+  # nginx sends one gRPC call per upstream connection at a time: keep enough of them alive
+  # for the 50 x 10 streams of the load (with 64 it reconnects all the time, at 1/4 the rate).
+  upstream greeter {
+    server 127.0.0.1:$GREETER;
+    keepalive 512;
+    keepalive_requests 1000000;
+  }
+  server {
+    listen 127.0.0.1:$NGX_GRPC http2;
+    location / { grpc_pass grpc://greeter; }
+  }
 }
 EOF
 } >"$OUT/nginx-proxy.conf"
@@ -282,6 +320,17 @@ frontend bench
   bind 127.0.0.1:$HAP_PORT
   default_backend bench
 
+frontend bench_tls
+  bind 127.0.0.1:$HAP_TLS ssl crt $OUT/tls/haproxy.pem alpn h2,http/1.1
+  default_backend bench
+
+frontend grpc
+  bind 127.0.0.1:$HAP_GRPC proto h2
+  default_backend greeter
+
+backend greeter
+  server g1 127.0.0.1:$GREETER proto h2
+
 backend bench
   balance roundrobin
   server b1 127.0.0.1:$B1
@@ -299,10 +348,19 @@ consul:
   address: "$CONSUL"
 server:
   shutdown_grace: "2s"
+tls:
+  listen: "127.0.0.1:$SY_TLS"
+  certificates:
+    - cert_file: "$OUT/tls/cert.pem"
+      key_file: "$OUT/tls/key.pem"
 services:
   - name: bench
     route:
       path_prefix: "/"
+  - name: greeter
+    protocol: h2c
+    route:
+      path_prefix: "/helloworld.Greeter/"
 EOF
 
 # ---------------------------------------------------------------------------------------------
@@ -338,20 +396,28 @@ deregister() { curl -fsS --max-time 2 -X PUT "$CONSUL/v1/agent/service/deregiste
 log "registering bench-1..3 in Consul as service 'bench'"
 register bench-1 "$B1"; register bench-2 "$B2"; register bench-3 "$B3"
 
-log "switchyard on 127.0.0.1:$SY_PORT (admin :$SY_ADMIN), workers: 1"
+log "gRPC instance (examples/grpc.rs, tonic) on 127.0.0.1:$GREETER, registered as 'greeter'"
+"$GREETER_BIN" --port "$GREETER" --consul "$CONSUL" --id greeter-1 >"$OUT/logs/greeter.log" 2>&1 &
+GREETER_PID=$!; started greeter "$GREETER_PID"
+greeter_registered() { grep -q listening "$OUT/logs/greeter.log"; }
+wait_until "the gRPC instance to register" 20 greeter_registered
+
+log "switchyard on 127.0.0.1:$SY_PORT, TLS :$SY_TLS (admin :$SY_ADMIN), workers: 1"
 "$SWITCHYARD_BIN" --config "$OUT/switchyard.yaml" --check >/dev/null
 "$SWITCHYARD_BIN" --config "$OUT/switchyard.yaml" >"$OUT/logs/switchyard.log" 2>&1 &
 SY_PID=$!; started switchyard "$SY_PID"
-# The sorted instance ids switchyard currently routes to.
+# The sorted instance ids switchyard currently routes to for service `bench` (or $1).
 route_ids() {
   curl -fsS --max-time 1 "http://127.0.0.1:$SY_ADMIN/routes" | python3 -c '
 import json, sys
-ids = [i["id"] for s in json.load(sys.stdin)["services"] for i in s["instances"]]
-print(" ".join(sorted(ids)))'
+ids = [i["id"] for s in json.load(sys.stdin)["services"] if s["service"] == sys.argv[1] for i in s["instances"]]
+print(" ".join(sorted(ids)))' "${1:-bench}"
 }
 routes_are() { [[ "$(route_ids)" == "$1" ]]; }
 wait_until "switchyard /readyz" 20 http_ok "http://127.0.0.1:$SY_ADMIN/readyz"
 wait_until "switchyard to route to bench-1..3" 20 routes_are "bench-1 bench-2 bench-3"
+greeter_routed() { [[ "$(route_ids greeter)" == greeter-1 ]]; }
+wait_until "switchyard to route to greeter-1" 20 greeter_routed
 
 log "nginx reverse proxy on 127.0.0.1:$NGX_PORT (worker_processes 1, keepalive 64)"
 start_nginx nginx-proxy; NGX_PID=$!
@@ -404,6 +470,8 @@ done
   echo "kill_conns=$KILL_CONNS"
   echo "quick=${QUICK:-0}"
   echo "pin=$PIN"
+  echo "edge=$EDGE"
+  echo "edge_duration=$EDGE_DURATION"
 } >"$OUT/meta.txt"
 {
   rev="$(git rev-parse --short HEAD)"; git diff --quiet HEAD -- src Cargo.toml Cargo.lock || rev="$rev (with uncommitted changes)"
@@ -411,6 +479,8 @@ done
   echo "nginx: $(nginx -v 2>&1)"
   echo "haproxy: $(haproxy -v | head -1)"
   echo "wrk: $(wrk -v 2>&1 | head -1)"
+  echo "h2load: $(h2load --version | head -1)"
+  echo "openssl: $(openssl version)"
   echo "oha: $(oha --version)"
   echo "consul: $(consul version | head -1)"
   echo "rustc: $(rustc --version)"
@@ -458,6 +528,16 @@ for ((round = 1; round <= ROUNDS; round++)); do
     measure "$round" "$t" c1 -t1 -c1 "-d${C1_DURATION}s" --latency
   done
 done
+
+# ---------------------------------------------------------------------------------------------
+# TLS, HTTP/2 and gRPC rows (edge.sh): interleaved rounds like the steady state, no pinning.
+# ---------------------------------------------------------------------------------------------
+pin "$ALL_CPUS" "${CPU_PIDS[@]}"
+if [[ "$EDGE" == 1 ]]; then
+  # shellcheck source=loadtest/edge.sh
+  source "$HERE/edge.sh"
+  edge_rounds
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Scenarios: churn in Consul, a backend killed under load (both through switchyard).

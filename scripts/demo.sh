@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The switchyard demo: Consul, three self-registering `hello` instances, the gateway, and some
-# traffic through it, all on 127.0.0.1. Installs Consul if it is missing. Ctrl-C or the end of
-# the script stops everything it started.
+# The switchyard demo: Consul, self-registering instances (three `hello`, two gRPC `greeter`
+# from examples/grpc.rs, a WebSocket echo from examples/websocket.rs), the gateway with a TLS
+# listener (a throwaway ECDSA certificate made by openssl), and traffic through it, all on
+# 127.0.0.1. Installs Consul if it is missing. Ctrl-C or the end of the script stops
+# everything it started.
 #
-#   ./scripts/demo.sh            # 300 requests, then the same after one instance leaves
+#   ./scripts/demo.sh            # 300 requests, the same after one instance leaves, then one
+#                                # HTTPS request, 4 gRPC calls and 1,000 WebSocket echoes
 #   DEMO_KEEP=1 ./scripts/demo.sh  # keep everything running until Ctrl-C
 #   DEMO_NO_OHA=1 ./scripts/demo.sh  # skip installing oha (no load phase then)
 set -euo pipefail
@@ -12,6 +15,7 @@ cd "$(dirname "$0")/.."
 as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 need() { command -v "$1" >/dev/null 2>&1 || { as_root apt-get update -qq && as_root apt-get install -y -qq "$2" >/dev/null; }; }
 need curl curl
+need openssl openssl
 bash scripts/install-consul.sh
 if ! command -v oha >/dev/null 2>&1 && [[ -z "${DEMO_NO_OHA:-}" ]]; then
   echo "== installing oha, the load generator (cargo install oha --locked; once, a few minutes)"
@@ -25,8 +29,8 @@ free_port() {
     || echo $((20000 + RANDOM % 20000))
 }
 
-echo "== building switchyard and the hello example (release)"
-cargo build --release --quiet --bin switchyard --example hello
+echo "== building switchyard and the hello, grpc and websocket examples (release)"
+cargo build --release --quiet --bin switchyard --example hello --example grpc --example websocket
 
 WORK="$(mktemp -d -t switchyard-demo.XXXXXX)"
 PIDS=()
@@ -41,40 +45,71 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 HTTP=$(free_port); LAN=$(free_port); WAN=$(free_port); SRV=$(free_port)
-GW=$(free_port); ADMIN=$(free_port)
+GW=$(free_port); ADMIN=$(free_port); TLS=$(free_port)
 CONSUL="http://127.0.0.1:$HTTP"
 
 echo "== consul agent -dev on $CONSUL"
 consul agent -dev -bind 127.0.0.1 -client 127.0.0.1 -http-port "$HTTP" -dns-port -1 -grpc-port -1 \
   -serf-lan-port "$LAN" -serf-wan-port "$WAN" -server-port "$SRV" >"$WORK/consul.log" 2>&1 &
 CONSUL_PID=$!
+PIDS=("$CONSUL_PID")
 for _ in $(seq 100); do
   [[ "$(curl -s "$CONSUL/v1/status/leader" || true)" == *:* ]] && break
   sleep 0.1
 done
 
+# Instances: 3 hello (HTTP), 2 greeter (gRPC, examples/grpc.rs), 1 ws (examples/websocket.rs).
 HELLO_PIDS=()
-for i in 1 2 3; do
-  ./target/release/examples/hello --consul "$CONSUL" --id "hello-$i" --tags demo >"$WORK/hello-$i.log" 2>&1 &
-  HELLO_PIDS+=($!)
-done
-for i in 1 2 3; do
-  for _ in $(seq 100); do grep -q listening "$WORK/hello-$i.log" && break; sleep 0.1; done
-  echo "   $(cat "$WORK/hello-$i.log")"
+INSTANCE_PIDS=()
+start_instance() { # example id
+  ./target/release/examples/"$1" --consul "$CONSUL" --id "$2" >"$WORK/$2.log" 2>&1 &
+  INSTANCE_PIDS+=($!)
+  PIDS=("${INSTANCE_PIDS[@]}" "$CONSUL_PID")
+}
+for i in 1 2 3; do start_instance hello "hello-$i"; HELLO_PIDS+=("${INSTANCE_PIDS[-1]}"); done
+start_instance grpc greeter-1
+start_instance grpc greeter-2
+start_instance websocket ws-1
+for id in hello-1 hello-2 hello-3 greeter-1 greeter-2 ws-1; do
+  for _ in $(seq 100); do grep -q listening "$WORK/$id.log" && break; sleep 0.1; done
+  echo "   $(cat "$WORK/$id.log")"
 done
 
-echo "== switchyard on 127.0.0.1:$GW (admin 127.0.0.1:$ADMIN), config gateway.yaml"
-SWITCHYARD__LISTEN="127.0.0.1:$GW" SWITCHYARD__ADMIN_LISTEN="127.0.0.1:$ADMIN" \
-  SWITCHYARD__CONSUL__ADDRESS="$CONSUL" ./target/release/switchyard --config gateway.yaml \
-  >"$WORK/switchyard.log" 2>&1 &
+echo "== a throwaway ECDSA P-256 certificate for localhost (openssl; key mode 600)"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+  -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+  -keyout "$WORK/tls.key" -out "$WORK/tls.pem" 2>/dev/null
+chmod 600 "$WORK/tls.key"
+
+# The demo's config; every other key keeps its default (documented in gateway.yaml).
+cat >"$WORK/gateway.yaml" <<EOF
+listen: "127.0.0.1:$GW"
+admin_listen: "127.0.0.1:$ADMIN"
+consul: {address: "$CONSUL"}
+server: {shutdown_grace: 2s}
+tls:
+  listen: "127.0.0.1:$TLS"
+  certificates:
+    - {cert_file: "$WORK/tls.pem", key_file: "$WORK/tls.key"}
+services:
+  - name: hello
+    route: {path_prefix: /hello}
+  - name: greeter                     # gRPC: HTTP/2 without TLS to the instances
+    protocol: h2c
+    route: {path_prefix: /helloworld.Greeter/}
+  - name: ws
+    route: {path_prefix: /ws}
+EOF
+echo "== switchyard on 127.0.0.1:$GW, TLS on 127.0.0.1:$TLS (admin 127.0.0.1:$ADMIN)"
+./target/release/switchyard --config "$WORK/gateway.yaml" >"$WORK/switchyard.log" 2>&1 &
 GW_PID=$!
-PIDS=("${HELLO_PIDS[@]}" "$GW_PID" "$CONSUL_PID")
+PIDS=("${INSTANCE_PIDS[@]}" "$GW_PID" "$CONSUL_PID")
 for _ in $(seq 100); do
   [[ "$(curl -s "http://127.0.0.1:$ADMIN/readyz" || true)" == ready* ]] && break
   sleep 0.1
 done
 for _ in $(seq 100); do
-  [[ $(curl -s "http://127.0.0.1:$ADMIN/routes" | grep -c '"id"') -ge 3 ]] && break
+  [[ $(curl -s "http://127.0.0.1:$ADMIN/routes" | grep -c '"id"') -ge 6 ]] && break
   sleep 0.1
 done
 echo "   /readyz: $(curl -s "http://127.0.0.1:$ADMIN/readyz")"
@@ -93,6 +128,16 @@ echo "== hello-3 stops (deregisters on SIGTERM); 300 more requests"
 kill "${HELLO_PIDS[2]}"; wait "${HELLO_PIDS[2]}" 2>/dev/null || true
 spread 300
 
+echo "== HTTPS: curl --cacert tls.pem https://localhost:$TLS/hello"
+curl -sv --cacert "$WORK/tls.pem" --resolve "localhost:$TLS:127.0.0.1" "https://localhost:$TLS/hello" 2>&1 \
+  | grep -E '^\* SSL connection|^\* ALPN: server accepted|^< HTTP|^hello' | sed 's/^/   /'
+
+echo "== gRPC: 4 calls of helloworld.Greeter/SayHello through the gateway (the tonic example's client)"
+./target/release/examples/grpc --call "127.0.0.1:$GW" --count 4 --name demo | sort | uniq -c | sed 's/^/   /'
+
+echo "== WebSocket: 1,000 messages through the gateway to the echo example"
+./target/release/examples/websocket --call "ws://127.0.0.1:$GW/ws" --count 1000 | sed 's/^/   /'
+
 if command -v oha >/dev/null 2>&1; then
   echo "== oha: 5 s of load, 50 connections"
   oha -z 5s -c 50 --no-tui "http://127.0.0.1:$GW/hello" | sed -n '1,20p'
@@ -101,9 +146,9 @@ else
 fi
 
 echo "== metrics"
-curl -s "http://127.0.0.1:$ADMIN/metrics" | grep -E '^switchyard_(requests_total|upstream_instances|table_updates_total)' | sed 's/^/   /'
+curl -s "http://127.0.0.1:$ADMIN/metrics" | grep -E '^switchyard_(requests_total|upstream_instances|tls_handshakes_total)' | sed 's/^/   /'
 
 if [[ -n "${DEMO_KEEP:-}" ]]; then
-  echo "== running; gateway http://127.0.0.1:$GW/hello, admin http://127.0.0.1:$ADMIN/routes. Ctrl-C stops."
+  echo "== running; gateway http://127.0.0.1:$GW/hello and https://localhost:$TLS/hello, admin http://127.0.0.1:$ADMIN/routes. Ctrl-C stops."
   wait "$GW_PID"
 fi

@@ -1,6 +1,7 @@
 //! The admin listener: `/metrics` (Prometheus text format), `/healthz` (the process is up),
 //! `/readyz` (every service has had a successful discovery answer), `/routes` (JSON: each
-//! service, its route, balancer, instances, discovery index, sync age and request totals) and
+//! service, its routes with their origin (file, tag, KV), balancer, instances, discovery
+//! index, sync age and request totals, plus the route tags and commands skipped, and why) and
 //! `/`, a status page for people (`status.html`: one self-contained file that polls `/routes`
 //! and `/metrics` and computes rates and p99 in the browser, so the gateway keeps no history).
 //!
@@ -17,7 +18,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
 use crate::metrics::Metrics;
-use crate::upstream::Upstreams;
+use crate::routes::{DynamicRoutes, Origin};
+use crate::upstream::{Upstream, Upstreams};
 
 /// The status page, compiled into the binary: the admin listener serves no files.
 const STATUS_PAGE: &str = include_str!("status.html");
@@ -33,6 +35,8 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Swapped on a config reload.
     pub upstreams: arc_swap::ArcSwap<Upstreams>,
+    /// Routes from tags and KV; swapped when they change.
+    pub dynamic: arc_swap::ArcSwap<DynamicRoutes>,
     /// `/readyz` fails once a service's Consul queries have failed for this long.
     pub stale_after: Duration,
 }
@@ -82,10 +86,10 @@ impl Admin {
     fn readiness(&self) -> Response<Full<Bytes>> {
         let mut problems = Vec::new();
         for upstream in self.upstreams.load().iter() {
-            if !upstream.is_synced() {
+            if !upstream.sync.is_synced() {
                 problems.push(format!("{}: no Consul answer yet", upstream.name()));
-            } else if upstream.is_stale(self.stale_after) {
-                let age = upstream.failing_for().unwrap_or_default();
+            } else if upstream.sync.is_stale(self.stale_after) {
+                let age = upstream.sync.failing_for().unwrap_or_default();
                 problems.push(format!(
                     "{}: Consul failing for {:.0}s (limit {:.0}s)",
                     upstream.name(),
@@ -105,63 +109,117 @@ impl Admin {
     }
 
     fn refresh_and_encode(&self) -> Result<Vec<u8>, prometheus::Error> {
-        for upstream in self.upstreams.load().iter() {
-            upstream
-                .metrics
-                .refresh(upstream.failing_for(), upstream.table().ejected_count());
+        let dynamic = self.dynamic.load();
+        let found = dynamic
+            .routes
+            .iter()
+            .flat_map(|r| r.targets.iter().map(|t| &t.upstream));
+        for upstream in self.upstreams.load().iter().chain(found) {
+            upstream.metrics.refresh(
+                upstream.sync.failing_for(),
+                upstream.table().ejected_count(),
+            );
         }
         self.metrics.encode()
     }
 
+    /// Every routed service (the file's, then those found by tags), each with its routes.
     fn routes(&self) -> serde_json::Value {
         let upstreams = self.upstreams.load();
-        let services: Vec<_> = upstreams
+        let dynamic = self.dynamic.load();
+        let mut services: Vec<(Arc<Upstream>, Vec<serde_json::Value>)> = upstreams
             .iter()
-            .map(|upstream| {
-                let config = &upstream.config;
-                let table = upstream.table();
-                let instances: Vec<_> = table
-                    .instances()
-                    .iter()
-                    .map(|i| {
-                        json!({
-                            "id": i.id,
-                            "address": i.address,
-                            "port": i.port,
-                            "tags": i.tags,
-                            "meta": i.meta,
-                            "ejected_for_seconds": i.health.ejected_for().map(|d| d.as_secs_f64()),
-                        })
-                    })
-                    .collect();
-                json!({
-                    "service": config.name,
-                    "route": {
-                        "host": config.route.host,
-                        "path_prefix": config.route.path_prefix,
-                        "strip_prefix": config.route.strip_prefix,
-                    },
-                    "balance": config.balance.as_str(),
-                    "protocol": config.protocol.as_str(),
-                    "tags": config.tags,
-                    "retry": {
-                        "attempts": config.retry.attempts,
-                        "timeout_seconds": config.retry.timeout.as_secs_f64(),
-                    },
-                    "instances": instances,
-                    "consul_index": upstream.index(),
-                    "synced": upstream.is_synced(),
-                    "consul_failing_seconds": upstream.failing_for().map(|d| d.as_secs_f64()),
-                    "last_sync_age_seconds": upstream.sync_age().map(|age| age.as_secs_f64()),
-                    // Cumulative, like the Prometheus counters: a reader computes rates
-                    // from two answers.
-                    "requests_total": upstream.metrics.requests.total(),
-                    "errors_5xx_total": upstream.metrics.requests.errors_5xx(),
-                })
+            .map(|u| {
+                let route = &u.config.route;
+                let file = json!({
+                    "host": route.host, "path_prefix": route.path_prefix,
+                    "strip": route.strip_prefix.then_some(&route.path_prefix),
+                    "origin": Origin::File,
+                });
+                (u.clone(), vec![file])
             })
             .collect();
-        json!({ "services": services })
+        for route in &dynamic.routes {
+            for target in &route.targets {
+                let options = &target.options;
+                let entry = json!({
+                    "host": route.source.host, "path_prefix": route.source.path,
+                    "strip": options.strip, "prepend": options.prepend,
+                    "weight": options.weight, "redirect": options.redirect.as_ref().map(|r| format!("{} {}", r.code, r.url)),
+                    "access": options.access.as_ref().map(|a| json!({"allow": a.allow, "nets": a.nets.iter().map(|n| n.to_string()).collect::<Vec<_>>()})),
+                    "origin": target.origin,
+                });
+                match services
+                    .iter_mut()
+                    .find(|(u, _)| Arc::ptr_eq(u, &target.upstream))
+                {
+                    Some((_, routes)) => routes.push(entry),
+                    None => services.push((target.upstream.clone(), vec![entry])),
+                }
+            }
+        }
+        let services: Vec<_> = services
+            .iter()
+            .map(|(upstream, routes)| {
+                service_json(upstream, routes, upstreams.get(upstream.name()).is_some())
+            })
+            .collect();
+        json!({ "services": services, "skipped": dynamic.skipped })
     }
+}
+
+/// One service for `/routes`: `route` is the file's (absent for a service found by tags).
+fn service_json(
+    upstream: &Upstream,
+    routes: &[serde_json::Value],
+    in_file: bool,
+) -> serde_json::Value {
+    let config = &upstream.config;
+    let table = upstream.table();
+    let instances: Vec<_> = table
+        .instances()
+        .iter()
+        .map(|i| {
+            json!({
+                "id": i.id,
+                "address": i.address,
+                "port": i.port,
+                "tags": i.tags,
+                "meta": i.meta,
+                "weight": i.weight,
+                "ejected_for_seconds": i.health.ejected_for().map(|d| d.as_secs_f64()),
+            })
+        })
+        .collect();
+    let sync = &upstream.sync;
+    json!({
+        "service": config.name,
+        "route": in_file.then(|| json!({
+            "host": config.route.host,
+            "path_prefix": config.route.path_prefix,
+            "strip_prefix": config.route.strip_prefix,
+        })),
+        "routes": routes,
+        "balance": config.balance.as_str(),
+        "hash_on": config.hash_on,
+        "split": config.split,
+        "protocol": config.protocol.as_str(),
+        "tls_insecure_skip_verify": config.tls.as_ref().map(|t| t.insecure_skip_verify),
+        "tags": config.tags,
+        "retry": {
+            "attempts": config.retry.attempts,
+            "timeout_seconds": config.retry.timeout.as_secs_f64(),
+        },
+        "instances": instances,
+        "consul_index": sync.index(),
+        "synced": sync.is_synced(),
+        "consul_failing_seconds": sync.failing_for().map(|d| d.as_secs_f64()),
+        "last_sync_age_seconds": sync.sync_age().map(|age| age.as_secs_f64()),
+        // Cumulative, like the Prometheus counters: a reader computes rates
+        // from two answers.
+        "requests_total": upstream.metrics.requests.total(),
+        "errors_5xx_total": upstream.metrics.requests.errors_5xx(),
+    })
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

@@ -73,15 +73,94 @@ pub enum Balance {
     #[default]
     RoundRobin,
     Random,
+    /// Power of two choices over requests in flight.
+    LeastRequest,
+    /// Consistent hashing (Maglev) of the request's `hash_on` key.
+    Hash,
 }
 
 impl Balance {
+    pub const ALL: [Balance; 4] = [
+        Balance::RoundRobin,
+        Balance::Random,
+        Balance::LeastRequest,
+        Balance::Hash,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Balance::RoundRobin => "round_robin",
             Balance::Random => "random",
+            Balance::LeastRequest => "least_request",
+            Balance::Hash => "hash",
         }
     }
+}
+
+/// What the `hash` balancer hashes (`hash_on`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashOn {
+    /// A request header's value (`header:X-User`); the name is kept lower-case.
+    Header(String),
+    /// A cookie's value (`cookie:session`).
+    Cookie(String),
+    /// The client's IP address (the connection's peer).
+    ClientIp,
+}
+
+impl HashOn {
+    fn parse(key: &str, text: &str) -> Result<HashOn, ConfigError> {
+        let text = text.trim();
+        let named = |name: &str| -> Result<String, ConfigError> {
+            let valid = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b));
+            match valid {
+                true => Ok(name.to_owned()),
+                false => Err(invalid(
+                    key,
+                    format!("{name:?} is not a valid header or cookie name"),
+                )),
+            }
+        };
+        match text.split_once(':') {
+            Some(("header", name)) => Ok(HashOn::Header(named(name.trim())?.to_ascii_lowercase())),
+            Some(("cookie", name)) => Ok(HashOn::Cookie(named(name.trim())?)),
+            _ if text == "client_ip" => Ok(HashOn::ClientIp),
+            _ => Err(invalid(
+                key,
+                format!(
+                    "{text:?} is not one of \"header:<name>\", \"cookie:<name>\", \"client_ip\""
+                ),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for HashOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HashOn::Header(name) => write!(f, "header:{name}"),
+            HashOn::Cookie(name) => write!(f, "cookie:{name}"),
+            HashOn::ClientIp => f.write_str("client_ip"),
+        }
+    }
+}
+
+impl Serialize for HashOn {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// One canary share (`services[].split`): `basis_points` of 10,000 requests go to the
+/// instances carrying all of `tags`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SplitConfig {
+    pub tags: Vec<String>,
+    /// Hundredths of a percent (`percent: 5` is 500).
+    pub basis_points: u32,
 }
 
 /// How the gateway speaks to a service's instances.
@@ -145,6 +224,7 @@ pub struct Config {
     pub access_log: AccessLogConfig,
     /// `None`: the gateway does not register itself in Consul.
     pub register: Option<RegisterConfig>,
+    pub tag_routes: TagRoutesConfig,
     /// `None`: no TLS listener.
     pub tls: Option<TlsConfig>,
     /// `Some(interval)`: also reload when the config file changes (checked every interval),
@@ -165,6 +245,16 @@ mod optional_duration {
             None => serializer.serialize_none(),
         }
     }
+}
+
+/// Routes from Consul service tags in fabio's grammar, and fabio's KV commands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TagRoutesConfig {
+    pub enabled: bool,
+    /// A tag starting with this is a route (`urlprefix-/api strip=/api`).
+    pub prefix: String,
+    /// The Consul KV key with `route add|del|weight` commands; `None`: not read.
+    pub kv_path: Option<String>,
 }
 
 /// TLS termination: a second client listener. The files are read by the `tls` module, at
@@ -301,6 +391,10 @@ pub struct ServiceConfig {
     pub tags: Vec<String>,
     pub route: RouteConfig,
     pub balance: Balance,
+    /// For `balance: hash`: what identifies a request's session.
+    pub hash_on: Option<HashOn>,
+    /// Shares of requests to instances by tag; the rest to instances in no split.
+    pub split: Vec<SplitConfig>,
     pub protocol: UpstreamProtocol,
     /// `Some` exactly when `protocol` is `https` or `h2`.
     pub tls: Option<UpstreamTlsConfig>,
@@ -464,10 +558,57 @@ struct RawConfig {
     #[serde(default)]
     register: RawRegister,
     #[serde(default)]
+    tag_routes: RawTagRoutes,
+    #[serde(default)]
     tls: Option<RawTls>,
     /// "" or "off": SIGHUP only; a duration ("2s"): also poll the file for changes.
     #[serde(default)]
     watch_config: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTagRoutes {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default = "default_tag_prefix")]
+    prefix: String,
+    #[serde(default = "default_kv_path")]
+    kv_path: String,
+}
+
+impl Default for RawTagRoutes {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            prefix: default_tag_prefix(),
+            kv_path: default_kv_path(),
+        }
+    }
+}
+
+fn default_tag_prefix() -> String {
+    "urlprefix-".into()
+}
+fn default_kv_path() -> String {
+    "/fabio/config".into()
+}
+
+impl RawTagRoutes {
+    fn validate(self) -> Result<TagRoutesConfig, ConfigError> {
+        if self.prefix.trim().is_empty() || self.prefix.contains(char::is_whitespace) {
+            return Err(invalid(
+                "tag_routes.prefix",
+                "must be non-empty, without spaces",
+            ));
+        }
+        let kv_path = self.kv_path.trim().trim_matches('/').to_owned();
+        Ok(TagRoutesConfig {
+            enabled: self.enabled,
+            prefix: self.prefix,
+            kv_path: Some(kv_path).filter(|p| !p.is_empty()),
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -635,6 +776,11 @@ struct RawService {
     /// Parsed in `validate` so the error can list the choices.
     #[serde(default)]
     balance: Option<String>,
+    /// `header:<name>`, `cookie:<name>` or `client_ip`; required by (and only for) `hash`.
+    #[serde(default)]
+    hash_on: String,
+    #[serde(default)]
+    split: Vec<RawSplit>,
     /// Parsed in `validate` so the error can list the choices.
     #[serde(default)]
     protocol: Option<String>,
@@ -708,6 +854,14 @@ impl RawUpstreamTls {
             key_file,
         })
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSplit {
+    tags: Vec<String>,
+    /// 0 to 100, at most two decimals (0.5 is half a percent).
+    percent: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1032,6 +1186,7 @@ impl Config {
             upstream,
             access_log,
             register,
+            tag_routes,
             watch_config: _,
             tls,
         } = self;
@@ -1049,6 +1204,7 @@ impl Config {
         check("upstream", *upstream != next.upstream);
         check("access_log", *access_log != next.access_log);
         check("register", *register != next.register);
+        check("tag_routes", *tag_routes != next.tag_routes);
         // Certificates are re-read on every reload; the listener and the redirect are not.
         let listen_of = |tls: &Option<TlsConfig>| tls.as_ref().map(|t| t.listen);
         check("tls.listen", listen_of(tls) != listen_of(&next.tls));
@@ -1148,6 +1304,7 @@ impl RawConfig {
             upstream: self.upstream.validate()?,
             access_log: self.access_log.validate()?,
             register: self.register.validate()?,
+            tag_routes: self.tag_routes.validate()?,
             tls: self
                 .tls
                 .map(|tls| tls.validate(listen, admin_listen))
@@ -1297,6 +1454,38 @@ fn parse_consul_address(position: usize, count: usize, text: &str) -> Result<Url
     Ok(url)
 }
 
+impl ServiceConfig {
+    /// A service found at run time (a tag route): every key at its default, the protocol
+    /// given (with `insecure_skip_verify` for a TLS one), routed at `/<name>` (the router
+    /// uses the tag's route instead).
+    pub fn with_defaults(
+        name: &str,
+        protocol: UpstreamProtocol,
+        insecure_skip_verify: bool,
+    ) -> Result<ServiceConfig, ConfigError> {
+        let tls = (protocol.is_tls() && insecure_skip_verify).then(|| RawUpstreamTls {
+            ca_file: String::new(),
+            server_name: String::new(),
+            insecure_skip_verify,
+            cert_file: String::new(),
+            key_file: String::new(),
+        });
+        let raw = RawService {
+            name: name.to_owned(),
+            tags: Vec::new(),
+            route: None,
+            balance: None,
+            hash_on: String::new(),
+            split: Vec::new(),
+            protocol: Some(protocol.as_str().to_owned()),
+            tls,
+            retry: RawRetry::default(),
+            outlier: RawOutlier::default(),
+        };
+        raw.validate("tag_routes")
+    }
+}
+
 impl RawService {
     fn validate(self, key: &str) -> Result<ServiceConfig, ConfigError> {
         let name = self.name.trim().to_owned();
@@ -1377,27 +1566,90 @@ impl RawService {
                 ))
             }
         };
-        let balance = match self.balance.as_deref().map(str::trim) {
-            None | Some("round_robin") => Balance::RoundRobin,
-            Some("random") => Balance::Random,
-            Some(other) => {
-                return Err(invalid(
-                    format!("{key}.balance"),
-                    format!("{other:?} is not one of \"round_robin\", \"random\""),
-                ))
-            }
-        };
+        let balance = parse_balance(key, self.balance.as_deref())?;
+        let hash_on =
+            match (balance, self.hash_on.trim()) {
+                (Balance::Hash, "") => return Err(invalid(
+                    format!("{key}.hash_on"),
+                    "is required by `balance: hash` (header:<name>, cookie:<name> or client_ip)",
+                )),
+                (Balance::Hash, text) => Some(HashOn::parse(&format!("{key}.hash_on"), text)?),
+                (_, "") => None,
+                (_, _) => {
+                    return Err(invalid(
+                        format!("{key}.hash_on"),
+                        "is only used by `balance: hash`",
+                    ))
+                }
+            };
+        let split = validate_splits(key, self.split)?;
         Ok(ServiceConfig {
             name,
             tags: self.tags,
             route,
             balance,
+            hash_on,
+            split,
             protocol,
             tls,
             retry,
             outlier,
         })
     }
+}
+
+fn parse_balance(key: &str, text: Option<&str>) -> Result<Balance, ConfigError> {
+    let text = text.map(str::trim).unwrap_or(Balance::default().as_str());
+    Balance::ALL
+        .into_iter()
+        .find(|b| b.as_str() == text)
+        .ok_or_else(|| {
+            let choices: Vec<String> = Balance::ALL
+                .iter()
+                .map(|b| format!("{:?}", b.as_str()))
+                .collect();
+            invalid(
+                format!("{key}.balance"),
+                format!("{text:?} is not one of {}", choices.join(", ")),
+            )
+        })
+}
+
+/// Splits with tags, shares between 0 and 100 percent (two decimals) summing to at most 100.
+fn validate_splits(key: &str, raw: Vec<RawSplit>) -> Result<Vec<SplitConfig>, ConfigError> {
+    let mut total = 0;
+    let mut splits = Vec::with_capacity(raw.len());
+    for (i, split) in raw.into_iter().enumerate() {
+        let at = format!("{key}.split[{i}]");
+        if split.tags.is_empty() || split.tags.iter().any(|t| t.trim().is_empty()) {
+            return Err(invalid(
+                format!("{at}.tags"),
+                "needs at least one non-empty tag",
+            ));
+        }
+        let basis_points = split.percent * 100.0;
+        if !(0.0..=10_000.0).contains(&basis_points)
+            || (basis_points - basis_points.round()).abs() > 1e-6
+        {
+            return Err(invalid(
+                format!("{at}.percent"),
+                "must be between 0 and 100, with at most two decimals",
+            ));
+        }
+        let basis_points = basis_points.round() as u32;
+        total += basis_points;
+        splits.push(SplitConfig {
+            tags: split.tags,
+            basis_points,
+        });
+    }
+    if total > 10_000 {
+        return Err(invalid(
+            format!("{key}.split"),
+            "the percents add up to more than 100",
+        ));
+    }
+    Ok(splits)
 }
 
 impl RawOutlier {

@@ -4,21 +4,32 @@
 //! right service in Consul and forwards the request there.
 //!
 //! ```text
-//! gateway.yaml + env ─> config ─┬─> watcher (one task per service: Consul blocking queries)
+//! gateway.yaml + env ─> config ─┬─> watcher (one task per service: Consul blocking queries;
+//!                               │      │  tag routes: services found by their tags, KV commands)
 //!                               │      └─ new healthy set? build a table, ArcSwap::store
-//!                               │                               │
-//!                               │                        upstream (one table per service)
-//!                               │                               │ load(), pick()
-//!                               └─> gateway (plain + TLS) ──────┘─> pooled client ─> instance
-//!                                   admin (/ /metrics /healthz /readyz /routes) reads both
+//!                               │         new tag routes? publish DynamicRoutes ───┐
+//!                               │                               │                   │
+//!                               │                        upstream (one table per    routes
+//!                               │                        service, its balancer)     │
+//!                               │                               │ load(), pick()    │
+//!                               └─> gateway (plain + TLS) ──────┘─> router ◄────────┘
+//!                                     └─> pooled client ─> instance
+//!                                   admin (/ /metrics /healthz /readyz /routes) reads all
 //! ```
 //!
 //! - [`config`]: the file and env overrides, validated once into typed values.
 //! - [`watcher`]: Consul blocking queries, index rules, rate limit, backoff; writes tables.
 //!   Per service, or (many services) per service for as many as the connection budget
 //!   allows and catalog-wide change detectors plus targeted fetches for the rest.
-//! - [`upstream`]: immutable per-service tables behind `ArcSwap`, and the balancers.
-//! - [`gateway`]: routing, header hygiene, forwarding and retries; reads tables.
+//!   [`watcher::tag_routes`] routes services by their Consul tags (fabio's `urlprefix-`).
+//! - [`upstream`]: immutable per-service tables behind `ArcSwap`, composed with the outlier
+//!   detector, the retry budget and the discovery sync status.
+//! - [`balance`]: the balancers, one file each behind one trait (round robin, random,
+//!   least request, Maglev hash) and tag splits.
+//! - [`routes`]: routes found at run time (fabio's grammar: tags, KV commands), where the
+//!   tag-route watcher and the router meet.
+//! - [`gateway`]: request screening, routing, header hygiene, forwarding over pooled clients
+//!   (HTTP/1.1, h2c, TLS), retries, upgrades (WebSocket) and gRPC answers; reads tables.
 //! - [`metrics`]: the Prometheus registry and per-service handles (a leaf).
 //! - [`admin`]: the admin listener's endpoints.
 //! - [`access_log`]: the optional JSON-lines access log, written off the request path.
@@ -26,19 +37,22 @@
 //! - [`server`]: the accept loop with connection deadlines and graceful shutdown, shared by
 //!   every listener (plain, TLS, admin).
 //! - [`tls`]: certificates, the SNI resolver (reloadable behind `ArcSwap`), the bounded
-//!   handshake of the TLS listener.
+//!   handshake of the TLS listener; and TLS as a client (instances, Consul).
 //!
-//! `watcher` and `gateway` never import each other: they meet only at the upstream tables.
+//! `watcher` and `gateway` never import each other: they meet only at the upstream tables and
+//! the dynamic routes (handed over by the wiring here).
 //! A config reload ([`run_with_reload`]) re-reads the TLS certificates, rebuilds the tables'
 //! set, the router and the watches and swaps them in; requests in flight keep what they
 //! started with.
 
 pub mod access_log;
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod gateway;
 pub mod metrics;
 pub mod registration;
+pub mod routes;
 pub mod server;
 pub mod tls;
 pub mod upstream;
@@ -53,7 +67,7 @@ use std::collections::HashSet;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -63,9 +77,11 @@ pub use tokio_util::sync::CancellationToken as Shutdown;
 use crate::admin::Admin;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
-use crate::server::{ServeSettings, Transport};
+use crate::routes::DynamicRoutes;
+use crate::server::{ServeSettings, Source, Transport};
 use crate::tls::{TlsSettings, TlsTerminator};
 use crate::upstream::Upstreams;
+use crate::watcher::tag_routes::TagRouteWatch;
 use crate::watcher::{ConsulDiscovery, WatchSet};
 
 /// The admin listener only serves quick requests; it needs little time to drain.
@@ -112,6 +128,34 @@ pub struct Listeners {
     pub admin: TcpListener,
     /// `tls.listen`; when `None` and the config has `tls`, it is bound here.
     pub tls: Option<TcpListener>,
+    /// More sockets on `listen` (bound with `SO_REUSEPORT`), one per extra worker: each is
+    /// served by an accept loop on a current-thread runtime of its own (`workers: N`).
+    pub workers: Vec<std::net::TcpListener>,
+}
+
+/// The tag-route watcher of `config` (`tag_routes.enabled`): it reads the file's services
+/// from `files` (swapped, and `reloaded` notified, on every reload) and hands each changed
+/// set of routes to the gateway's router and the admin listener.
+fn tag_route_watch(
+    config: &Config,
+    discovery: &Arc<ConsulDiscovery>,
+    (files, reloaded): (&Arc<ArcSwap<Upstreams>>, &Arc<Notify>),
+    metrics: &Arc<Metrics>,
+    gateway: Arc<Gateway>,
+    admin: Arc<Admin>,
+) -> TagRouteWatch {
+    TagRouteWatch {
+        discovery: discovery.clone(),
+        settings: config.tag_routes.clone(),
+        consul: config.consul.clone(),
+        files: files.clone(),
+        reloaded: reloaded.clone(),
+        metrics: metrics.clone(),
+        publish: Box::new(move |routes: Arc<DynamicRoutes>| {
+            admin.dynamic.store(routes.clone());
+            gateway.replace_dynamic_routes(routes);
+        }),
+    }
 }
 
 /// Runs the gateway on `listener` and the admin endpoints on `admin_listener` until
@@ -136,6 +180,9 @@ struct Reload {
     metrics: Arc<Metrics>,
     /// Present when the TLS listener runs; its certificates are re-read on every reload.
     tls: Option<Arc<TlsTerminator>>,
+    /// The file's services as the tag-route watcher sees them, and its wake-up on reload.
+    files: Arc<ArcSwap<Upstreams>>,
+    reloaded: Arc<Notify>,
 }
 
 /// Applies each config from `reloads` until `stop`, then stops the watches.
@@ -190,6 +237,8 @@ impl Reload {
         self.watches.reconcile(&upstreams);
         self.gateway.replace_routes(&upstreams, &tls_clients);
         self.admin.upstreams.store(Arc::new(upstreams.clone()));
+        self.files.store(Arc::new(upstreams.clone()));
+        self.reloaded.notify_one();
         info!(
             services = after.len(),
             added = after.difference(&before).count(),
@@ -229,8 +278,65 @@ pub async fn run_with_reload(
         gateway: listener,
         admin: admin_listener,
         tls: None,
+        workers: Vec::new(),
     };
     run_listeners(config, listeners, shutdown, reloads).await
+}
+
+/// Runs an accept loop for each extra gateway socket, each on a current-thread runtime of
+/// its own (nginx's and Pingora's worker model): the kernel spreads connections across the
+/// `SO_REUSEPORT` sockets, and a connection's requests stay on its worker's thread. The
+/// workers share the gateway (routes, tables, pools) and the per-client registry.
+fn spawn_workers(
+    sockets: Vec<std::net::TcpListener>,
+    gateway: &Arc<Gateway>,
+    clients: &Arc<server::Clients>,
+    server_config: &config::ServerConfig,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let mut threads = Vec::new();
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let worker = i + 1;
+        let (gateway, clients) = (gateway.clone(), clients.clone());
+        let builder = server::http_builder(server_config);
+        let settings = ServeSettings::from_server("gateway", server_config);
+        let connections = metrics.for_worker_connections("gateway", worker);
+        let shutdown = shutdown.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("switchyard-worker-{worker}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => return error!(worker, %error, "worker runtime failed to start"),
+                };
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(socket) {
+                        Ok(listener) => listener,
+                        Err(error) => return error!(worker, %error, "worker socket unusable"),
+                    };
+                    let source = Source {
+                        listener,
+                        transport: Transport::Plain,
+                        clients,
+                    };
+                    let handler = move |connection, request| {
+                        let gateway = gateway.clone();
+                        async move { gateway.handle(connection, request).await }
+                    };
+                    server::serve_on(source, builder, handler, settings, connections, shutdown)
+                        .await;
+                });
+            });
+        match spawned {
+            Ok(thread) => threads.push(thread),
+            Err(error) => error!(worker, %error, "worker thread failed to start"),
+        }
+    }
+    threads
 }
 
 /// Loads the certificates and binds `tls.listen` (unless `bound`) when the config has TLS.
@@ -271,6 +377,7 @@ pub async fn run_listeners(
         gateway: listener,
         admin: admin_listener,
         tls,
+        workers,
     } = listeners;
     let metrics = Arc::new(Metrics::new()?);
     let tls = start_tls(&config, &metrics, tls).await?;
@@ -289,10 +396,11 @@ pub async fn run_listeners(
 
     // Watchers outlive the listeners' drain so retries during it still see fresh tables.
     let stop_watchers = CancellationToken::new();
-    let watches = WatchSet::start(discovery, &config.consul, &upstreams);
+    let watches = WatchSet::start(discovery.clone(), &config.consul, &upstreams);
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
         upstreams: ArcSwap::from_pointee(upstreams.clone()),
+        dynamic: ArcSwap::from_pointee(DynamicRoutes::default()),
         stale_after: config.consul.stale_after,
     });
     let mut admin_builder = Builder::new(TokioExecutor::new());
@@ -324,6 +432,14 @@ pub async fn run_listeners(
         metrics.for_requests(metrics::UNROUTED),
         access_log,
     )?);
+    let files = Arc::new(ArcSwap::from_pointee(upstreams.clone()));
+    let reloaded = Arc::new(Notify::new());
+    let tag_routes = config.tag_routes.enabled.then(|| {
+        let inputs = (&files, &reloaded);
+        let (gateway, admin) = (gateway.clone(), admin.clone());
+        let watch = tag_route_watch(&config, &discovery, inputs, &metrics, gateway, admin);
+        tokio::spawn(watch.run(stop_watchers.clone()))
+    });
     let builder = server::http_builder(&config.server);
     info!(
         listen = %config.listen,
@@ -332,13 +448,19 @@ pub async fn run_listeners(
         services = config.services.len(),
         "switchyard serving"
     );
-    // The TLS listener serves the same gateway through the same connection path.
+    // The TLS listener serves the same gateway through the same connection path, and counts
+    // a client address's connections together with the plain listener's.
+    let settings = ServeSettings::from_server("gateway", &config.server);
+    let clients = server::Clients::new(settings.clients);
     let terminator = tls.as_ref().map(|(_, terminator)| terminator.clone());
     let tls_task = tls.map(|(tls_listener, terminator)| {
         let gateway = gateway.clone();
         tokio::spawn(server::serve_on(
-            tls_listener,
-            Transport::Tls(terminator),
+            Source {
+                listener: tls_listener,
+                transport: Transport::Tls(terminator),
+                clients: clients.clone(),
+            },
             builder.clone(),
             move |connection, request| {
                 let gateway = gateway.clone();
@@ -358,6 +480,8 @@ pub async fn run_listeners(
             admin,
             metrics: metrics.clone(),
             tls: terminator,
+            files,
+            reloaded,
         },
         reloads,
         stop_watchers.clone(),
@@ -381,17 +505,36 @@ pub async fn run_listeners(
             gateway.upgrades().drain(grace).await;
         }
     });
-    server::serve(
+    let extra_workers = spawn_workers(
+        workers,
+        &gateway,
+        &clients,
+        &config.server,
+        &metrics,
+        &shutdown,
+    );
+    let plain = Source {
         listener,
+        transport: Transport::Plain,
+        clients,
+    };
+    server::serve_on(
+        plain,
         builder,
         move |connection, request| {
             let gateway = gateway.clone();
             async move { gateway.handle(connection, request).await }
         },
-        ServeSettings::from_server("gateway", &config.server),
+        settings,
         metrics.for_connections("gateway"),
         shutdown,
     )
+    .await;
+    let _ = tokio::task::spawn_blocking(move || {
+        for worker in extra_workers {
+            let _ = worker.join();
+        }
+    })
     .await;
     if let Some(tls_task) = tls_task {
         let _ = tls_task.await;
@@ -408,6 +551,9 @@ pub async fn run_listeners(
     stop_watchers.cancel();
     let _ = admin_task.await;
     let _ = reloader.await;
+    if let Some(tag_routes) = tag_routes {
+        let _ = tag_routes.await;
+    }
     info!("switchyard stopped");
     Ok(())
 }

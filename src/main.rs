@@ -2,6 +2,7 @@
 //! over to [`switchyard::run`] until SIGTERM or SIGINT.
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, PoisonError};
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tracing_subscriber::EnvFilter;
 
 use switchyard::{Config, Shutdown};
@@ -84,24 +85,52 @@ fn load_checked(path: &Path) -> Result<Config, Box<dyn std::error::Error>> {
     Ok(config)
 }
 
-fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
-    // One worker: a current-thread runtime does the same work without the multi-thread
-    // scheduler's cross-thread queues and wake-ups.
-    let mut runtime = if config.workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    if config.workers > 1 {
-        runtime.worker_threads(config.workers);
+/// The gateway's socket on `listen`, and with `workers: N > 1` N-1 more on the same address
+/// (`SO_REUSEPORT`, so the kernel spreads connections over them) for the extra workers.
+fn bind_workers(
+    listen: SocketAddr,
+    workers: usize,
+) -> std::io::Result<(TcpListener, Vec<std::net::TcpListener>)> {
+    let reuse_port = workers > 1;
+    let first = reuse_port_listener(listen, reuse_port)?;
+    // Port 0 (tests): the others join the port the first one got.
+    let address = first.local_addr()?;
+    let mut extra = Vec::new();
+    for _ in 1..workers.max(1) {
+        extra.push(reuse_port_listener(address, true)?.into_std()?);
     }
+    Ok((first, extra))
+}
+
+fn reuse_port_listener(address: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(address)?;
+    socket.listen(1024)
+}
+
+fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
+    // `workers: 0` is one work-stealing runtime with a thread per core. `workers: N >= 1` is N
+    // current-thread runtimes, each with its own SO_REUSEPORT socket on `listen` (this one also
+    // runs the admin listener, TLS and the watches): no cross-thread queues and wake-ups.
+    let mut runtime = if config.workers == 0 {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
     let runtime = runtime
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(async move {
-        let listener = TcpListener::bind(config.listen)
-            .await
+        let (listener, workers) = bind_workers(config.listen, config.workers)
             .with_context(|| format!("binding `listen` {}", config.listen))?;
         let admin_listener = TcpListener::bind(config.admin_listen)
             .await
@@ -118,6 +147,7 @@ fn serve(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
             gateway: listener,
             admin: admin_listener,
             tls,
+            workers,
         };
         let shutdown = Shutdown::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));

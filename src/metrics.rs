@@ -275,9 +275,15 @@ impl Metrics {
         })
     }
 
-    /// Handles for one listener's connection lifecycle (`listener`: "gateway", "admin", ...).
+    /// Handles for one listener's connection lifecycle (`listener`: "gateway", "admin", ...),
+    /// on worker 0.
     pub fn for_connections(&self, listener: &str) -> ConnectionMetrics {
-        self.connections.for_listener(listener)
+        self.connections.for_listener(listener, "0")
+    }
+
+    /// The same for `worker` (`workers: N` runs one accept loop per worker).
+    pub fn for_worker_connections(&self, listener: &str, worker: usize) -> ConnectionMetrics {
+        self.connections.for_listener(listener, &worker.to_string())
     }
 
     /// The handshake counters of the TLS listener, resolved once (each series starts at 0).
@@ -365,7 +371,7 @@ impl ConnectionFamilies {
                 "switchyard_client_connections",
                 "Client connections open now, by listener.",
             ),
-            &["listener"],
+            &["listener", "worker"],
         )?;
         let closed = IntCounterVec::new(
             Opts::new(
@@ -373,14 +379,14 @@ impl ConnectionFamilies {
                 "Client connections the gateway closed itself, by listener and reason: \
                  first_request_timeout, idle, per_client_limit (refused at accept).",
             ),
-            &["listener", "reason"],
+            &["listener", "worker", "reason"],
         )?;
         let resets = IntCounterVec::new(
             Opts::new(
                 "switchyard_client_resets_total",
                 "Requests the client abandoned before their answer (HTTP/2 RST_STREAM, closed connection).",
             ),
-            &["listener"],
+            &["listener", "worker"],
         )?;
         registry.register(Box::new(open.clone()))?;
         registry.register(Box::new(closed.clone()))?;
@@ -392,14 +398,14 @@ impl ConnectionFamilies {
         })
     }
 
-    fn for_listener(&self, listener: &str) -> ConnectionMetrics {
-        let closed = |reason: &str| self.closed.with_label_values(&[listener, reason]);
+    fn for_listener(&self, listener: &str, worker: &str) -> ConnectionMetrics {
+        let closed = |reason: &str| self.closed.with_label_values(&[listener, worker, reason]);
         ConnectionMetrics {
-            open: self.open.with_label_values(&[listener]),
+            open: self.open.with_label_values(&[listener, worker]),
             first_request_timeout: closed("first_request_timeout"),
             idle: closed("idle"),
             per_client_limit: closed("per_client_limit"),
-            resets: self.resets.with_label_values(&[listener]),
+            resets: self.resets.with_label_values(&[listener, worker]),
         }
     }
 }

@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 
 mod catalog;
 mod set;
+pub mod tag_routes;
 
 pub use catalog::watch_catalog;
 pub use set::{per_service_share, WatchSet};
@@ -73,6 +74,8 @@ pub enum DiscoveryError {
     InvalidToken,
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("the Consul server knows no leader; its answer may be an old state")]
+    NoLeader,
 }
 
 /// Headers every Consul call carries: the ACL token, marked sensitive so it is never logged.
@@ -335,6 +338,21 @@ struct HealthService {
     tags: Option<Vec<String>>,
     #[serde(default)]
     meta: Option<BTreeMap<String, String>>,
+    /// Absent on old Consul versions: weight 1.
+    #[serde(default)]
+    weights: Option<HealthWeights>,
+}
+
+/// `Service.Weights`: the share of traffic an instance gets while its checks pass.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthWeights {
+    #[serde(default = "one")]
+    passing: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Turns Consul's health entries into instances carrying all `required_tags`. Entries that
@@ -353,8 +371,9 @@ fn instances_from_entries(service: &ServiceConfig, entries: Vec<HealthEntry>) ->
                 entry.service.address
             };
             let meta = entry.service.meta.unwrap_or_default();
+            let weight = entry.service.weights.map_or(1, |w| w.passing);
             match Instance::new(entry.service.id, address, entry.service.port, tags, meta) {
-                Ok(instance) => Some(instance),
+                Ok(instance) => Some(instance.with_weight(weight)),
                 Err(e) => {
                     warn!(service = %service.name, error = %e, "skipping unaddressable instance");
                     None
@@ -401,7 +420,9 @@ impl DiscoveryError {
     /// Whether another Consul server might do better (not, say, a malformed answer).
     fn is_server_side(&self) -> bool {
         match self {
-            DiscoveryError::Transport(_) | DiscoveryError::Hung(_) => true,
+            DiscoveryError::Transport(_) | DiscoveryError::Hung(_) | DiscoveryError::NoLeader => {
+                true
+            }
             DiscoveryError::Status { status, .. } => *status >= 500 || *status == 429,
             DiscoveryError::MissingIndex
             | DiscoveryError::Decode(_)
@@ -460,7 +481,10 @@ impl ConsulDiscovery {
         let (status, headers, body) = tokio::time::timeout(self.hung_after, send)
             .await
             .map_err(|_| DiscoveryError::Hung(self.hung_after))??;
-        if !status.is_success() {
+        // A missing KV key answers 404 with an index; blocking on it waits for its creation.
+        let missing_key =
+            status == reqwest::StatusCode::NOT_FOUND && parse_index(&headers).is_some();
+        if !status.is_success() && !missing_key {
             let text = String::from_utf8_lossy(&body);
             let body: String = text.trim().chars().take(200).collect();
             return Err(DiscoveryError::Status {
@@ -474,11 +498,16 @@ impl ConsulDiscovery {
             .and_then(|v| v.to_str().ok())
             == Some("false")
         {
-            // A stale read from a server that lost its leader may lag; it is still the best
-            // data there is, and the next change will correct it.
-            debug!("Consul answered without a known leader");
+            // A server that knows no leader may serve an old state: a restarted one answers
+            // from its last snapshot until it has replayed its log (seen emptying a table in
+            // the restart drill). Not applied; another server, or this one once it has a
+            // leader, is asked again.
+            return Err(DiscoveryError::NoLeader);
         }
-        Ok((index, body))
+        match missing_key {
+            true => Ok((index, bytes::Bytes::new())),
+            false => Ok((index, body)),
+        }
     }
 }
 
@@ -655,5 +684,24 @@ mod tests {
         service.tags.clear();
         let entries: Vec<HealthEntry> = serde_json::from_str(json).unwrap();
         assert_eq!(instances_from_entries(&service, entries).len(), 3);
+    }
+
+    #[test]
+    fn entries_carry_the_passing_weight() {
+        let json = r#"[
+          {"Node": {"Address": "10.0.0.1"}, "Service": {"ID": "a", "Port": 80, "Weights": {"Passing": 3, "Warning": 1}}},
+          {"Node": {"Address": "10.0.0.1"}, "Service": {"ID": "b", "Port": 81}}
+        ]"#;
+        let entries: Vec<HealthEntry> = serde_json::from_str(json).unwrap();
+        let service =
+            crate::config::Config::from_yaml("services:\n  - name: s\n", &Default::default())
+                .unwrap()
+                .services
+                .remove(0);
+        let weights: Vec<u32> = instances_from_entries(&service, entries)
+            .iter()
+            .map(|i| i.weight)
+            .collect();
+        assert_eq!(weights, [3, 1]);
     }
 }

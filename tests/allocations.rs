@@ -89,10 +89,11 @@ async fn proxied_request_allocations_stay_low() {
         through as f64 / count as f64,
         direct as f64 / count as f64
     );
-    // Measured 22.0 when this bound was set; lower it as the hot path sheds allocations,
+    // Measured 21.0 when this bound was set (22.0 before; the hardening added 1, the
+    // per-connection peer header took 2 off); lower it as the hot path sheds allocations,
     // raise it only with a reason in the commit.
     assert!(
-        per_request <= 25.0,
+        per_request <= 23.0,
         "{per_request:.1} allocations per proxied request"
     );
 }

@@ -210,7 +210,7 @@ async fn errors_before_any_answer_leave_the_service_unready() {
     for _ in 0..3 {
         assert_eq!(next(&mut queries).await, 0);
     }
-    assert!(!watch.upstream.is_synced());
+    assert!(!watch.upstream.sync.is_synced());
     assert!(ids(&watch.upstream).is_empty());
     watch.shutdown.cancel();
 }

@@ -188,7 +188,7 @@ async fn silent_idle_and_greedy_connections() {
     let metrics = gateway.admin_get("/metrics").await;
     let refused = common::metric(
         &metrics,
-        "switchyard_client_connections_closed_total{listener=\"gateway\",reason=\"per_client_limit\"}",
+        "switchyard_client_connections_closed_total{listener=\"gateway\",reason=\"per_client_limit\",worker=\"0\"}",
     );
     assert_eq!(refused, 60.0);
     assert_eq!(
@@ -505,7 +505,7 @@ async fn rapid_reset_with_reconnects_costs_no_upstream_connections() {
     let metrics = gateway.admin_get("/metrics").await;
     let resets = common::metric(
         &metrics,
-        "switchyard_client_resets_total{listener=\"gateway\"}",
+        "switchyard_client_resets_total{listener=\"gateway\",worker=\"0\"}",
     );
     let throttled = common::metric(
         &metrics,

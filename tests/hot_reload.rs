@@ -326,3 +326,79 @@ async fn reload_applies_watch_config_and_reports_a_rotated_token() {
     assert!(exit.success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `workers: 2` through the real binary: two current-thread runtimes, each with its own
+/// SO_REUSEPORT socket on `listen`; the kernel spreads 40 kept-alive connections over both,
+/// every request is answered, and SIGTERM stops both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_the_port_and_both_serve() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let consul = Consul::start().await;
+    let backend = Backend::start("web-1", Behavior::Ok).await;
+    consul.register("web", "web-1", backend.port, &[]).await;
+    let dir = std::env::temp_dir().join(format!("switchyard-workers-{}", common::free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.yaml");
+    let (port, admin) = (common::free_port(), common::free_port());
+    let services = "workers: 2\nserver: {shutdown_grace: 1s}\nservices:\n  - name: web\n";
+    write_config(&path, port, admin, &consul.url(), services);
+    let (mut child, log, _guard) = start_gateway(&path);
+    wait_log(&log, "switchyard serving").await;
+    let client = common::http_client();
+    let metrics_url = format!("http://127.0.0.1:{admin}/metrics");
+    let gateway = format!("127.0.0.1:{port}");
+    let ready = common::wait_until(Duration::from_secs(10), || async {
+        status_of(&client, format!("http://{gateway}/web")).await == 200
+    })
+    .await;
+    assert!(ready.is_some());
+    // 40 connections, each answered once and held open.
+    let held = tokio::task::spawn_blocking(move || {
+        (0..40)
+            .map(|_| {
+                let mut stream = std::net::TcpStream::connect(&gateway).unwrap();
+                stream
+                    .write_all(b"GET /web HTTP/1.1\r\nHost: gw\r\n\r\n")
+                    .unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut status = String::new();
+                reader.read_line(&mut status).unwrap();
+                assert!(status.contains(" 200 "), "{status}");
+                let mut rest = [0u8; 512];
+                let _ = reader.read(&mut rest);
+                stream
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let text = client
+        .get(&metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let open = |worker: &str| {
+        common::metric(
+            &text,
+            &format!("switchyard_client_connections{{listener=\"gateway\",worker=\"{worker}\"}}"),
+        )
+    };
+    println!(
+        "workers: 2, 40 connections: worker 0 holds {}, worker 1 holds {}",
+        open("0"),
+        open("1")
+    );
+    assert!(open("0") >= 1.0 && open("1") >= 1.0, "both workers accept");
+    // 40, plus the readiness check's kept-alive connection.
+    assert!(open("0") + open("1") >= 40.0);
+    drop(held);
+    signal(&child, "-TERM");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap();
+    assert!(status.unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -490,3 +490,50 @@ fn expired_or_mismatched_certificates_at_start_exit_2_naming_the_key() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("tls.certificates[0].cert_file"), "{stderr}");
 }
+
+/// One client address holds `server.max_connections_per_client` across the plain and the TLS
+/// listener together: with 2 silent plain connections open, its TLS connection is refused at
+/// accept, while another address completes a handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_client_cap_spans_plain_and_tls() {
+    let pki = Pki::new("per-client");
+    let leaf = pki.leaf("site", "site.test", &["site.test"]);
+    let consul = Consul::start().await;
+    let tls = format!(
+        "{}server:\n  max_connections_per_client: 2\n",
+        tls_yaml(&[leaf], false)
+    );
+    let yaml = format!(
+        "consul:\n  address: {}\n  wait: 30s\n{tls}services:\n  - name: web\n",
+        consul.url()
+    );
+    let config = Config::from_yaml(&yaml, &ConsulEnv::default()).expect("valid test config");
+    let (_backend, gateway) = start(&consul, config).await;
+    let tls_addr = gateway.tls.expect("a TLS listener");
+    let _held: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(gateway.addr).expect("connecting"))
+        .collect();
+    // Wait until the gateway has admitted both (its gauge counts them).
+    let admitted = common::wait_until(Duration::from_secs(5), || async {
+        let metrics = gateway.admin_get("/metrics").await;
+        common::metric(
+            &metrics,
+            "switchyard_client_connections{listener=\"gateway\",worker=\"0\"}",
+        ) == 2.0
+    })
+    .await;
+    assert!(admitted.is_some());
+    let (answer, closed_after) = tokio::task::spawn_blocking(move || {
+        send_and_wait_for_close(tls_addr, b"\x16\x03\x01\x00\x05hello")
+    })
+    .await
+    .unwrap();
+    assert!(answer.is_empty(), "refused before any TLS byte");
+    assert!(closed_after < Duration::from_secs(1), "{closed_after:?}");
+    let metrics = gateway.admin_get("/metrics").await;
+    let refused = common::metric(
+        &metrics,
+        "switchyard_client_connections_closed_total{listener=\"tls\",reason=\"per_client_limit\",worker=\"0\"}",
+    );
+    assert_eq!(refused, 1.0);
+}

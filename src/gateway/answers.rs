@@ -38,6 +38,8 @@ pub enum GatewayError {
     UnsupportedTransferCoding,
     #[error("too many abandoned requests from this client; slow down")]
     TooManyResets,
+    #[error("the route does not admit this client address")]
+    Forbidden,
 }
 
 impl GatewayError {
@@ -56,6 +58,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed => "method-not-allowed",
             GatewayError::UnsupportedTransferCoding => "unsupported-transfer-coding",
             GatewayError::TooManyResets => "too-many-resets",
+            GatewayError::Forbidden => "forbidden",
         }
     }
 
@@ -107,6 +110,7 @@ impl From<GatewayError> for StatusCode {
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
             GatewayError::TooManyResets => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::Forbidden => StatusCode::FORBIDDEN,
         }
     }
 }

@@ -22,6 +22,7 @@ static GRPC_TIMEOUT: header::HeaderName = header::HeaderName::from_static("grpc-
 #[repr(u8)]
 pub enum GrpcStatus {
     DeadlineExceeded = 4,
+    PermissionDenied = 7,
     ResourceExhausted = 8,
     Unimplemented = 12,
     Internal = 13,
@@ -67,6 +68,7 @@ impl GatewayError {
                 GrpcStatus::DeadlineExceeded
             }
             GatewayError::PayloadTooLarge => GrpcStatus::ResourceExhausted,
+            GatewayError::Forbidden => GrpcStatus::PermissionDenied,
             GatewayError::BadRequestBody
             | GatewayError::BadHost
             | GatewayError::MethodNotAllowed

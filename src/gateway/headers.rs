@@ -8,10 +8,7 @@
 //! that the first `X-Forwarded-For` entry is the address that reached the gateway's trusted
 //! edge and that the last one is always the gateway's own peer.
 
-use std::io::Write;
-use std::net::IpAddr;
-
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::BytesMut;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Request, Version};
@@ -132,8 +129,8 @@ fn is_valid_authority(bytes: &[u8]) -> bool {
 
 /// How this hop sees the request it forwards.
 pub struct Hop {
-    /// The peer's address.
-    pub client: IpAddr,
+    /// The peer's address, as a header value.
+    pub client: HeaderValue,
     /// The peer is a trusted proxy: its forwarded headers are kept.
     pub trusted: bool,
     /// The client connection is TLS.
@@ -168,20 +165,16 @@ pub fn forward_headers(parts: &mut Parts, authority: Option<HeaderValue>, hop: &
             headers.remove(name);
         }
     }
-    let client = client_bytes(hop.client);
     let chain = if hop.trusted {
-        forwarded_for_chain(headers, &client)
+        forwarded_for_chain(headers, hop.client.as_bytes())
     } else {
         None
     };
-    let client = HeaderValue::from_maybe_shared(client).ok();
-    if let Some(client) = &client {
-        headers.entry(&X_REAL_IP).or_insert_with(|| client.clone());
-    }
-    match chain.or(client) {
-        Some(value) => headers.insert(X_FORWARDED_FOR.clone(), value),
-        None => headers.remove(&X_FORWARDED_FOR),
-    };
+    headers
+        .entry(&X_REAL_IP)
+        .or_insert_with(|| hop.client.clone());
+    let forwarded_for = chain.unwrap_or_else(|| hop.client.clone());
+    headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     let proto = if hop.secure { "https" } else { "http" };
     headers
         .entry(&X_FORWARDED_PROTO)
@@ -192,13 +185,6 @@ pub fn forward_headers(parts: &mut Parts, authority: Option<HeaderValue>, hop: &
             .or_insert_with(|| host.clone());
         headers.insert(header::HOST, host);
     }
-}
-
-/// The client's address as header bytes, formatted without `format!`'s allocations.
-fn client_bytes(ip: IpAddr) -> Bytes {
-    let mut buffer = BytesMut::with_capacity(46).writer();
-    let _ = write!(buffer, "{ip}");
-    buffer.into_inner().freeze()
 }
 
 /// Every `X-Forwarded-For` line, in order, then `client`; `None` when there were none.
@@ -242,7 +228,7 @@ mod tests {
 
     fn hop(trusted: bool) -> Hop {
         Hop {
-            client: "10.1.2.3".parse().unwrap(),
+            client: HeaderValue::from_static("10.1.2.3"),
             trusted,
             secure: false,
         }

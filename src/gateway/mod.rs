@@ -10,6 +10,7 @@
 //! Consul. When the access log is on, it hands each answered request to it (a channel send,
 //! never a write).
 
+pub mod affinity;
 pub mod answers;
 pub mod body;
 pub mod clients;
@@ -22,7 +23,7 @@ pub mod router;
 pub mod upgrade;
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -41,6 +42,7 @@ use tracing::debug;
 use crate::access_log::{AccessLog, Entry};
 use crate::config::{Config, ServiceConfig, UpstreamProtocol};
 use crate::metrics::RequestMetrics;
+use crate::routes::DynamicRoutes;
 use crate::server::ClientConnection;
 use crate::tls::TlsError;
 use crate::upstream::{Instance, InstanceSlot, ServiceTable, Tried, Upstream, Upstreams};
@@ -96,13 +98,38 @@ impl GatewaySettings {
 
 /// The gateway's request handler and its shared, read-only state.
 pub struct Gateway {
-    /// Swapped whole on a config reload; requests in flight keep the one they started with.
+    /// Swapped whole on a config reload or a dynamic route change; requests in flight keep
+    /// the one they started with.
     router: ArcSwap<Router>,
+    /// What the router is built from; written off the request path only, by the reload and
+    /// the tag-route tasks.
+    route_inputs: Mutex<RouteInputs>,
     clients: Clients,
     settings: GatewaySettings,
     unrouted: RequestMetrics,
     access_log: Option<AccessLog>,
     upgrades: Upgrades,
+}
+
+/// The file's services and the dynamic routes, each with their TLS clients.
+struct RouteInputs {
+    upstreams: Upstreams,
+    tls: TlsClients,
+    dynamic: Arc<DynamicRoutes>,
+    dynamic_tls: TlsClients,
+}
+
+impl RouteInputs {
+    /// The router of these inputs (a file service's TLS client wins over a tag service's).
+    fn router(&self) -> Router {
+        let mut tls = self.dynamic_tls.clone();
+        tls.extend(
+            self.tls
+                .iter()
+                .map(|(name, client)| (name.clone(), client.clone())),
+        );
+        Router::with_dynamic(&self.upstreams, &self.dynamic).with_tls_clients(&tls)
+    }
 }
 
 /// What the tries of one request came to, for the access log.
@@ -142,6 +169,12 @@ impl Gateway {
         let tls = clients.tls_clients(&config.services)?;
         Ok(Self {
             router: ArcSwap::from_pointee(Router::new(upstreams).with_tls_clients(&tls)),
+            route_inputs: Mutex::new(RouteInputs {
+                upstreams: upstreams.clone(),
+                tls,
+                dynamic: Arc::default(),
+                dynamic_tls: TlsClients::default(),
+            }),
             clients,
             settings: GatewaySettings::from_config(config),
             unrouted,
@@ -155,11 +188,43 @@ impl Gateway {
         self.clients.tls_clients(services)
     }
 
+    fn route_inputs(&self) -> std::sync::MutexGuard<'_, RouteInputs> {
+        self.route_inputs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Routes new requests over `upstreams` (a reloaded config), with `tls` from
-    /// [`Gateway::tls_clients`].
+    /// [`Gateway::tls_clients`]; the dynamic routes stay.
     pub fn replace_routes(&self, upstreams: &Upstreams, tls: &TlsClients) {
-        let router = Router::new(upstreams).with_tls_clients(tls);
-        self.router.store(Arc::new(router));
+        let mut inputs = self.route_inputs();
+        inputs.upstreams = upstreams.clone();
+        inputs.tls = tls.clone();
+        self.router.store(Arc::new(inputs.router()));
+    }
+
+    /// Routes new requests with `dynamic` routes (tags, KV) besides the file's. Their TLS
+    /// services (`proto=https|grpcs`) get clients; if those cannot be built the routes are
+    /// not applied (logged).
+    pub fn replace_dynamic_routes(&self, dynamic: Arc<DynamicRoutes>) {
+        let mut configs: Vec<ServiceConfig> = Vec::new();
+        for target in dynamic.routes.iter().flat_map(|r| &r.targets) {
+            let config = &target.upstream.config;
+            if config.protocol.is_tls() && !configs.iter().any(|c| c.name == config.name) {
+                configs.push(config.clone());
+            }
+        }
+        let dynamic_tls = match self.clients.tls_clients(&configs) {
+            Ok(clients) => clients,
+            Err(error) => {
+                tracing::warn!(%error, "tag routes: a TLS client could not be built; routes unchanged");
+                return;
+            }
+        };
+        let mut inputs = self.route_inputs();
+        inputs.dynamic = dynamic;
+        inputs.dynamic_tls = dynamic_tls;
+        self.router.store(Arc::new(inputs.router()));
     }
 
     /// Answers one client request. Never fails: errors become the gateway's own answers.
@@ -198,8 +263,11 @@ impl Gateway {
             Ok(routed) => routed,
             Err(error) => return self.answer_unrouted(entry, answer(error), started),
         };
+        if let Some(response) = route_answer(route, connection.peer.ip(), &request, grpc) {
+            return self.answer_routed(entry, route, Tries::default(), response, started);
+        }
         let hop = Hop {
-            client: connection.peer.ip(),
+            client: connection.peer_ip_header().clone(),
             trusted: self.settings.trusts(connection.peer.ip()),
             secure: connection.secure,
         };
@@ -208,6 +276,18 @@ impl Gateway {
             Ok(response) => response,
             Err(error) => answer(error),
         };
+        self.answer_routed(entry, route, tries, response, started)
+    }
+
+    /// Counts and logs a routed request's answer.
+    fn answer_routed(
+        &self,
+        entry: Option<Entry>,
+        route: &Route,
+        tries: Tries,
+        response: Response<ProxyBody>,
+        started: Instant,
+    ) -> Response<ProxyBody> {
         let elapsed = started.elapsed();
         let requests = &route.upstream.metrics.requests;
         requests.observe_request(response.status().as_u16(), elapsed);
@@ -309,7 +389,7 @@ impl Gateway {
         if table.is_empty() {
             return Err(GatewayError::NoHealthyInstance);
         }
-        upstream.deposit_retry_budget();
+        upstream.retry_budget.deposit();
         let grpc = grpc::is_grpc(request.headers());
         // A gRPC client's own deadline, when shorter than the route's, is the deadline.
         let client_deadline = grpc::timeout(request.headers())
@@ -318,6 +398,10 @@ impl Gateway {
         let upgrade = upgrade::requested_protocol(&request)
             .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
         let (mut parts, body) = request.into_parts();
+        // Only `balance: hash` computes a key (before the headers are rewritten).
+        let key = upstream.config.hash_on.as_ref().and_then(|hash_on| {
+            affinity::request_key(hash_on, &parts.headers, hop.client.as_bytes())
+        });
         let body = HeldBody::hold(&parts, body, self.settings.body, deadline).await?;
         let path = route.upstream_path(&parts.uri, target.path.as_deref());
         forward_headers(&mut parts, target.authority, hop);
@@ -329,6 +413,7 @@ impl Gateway {
             tls: route.tls.clone(),
             upstream,
             table,
+            key,
             parts,
             path,
             body,
@@ -357,7 +442,7 @@ impl Gateway {
             if attempt > 0 && !upstream.try_take_retry() {
                 break;
             }
-            let Some((index, instance)) = table.pick(&tried) else {
+            let Some((index, instance)) = table.pick(&tried, forwarding.key) else {
                 break;
             };
             tried.insert(index);
@@ -471,6 +556,8 @@ struct Forwarding<'a> {
     /// The service's TLS client, for `https` and `h2`.
     tls: Option<Arc<TlsClient>>,
     table: Arc<ServiceTable>,
+    /// The `hash` balancer's key for this request (`None` for other balancers).
+    key: Option<u64>,
     /// Method and headers as they go to every instance.
     parts: Parts,
     path: PathAndQuery,
@@ -552,6 +639,35 @@ fn outgoing_request(
     };
     *outgoing.headers_mut() = forwarding.parts.headers.clone();
     Ok(outgoing)
+}
+
+/// What a route answers itself: 403 to a client its `allow=`/`deny=` refuses, its
+/// `redirect=` (with `$path` replaced by the request's path and query).
+fn route_answer(
+    route: &Route,
+    client: IpAddr,
+    request: &Request<Incoming>,
+    grpc: bool,
+) -> Option<Response<ProxyBody>> {
+    if route
+        .access
+        .as_ref()
+        .is_some_and(|access| !access.admits(client))
+    {
+        let error = GatewayError::Forbidden;
+        return Some(if grpc {
+            error.into_grpc_response()
+        } else {
+            error.into_response()
+        });
+    }
+    let redirect = route.redirect.as_ref()?;
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = HeaderValue::from_str(&redirect.url.replace("$path", path)).ok()?;
+    let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+    *response.status_mut() = StatusCode::from_u16(redirect.code).unwrap_or(StatusCode::FOUND);
+    response.headers_mut().insert(header::LOCATION, location);
+    Some(response)
 }
 
 /// `Transfer-Encoding` naming any coding but `chunked` (hyper accepts `gzip, chunked` and

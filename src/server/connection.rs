@@ -8,10 +8,11 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use hyper::body::{Body, Frame, SizeHint};
+use hyper::header::HeaderValue;
 use prometheus::IntCounter;
 
 use super::clients::Client;
@@ -30,6 +31,9 @@ pub struct ClientConnection {
     in_flight: AtomicUsize,
     /// Counts requests abandoned by the client.
     resets: IntCounter,
+    /// The peer's IP as a header value, built on first use: every request on the connection
+    /// shares it (`X-Forwarded-For`, `X-Real-IP`) instead of formatting it anew.
+    peer_ip: OnceLock<HeaderValue>,
 }
 
 impl ClientConnection {
@@ -41,7 +45,16 @@ impl ClientConnection {
             started: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             resets,
+            peer_ip: OnceLock::new(),
         }
+    }
+
+    /// The peer's IP address as a header value (one allocation per connection).
+    pub fn peer_ip_header(&self) -> &HeaderValue {
+        self.peer_ip.get_or_init(|| {
+            HeaderValue::from_str(&self.peer.ip().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+        })
     }
 
     /// Requests started so far.

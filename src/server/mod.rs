@@ -64,6 +64,26 @@ pub struct ServeSettings {
     pub grace: Duration,
 }
 
+/// Where a listener's connections come from: the socket, what happens between accept and
+/// HTTP, and the per-client-address state — shared by the plain and TLS listeners of the
+/// gateway, so one address holds its share across both.
+pub struct Source {
+    pub listener: TcpListener,
+    pub transport: Transport,
+    pub clients: Arc<Clients>,
+}
+
+impl Source {
+    /// Plain HTTP on `listener`, with per-client state of its own.
+    pub fn plain(listener: TcpListener, limits: ClientLimits) -> Self {
+        Self {
+            listener,
+            transport: Transport::Plain,
+            clients: Clients::new(limits),
+        }
+    }
+}
+
 /// What a listener does between accept and HTTP.
 #[derive(Clone)]
 pub enum Transport {
@@ -145,17 +165,13 @@ pub async fn serve<H, F, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let transport = Transport::Plain;
-    serve_on(
-        listener, transport, builder, handler, settings, metrics, shutdown,
-    )
-    .await;
+    let source = Source::plain(listener, settings.clients);
+    serve_on(source, builder, handler, settings, metrics, shutdown).await;
 }
 
 /// [`serve`] for any [`Transport`]: the TLS listener serves HTTPS through here.
 pub async fn serve_on<H, F, B>(
-    listener: TcpListener,
-    transport: Transport,
+    source: Source,
     builder: Builder<TokioExecutor>,
     handler: H,
     settings: ServeSettings,
@@ -168,11 +184,16 @@ pub async fn serve_on<H, F, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let Source {
+        listener,
+        transport,
+        clients,
+    } = source;
     let shared = Arc::new(Shared {
         settings,
         builder,
         handler,
-        clients: Clients::new(settings.clients),
+        clients,
         metrics,
         draining: CancellationToken::new(),
         cut: CancellationToken::new(),

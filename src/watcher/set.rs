@@ -154,7 +154,7 @@ impl WatchSet {
             .saturating_sub(self.per_service.len());
         let watch = watch_catalog(
             self.discovery.clone(),
-            shared.iter().cloned().collect(),
+            Upstreams::from_list(shared.to_vec()),
             self.pacing,
             budget,
             stop.clone(),

@@ -257,6 +257,32 @@ impl Consul {
         .await;
     }
 
+    /// Registers with Consul's `Weights.Passing` set to `weight`.
+    pub async fn register_weighted(
+        &self,
+        service: &str,
+        id: &str,
+        port: u16,
+        tags: &[&str],
+        weight: u32,
+    ) {
+        self.register_json(json!({
+            "ID": id, "Name": service, "Address": "127.0.0.1", "Port": port, "Tags": tags,
+            "Weights": {"Passing": weight, "Warning": 1},
+        }))
+        .await;
+    }
+
+    /// Writes `value` at `key` in Consul KV.
+    pub async fn kv_put(&self, key: &str, value: &str) {
+        let url = format!("{}/v1/kv/{}", self.url(), key.trim_start_matches('/'));
+        let response = self.client.put(url).body(value.to_owned()).send().await;
+        assert!(response
+            .expect("calling the consul agent")
+            .status()
+            .is_success());
+    }
+
     /// Registers with a TTL check that starts passing; `fail_check` turns it critical.
     pub async fn register_with_ttl(&self, service: &str, id: &str, port: u16) {
         self.register_json(json!({
@@ -675,6 +701,7 @@ impl Gateway {
                     gateway: listener,
                     admin: admin_listener,
                     tls: tls_listener,
+                    workers: Vec::new(),
                 };
                 switchyard::run_listeners(config, listeners, shutdown, reloads)
                     .await
