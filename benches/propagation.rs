@@ -1,11 +1,20 @@
 //! Propagation and scale benchmark against a real Consul (`cargo bench --bench propagation`).
 //!
 //! For 1, 100 and 1,000 watched services (10 instances each) it measures the time from a
-//! Consul API call (register an instance, deregister it, turn a check critical) to the
-//! gateway's table change, read from the release binary's "table updated" log line, and the
-//! gateway's connections to Consul, RSS and idle CPU. Set `SIZES=1,100` to choose sizes and
-//! `CHANGES=40` for changes per kind and `GAP_MS=100` for the pause before each. Targets (issue 3): p99 < 50 ms at 100 services,
-//! < 200 ms at 1,000; at most 64 connections to Consul; RSS < 64 MiB.
+//! Consul API call to the gateway's table change, read from the release binary's "table
+//! updated" log line, and the gateway's connections to Consul, RSS and idle CPU. Each round
+//! makes every kind of [`KINDS`] once on a random service: through the catalog API (node
+//! "external", the check's status set by the call) an instance registered passing,
+//! deregistered, registered critical then turned passing, turned critical; through the
+//! agent API (as an application registers itself) an instance with a TTL check registered
+//! passing, failed, passed and deregistered.
+//!
+//! Knobs: `SIZES=1,100` (services), `CHANGES=40` (rounds), `GAP_MS=100` (pause before each
+//! measured change), `BENCH_CONSUL=watch: catalog,max_connections: 16` (extra `consul:` keys),
+//! `BENCH_RUST_LOG` and `BENCH_LOG_FILE` (keep the gateway's log, one file per size),
+//! `SWITCHYARD_BIN` (measure that binary instead of building the release one).
+//! Targets (issue 10): p99 < 10 ms at 100 services, < 50 ms at 1,000; at most
+//! `consul.max_connections` (64) connections to Consul; RSS < 64 MiB.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -35,11 +44,14 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(40);
-    let status = Command::new("cargo")
-        .args(["build", "--release", "--quiet", "--bin", "switchyard"])
-        .status()
-        .expect("cargo build");
-    assert!(status.success());
+    // SWITCHYARD_BIN: measure that binary (e.g. a copy of an earlier build) instead.
+    if std::env::var_os("SWITCHYARD_BIN").is_none() {
+        let status = Command::new("cargo")
+            .args(["build", "--release", "--quiet", "--bin", "switchyard"])
+            .status()
+            .expect("cargo build");
+        assert!(status.success());
+    }
     println!("| services | mode | change | p50 | p99 | max | n |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     let mut footprint = Vec::new();
@@ -90,6 +102,135 @@ fn instance(service: usize, n: usize, port: u16, status: &str) -> serde_json::Va
     })
 }
 
+/// The measured kinds, in the order of the table.
+const KINDS: [&str; 8] = [
+    "register",
+    "deregister",
+    "critical -> passing",
+    "check critical",
+    "ttl register",
+    "ttl critical",
+    "ttl passing",
+    "ttl deregister",
+];
+
+/// A change made through Consul's API.
+enum Call {
+    /// `PUT /v1/catalog/<op>` (an instance of the node "external", its check's status set
+    /// by the call).
+    Catalog(&'static str, serde_json::Value),
+    /// `PUT /v1/agent/<path>`: a service of the agent itself with a TTL check, as an
+    /// application registers itself.
+    Agent(String, Option<serde_json::Value>),
+}
+
+impl Call {
+    async fn send(&self, client: &reqwest::Client, consul: &str) {
+        match self {
+            Call::Catalog(op, body) => catalog(client, consul, op, body.clone()).await,
+            Call::Agent(path, body) => {
+                let mut request = client.put(format!("{consul}/v1/agent/{path}"));
+                if let Some(body) = body {
+                    request = request.json(body);
+                }
+                let response = request.send().await.expect("consul agent call");
+                assert!(
+                    response.status().is_success(),
+                    "{path}: {}",
+                    response.status()
+                );
+            }
+        }
+    }
+}
+
+/// One change of a round: measured under `measured`, or only made; `updates` when it
+/// changes the table.
+struct Step {
+    measured: Option<&'static str>,
+    call: Call,
+    updates: bool,
+}
+
+fn step(measured: Option<&'static str>, call: Call, updates: bool) -> Step {
+    Step {
+        measured,
+        call,
+        updates,
+    }
+}
+
+/// One round on `service` with the extra instance `extra`: every kind of [`KINDS`] once.
+fn steps(service: usize, extra: usize) -> Vec<Step> {
+    let id = format!("svc{service}-{extra}");
+    let deregister = json!({"Node": "external", "ServiceID": id});
+    let with = |status| Call::Catalog("register", instance(service, extra, 30000, status));
+    let ttl_id = format!("svc{service}-ttl{extra}");
+    let ttl = json!({
+        "ID": ttl_id, "Name": format!("svc{service}"), "Address": "127.0.0.1", "Port": 30001,
+        "Check": {"CheckID": format!("ttl-{ttl_id}"), "TTL": "10m", "Status": "passing"},
+    });
+    let agent = |path: String| Call::Agent(path, None);
+    vec![
+        step(Some("register"), with("passing"), true),
+        step(
+            Some("deregister"),
+            Call::Catalog("deregister", deregister.clone()),
+            true,
+        ),
+        step(None, with("critical"), false),
+        step(Some("critical -> passing"), with("passing"), true),
+        step(Some("check critical"), with("critical"), true),
+        step(None, Call::Catalog("deregister", deregister), false),
+        step(
+            Some("ttl register"),
+            Call::Agent("service/register".into(), Some(ttl)),
+            true,
+        ),
+        step(
+            Some("ttl critical"),
+            agent(format!("check/fail/ttl-{ttl_id}")),
+            true,
+        ),
+        step(
+            Some("ttl passing"),
+            agent(format!("check/pass/ttl-{ttl_id}")),
+            true,
+        ),
+        step(
+            Some("ttl deregister"),
+            agent(format!("service/deregister/{ttl_id}")),
+            true,
+        ),
+    ]
+}
+
+/// The watch mode from the gateway's "watching Consul per_service=N catalog=M" line.
+fn watch_mode(line: &str) -> String {
+    let count = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    match (count("per_service="), count("catalog=")) {
+        (_, 0) => "per-service".into(),
+        (0, _) => "catalog".into(),
+        (own, shared) => format!("hybrid {own}+{shared}"),
+    }
+}
+
+/// When the gateway next logged a table update of `name` (within 10 s).
+fn next_update(gateway: &Gateway, name: &str) -> Option<Instant> {
+    loop {
+        match gateway.updates.recv_timeout(Duration::from_secs(10)) {
+            Ok((updated, at)) if updated == name => return Some(at),
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
 async fn run(size: usize, changes: usize) -> String {
     let consul = common::Consul::start().await;
     let url = consul.url();
@@ -114,28 +255,50 @@ async fn run(size: usize, changes: usize) -> String {
     let (port, admin) = (common::free_port(), common::free_port());
     let dir = std::env::temp_dir().join(format!("switchyard-bench-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut yaml = format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nworkers: 1\nconsul:\n  address: {url}\nservices:\n");
+    // BENCH_CONSUL: extra `consul:` keys, e.g. "watch: catalog" or "max_connections: 16".
+    let extra = std::env::var("BENCH_CONSUL").unwrap_or_default();
+    let extra: String = extra
+        .split(',')
+        .filter(|kv| !kv.trim().is_empty())
+        .map(|kv| format!("  {}\n", kv.trim()))
+        .collect();
+    let mut yaml = format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nworkers: 1\nconsul:\n  address: {url}\n{extra}services:\n");
     for service in 0..size {
         yaml.push_str(&format!("  - name: svc{service}\n"));
     }
     let config = dir.join("gateway.yaml");
     std::fs::write(&config, yaml).unwrap();
     let mut child =
-        Command::new(env!("CARGO_MANIFEST_DIR").to_owned() + "/target/release/switchyard")
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting switchyard");
+        Command::new(std::env::var("SWITCHYARD_BIN").unwrap_or_else(|_| {
+            env!("CARGO_MANIFEST_DIR").to_owned() + "/target/release/switchyard"
+        }))
+        .arg("--config")
+        .arg(&config)
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting switchyard");
     let stderr = child.stderr.take().unwrap();
     let (tx, updates) = mpsc::channel();
-    let mode = std::sync::Arc::new(std::sync::Mutex::new(String::from("per-service")));
+    let mode = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let mode_writer = mode.clone();
     std::thread::spawn(move || {
+        // BENCH_LOG_FILE: keep the gateway's log (with BENCH_RUST_LOG=debug, its timings).
+        let mut keep = std::env::var("BENCH_LOG_FILE")
+            .ok()
+            .map(|path| std::fs::File::create(format!("{path}.{size}")).expect("log file"));
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("catalog mode") {
-                *mode_writer.lock().unwrap() = "catalog".into();
+            if let Some(file) = keep.as_mut() {
+                use std::io::Write;
+                let _ = writeln!(file, "{line}");
+            }
+            if line.contains("in catalog mode") {
+                *mode_writer.lock().unwrap() = "catalog".into(); // a build before the hybrid
+            } else if line.contains("watching Consul") {
+                *mode_writer.lock().unwrap() = watch_mode(&line);
             }
             if line.contains("table updated") {
                 if let Some(service) = line
@@ -164,42 +327,27 @@ async fn run(size: usize, changes: usize) -> String {
     // Let the initial table builds drain.
     tokio::time::sleep(Duration::from_secs(2)).await;
     while gateway.updates.try_recv().is_ok() {}
-    let mode = mode.lock().unwrap().clone();
+    let mode = match mode.lock().unwrap().clone() {
+        mode if mode.is_empty() => "per-service".to_owned(), // a build before the hybrid
+        mode => mode,
+    };
 
-    let mut results: HashMap<&str, Vec<Duration>> = HashMap::new();
-    let mut rng = fastrand::Rng::with_seed(7);
     let gap = Duration::from_millis(
         std::env::var("GAP_MS")
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(100),
     );
+    let mut results: HashMap<&str, Vec<Duration>> = HashMap::new();
+    let mut rng = fastrand::Rng::with_seed(7);
     for round in 0..changes {
         let service = rng.usize(..size);
         let name = format!("svc{service}");
-        let extra = INSTANCES + round;
-        let id = format!("svc{service}-{extra}");
-        let deregister = json!({"Node": "external", "ServiceID": id});
-        // (what is measured, the call, whether the table changes)
-        for (kind, body, op) in [
-            (
-                Some("register"),
-                instance(service, extra, 30000, "passing"),
-                "register",
-            ),
-            (Some("deregister"), deregister.clone(), "deregister"),
-            (None, instance(service, extra, 30000, "passing"), "register"),
-            (
-                Some("check critical"),
-                instance(service, extra, 30000, "critical"),
-                "register",
-            ),
-            (None, deregister, "deregister"),
-        ] {
-            let Some(kind) = kind else {
+        for step in steps(service, INSTANCES + round) {
+            if step.measured.is_none() {
                 // Not measured, but wait for its update so it is not mistaken for the next.
-                catalog(&client, &url, op, body).await;
-                if op == "register" {
+                step.call.send(&client, &url).await;
+                if step.updates {
                     while let Ok((updated, _)) =
                         gateway.updates.recv_timeout(Duration::from_secs(10))
                     {
@@ -209,27 +357,22 @@ async fn run(size: usize, changes: usize) -> String {
                     }
                 }
                 continue;
-            };
+            }
             // Isolated changes: let the watch's token bucket refill between them.
             tokio::time::sleep(gap).await;
             let sent = Instant::now();
-            catalog(&client, &url, op, body).await;
-            let took = loop {
-                match gateway.updates.recv_timeout(Duration::from_secs(10)) {
-                    Ok((updated, at)) if updated == name => {
-                        break Some(at.saturating_duration_since(sent))
-                    }
-                    Ok(_) => continue,
-                    Err(_) => break None,
-                }
-            };
-            match took {
-                Some(took) => results.entry(kind).or_default().push(took),
+            step.call.send(&client, &url).await;
+            let kind = step.measured.expect("measured");
+            match next_update(&gateway, &name) {
+                Some(at) => results
+                    .entry(kind)
+                    .or_default()
+                    .push(at.saturating_duration_since(sent)),
                 None => eprintln!("{kind} on {name}: no table update within 10 s"),
             }
         }
     }
-    for kind in ["register", "check critical", "deregister"] {
+    for kind in KINDS {
         let mut samples = results.remove(kind).unwrap_or_default();
         samples.sort();
         let at = |q: f64| {

@@ -337,7 +337,8 @@ pub struct ConsulTlsConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WatchMode {
-    /// `per_service` while every service fits in `max_connections`, else `catalog`.
+    /// `per_service` while every service fits in `max_connections`; beyond, per-service for
+    /// as many services as fit beside catalog mode's share, catalog mode for the rest.
     Auto,
     /// One blocking query per service: the fastest propagation, one connection each.
     PerService,
@@ -380,15 +381,6 @@ impl ConsulConfig {
             "consul.tls_server_name",
             tls.server_name != next.tls.server_name,
         );
-    }
-
-    /// The mode in effect for `services` services.
-    pub fn effective_watch(&self, services: usize) -> WatchMode {
-        match self.watch {
-            WatchMode::Auto if services + 2 <= self.max_connections => WatchMode::PerService,
-            WatchMode::Auto => WatchMode::Catalog,
-            mode => mode,
-        }
     }
 }
 

@@ -19,7 +19,8 @@
 //!
 //! - [`config`]: the file and env overrides, validated once into typed values.
 //! - [`watcher`]: Consul blocking queries, index rules, rate limit, backoff; writes tables.
-//!   Per service, or (many services) catalog-wide change detectors plus targeted fetches.
+//!   Per service, or (many services) per service for as many as the connection budget
+//!   allows and catalog-wide change detectors plus targeted fetches for the rest.
 //!   [`watcher::tag_routes`] routes services by their Consul tags (fabio's `urlprefix-`).
 //! - [`upstream`]: immutable per-service tables behind `ArcSwap`, composed with the outlier
 //!   detector, the retry budget and the discovery sync status.

@@ -1,4 +1,4 @@
-//! Discovery: one task per configured service keeps its upstream table in step with Consul.
+//! Discovery: watch tasks keep each service's upstream table in step with Consul.
 //!
 //! Each task runs Consul *blocking queries* on `/v1/health/service/<name>?passing`, which
 //! return the moment the healthy set changes (or after `wait`). The loop follows Consul's
@@ -10,8 +10,12 @@
 //!
 //! The loop talks to Consul through the [`Discovery`] trait (typed answers for one service),
 //! so another source can be added beside Consul without touching the loop.
+//!
+//! With more services than Consul connections, the rest are watched in catalog mode
+//! ([`catalog`]); [`set`] decides which service is watched which way and reconciles the
+//! watches with each reloaded config.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,21 +23,32 @@ use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde::Deserialize;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 mod catalog;
+mod set;
 pub mod tag_routes;
 
 pub use catalog::watch_catalog;
+pub use set::{per_service_share, WatchSet};
 
-use crate::config::{ConsulConfig, ServiceConfig, WatchMode};
+use crate::config::{ConsulConfig, ServiceConfig};
 use crate::tls::client::{client_config, ClientTls};
 use crate::tls::TlsError;
-use crate::upstream::{Instance, Upstream, Upstreams};
+use crate::upstream::{Instance, Upstream};
 
+/// Idle connections to Consul kept for reuse (none under a budget of 8). The HTTP pool can
+/// open a connection for a watch's next query before the last one is back; capping the idle
+/// ones keeps the total at the queries in flight (which the watches budget) plus this.
+pub fn idle_connections(max_connections: usize) -> usize {
+    if max_connections >= 8 {
+        2
+    } else {
+        0
+    }
+}
 /// Extra time beyond Consul's own `wait + wait/16` before a long-poll counts as hung.
 const LONG_POLL_SLACK: Duration = Duration::from_secs(5);
 /// Token bucket for each watch loop: bursts of 10, then at most 50 queries/s. Enough for a
@@ -262,6 +277,7 @@ impl ConsulDiscovery {
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(idle_connections(config.max_connections))
             .build()
             .map_err(DiscoveryError::Transport)?;
         Ok(Self {
@@ -572,120 +588,6 @@ pub async fn watch_service<D: Discovery>(
         }
     }
     debug!(service = %name, "watch stopped");
-}
-
-/// The running watches, reconciled with the services of each (re)loaded config.
-pub struct WatchSet {
-    discovery: Arc<ConsulDiscovery>,
-    pacing: WatchPacing,
-    consul: ConsulConfig,
-    mode: WatchMode,
-    /// Per-service mode: each service's upstream and its watch.
-    per_service: HashMap<String, (Arc<Upstream>, CancellationToken, JoinHandle<()>)>,
-    /// Catalog mode: the coordinator.
-    catalog: Option<(CancellationToken, JoinHandle<()>)>,
-}
-
-impl WatchSet {
-    pub fn start(
-        discovery: Arc<ConsulDiscovery>,
-        consul: &ConsulConfig,
-        upstreams: &Upstreams,
-    ) -> Self {
-        let mut set = WatchSet {
-            discovery,
-            pacing: WatchPacing::from(consul),
-            consul: consul.clone(),
-            mode: WatchMode::Auto,
-            per_service: HashMap::new(),
-            catalog: None,
-        };
-        set.reconcile(upstreams);
-        set
-    }
-
-    /// Watches exactly `upstreams`: unchanged ones (the same `Arc`) keep their watch, others
-    /// get a new one, and the watches of services no longer listed stop.
-    pub fn reconcile(&mut self, upstreams: &Upstreams) {
-        let mode = self.consul.effective_watch(upstreams.iter().count());
-        if mode != self.mode {
-            self.stop_all();
-            self.mode = mode;
-        }
-        match mode {
-            WatchMode::Catalog => {
-                if let Some((stop, _)) = self.catalog.take() {
-                    stop.cancel();
-                }
-                let stop = CancellationToken::new();
-                let task = tokio::spawn(watch_catalog(
-                    self.discovery.clone(),
-                    upstreams.clone(),
-                    self.pacing,
-                    self.consul.max_connections,
-                    stop.clone(),
-                ));
-                self.catalog = Some((stop, task));
-            }
-            WatchMode::PerService | WatchMode::Auto => {
-                let mut next = HashMap::new();
-                for upstream in upstreams.iter() {
-                    let name = upstream.name().to_owned();
-                    match self.per_service.remove(&name) {
-                        Some(entry) if Arc::ptr_eq(&entry.0, upstream) => {
-                            next.insert(name, entry);
-                        }
-                        previous => {
-                            if let Some((_, stop, _)) = previous {
-                                stop.cancel();
-                            }
-                            let stop = CancellationToken::new();
-                            let task = tokio::spawn(watch_service(
-                                self.discovery.clone(),
-                                upstream.clone(),
-                                self.pacing,
-                                stop.clone(),
-                            ));
-                            next.insert(name, (upstream.clone(), stop, task));
-                        }
-                    }
-                }
-                for (_, stop, _) in self.per_service.values() {
-                    stop.cancel(); // services no longer configured
-                }
-                self.per_service = next;
-            }
-        }
-    }
-
-    fn stop_all(&mut self) {
-        for (_, stop, _) in self.per_service.values() {
-            stop.cancel();
-        }
-        self.per_service.clear();
-        if let Some((stop, _)) = self.catalog.take() {
-            stop.cancel();
-        }
-    }
-
-    /// Stops every watch and waits for them.
-    pub async fn stop(mut self) {
-        let mut tasks: Vec<JoinHandle<()>> = self
-            .per_service
-            .drain()
-            .map(|(_, (_, stop, task))| {
-                stop.cancel();
-                task
-            })
-            .collect();
-        if let Some((stop, task)) = self.catalog.take() {
-            stop.cancel();
-            tasks.push(task);
-        }
-        for task in tasks {
-            let _ = task.await;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -195,7 +195,8 @@ impl Upstreams {
         Upstreams { services }
     }
 
-    /// Upstreams found at run time (tag routes), in the given order.
+    /// Upstreams found at run time (tag routes), or a subset (one watch's), in the given
+    /// order.
     pub fn from_list(services: Vec<Arc<Upstream>>) -> Self {
         Self {
             services: services.into(),
