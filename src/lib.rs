@@ -49,6 +49,7 @@ pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod discovery;
 pub mod gateway;
 pub mod metrics;
 pub mod registration;

@@ -269,6 +269,7 @@ mod tests {
                 max_ejection_time: Duration::from_secs(60),
                 max_ejected_percent: 50,
             },
+            source: crate::config::SourceConfig::Consul,
         }
     }
 

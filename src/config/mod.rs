@@ -12,6 +12,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod sources;
+
+pub use sources::{is_host_port, DnsConfig, EtcdConfig, SourceConfig, ZookeeperConfig};
+use sources::{RawDns, RawEtcd, RawServiceSource, RawZookeeper};
+
 use ipnet::IpNet;
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
@@ -227,6 +232,10 @@ pub struct Config {
     pub tag_routes: TagRoutesConfig,
     /// `None`: no TLS listener.
     pub tls: Option<TlsConfig>,
+    /// Registries other than Consul, used by services with `source: etcd|zookeeper|dns`.
+    pub etcd: EtcdConfig,
+    pub zookeeper: ZookeeperConfig,
+    pub dns: DnsConfig,
     /// `Some(interval)`: also reload when the config file changes (checked every interval),
     /// besides SIGHUP.
     #[serde(with = "optional_duration")]
@@ -400,6 +409,9 @@ pub struct ServiceConfig {
     pub tls: Option<UpstreamTlsConfig>,
     pub retry: RetryConfig,
     pub outlier: OutlierConfig,
+    /// Where the instances come from (`source` and its key).
+    #[serde(flatten)]
+    pub source: SourceConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -561,6 +573,12 @@ struct RawConfig {
     tag_routes: RawTagRoutes,
     #[serde(default)]
     tls: Option<RawTls>,
+    #[serde(default)]
+    etcd: RawEtcd,
+    #[serde(default)]
+    zookeeper: RawZookeeper,
+    #[serde(default)]
+    dns: RawDns,
     /// "" or "off": SIGHUP only; a duration ("2s"): also poll the file for changes.
     #[serde(default)]
     watch_config: String,
@@ -790,6 +808,17 @@ struct RawService {
     retry: RawRetry,
     #[serde(default)]
     outlier: RawOutlier,
+    /// Parsed in `validate` so the error can list the choices.
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    etcd_prefix: String,
+    #[serde(default)]
+    zookeeper_path: String,
+    #[serde(default)]
+    dns_name: String,
+    #[serde(default)]
+    instances: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1189,6 +1218,9 @@ impl Config {
             tag_routes,
             watch_config: _,
             tls,
+            etcd,
+            zookeeper,
+            dns,
         } = self;
         let mut changed = Vec::new();
         let mut check = |key, differs: bool| {
@@ -1205,6 +1237,9 @@ impl Config {
         check("access_log", *access_log != next.access_log);
         check("register", *register != next.register);
         check("tag_routes", *tag_routes != next.tag_routes);
+        check("etcd", *etcd != next.etcd);
+        check("zookeeper", *zookeeper != next.zookeeper);
+        check("dns", *dns != next.dns);
         // Certificates are re-read on every reload; the listener and the redirect are not.
         let listen_of = |tls: &Option<TlsConfig>| tls.as_ref().map(|t| t.listen);
         check("tls.listen", listen_of(tls) != listen_of(&next.tls));
@@ -1309,6 +1344,9 @@ impl RawConfig {
                 .tls
                 .map(|tls| tls.validate(listen, admin_listen))
                 .transpose()?,
+            etcd: self.etcd.validate()?,
+            zookeeper: self.zookeeper.validate()?,
+            dns: self.dns.validate()?,
             watch_config: match self.watch_config.trim() {
                 "" | "off" => None,
                 text => Some(parse_positive_duration("watch_config", text)?),
@@ -1481,6 +1519,11 @@ impl ServiceConfig {
             tls,
             retry: RawRetry::default(),
             outlier: RawOutlier::default(),
+            source: None,
+            etcd_prefix: String::new(),
+            zookeeper_path: String::new(),
+            dns_name: String::new(),
+            instances: Vec::new(),
         };
         raw.validate("tag_routes")
     }
@@ -1583,6 +1626,14 @@ impl RawService {
                 }
             };
         let split = validate_splits(key, self.split)?;
+        let source = RawServiceSource {
+            source: self.source,
+            etcd_prefix: self.etcd_prefix,
+            zookeeper_path: self.zookeeper_path,
+            dns_name: self.dns_name,
+            instances: self.instances,
+        }
+        .validate(key, &name)?;
         Ok(ServiceConfig {
             name,
             tags: self.tags,
@@ -1594,6 +1645,7 @@ impl RawService {
             tls,
             retry,
             outlier,
+            source,
         })
     }
 }

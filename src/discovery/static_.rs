@@ -1,0 +1,104 @@
+//! `source: static`: a fixed list of instances from the config, for services outside any
+//! registry and for tests that need no registry. The set is sent once and never changes
+//! until a reload gives the service a new list.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tracing::warn;
+
+use super::{Source, Update, Updates, WatchFuture};
+use crate::config::{ServiceConfig, SourceConfig};
+use crate::upstream::Instance;
+
+/// The static source: instances are `host:port` texts of the config.
+#[derive(Debug, Default)]
+pub struct StaticSource;
+
+impl Source for StaticSource {
+    fn name(&self) -> &'static str {
+        "static"
+    }
+
+    fn watch(self: Arc<Self>, service: ServiceConfig, updates: Updates) -> WatchFuture {
+        Box::pin(async move {
+            let texts = match &service.source {
+                SourceConfig::Static { instances } => instances.as_slice(),
+                _ => &[],
+            };
+            let instances = parse_instances(&service.name, texts);
+            let sent = updates
+                .send(Update::Instances {
+                    instances,
+                    version: 1,
+                    observed: Instant::now(),
+                })
+                .await;
+            if sent {
+                updates.closed().await;
+            }
+        })
+    }
+}
+
+/// Parses `host:port` texts (IPv6 as `[::1]:80`; an `http://` prefix is allowed) into
+/// instances whose id is the text itself. A text that is not an address is skipped and
+/// logged (config validation rejects those before; this guards other callers).
+pub fn parse_instances(service: &str, texts: &[String]) -> Vec<Instance> {
+    texts
+        .iter()
+        .filter_map(|text| match parse_instance(text) {
+            Some(instance) => Some(instance),
+            None => {
+                warn!(service, instance = %text, "not a host:port address; skipped");
+                None
+            }
+        })
+        .collect()
+}
+
+/// One `host:port` (or `http://host:port`) text as an instance with that text as its id.
+pub fn parse_instance(text: &str) -> Option<Instance> {
+    let bare = text
+        .strip_prefix("http://")
+        .unwrap_or(text)
+        .trim_end_matches('/');
+    let (host, port) = bare.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains(['/', '@', ' ']) {
+        return None;
+    }
+    Instance::new(
+        text.to_owned(),
+        host.to_owned(),
+        port,
+        Vec::new(),
+        Default::default(),
+    )
+    .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_addresses_and_skips_others() {
+        let texts: Vec<String> = [
+            "127.0.0.1:80",
+            "http://10.0.0.1:8080/",
+            "[::1]:9000",
+            "nope",
+            "a:b",
+            ":80",
+            "x/y:1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let instances = parse_instances("s", &texts);
+        let authorities: Vec<_> = instances.iter().map(|i| i.authority.as_str()).collect();
+        assert_eq!(authorities, ["127.0.0.1:80", "10.0.0.1:8080", "[::1]:9000"]);
+    }
+}
