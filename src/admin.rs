@@ -80,12 +80,23 @@ impl Admin {
         }
     }
 
-    /// Ready when every service has had a Consul answer and none has been failing for longer
-    /// than `stale_after`. A stale gateway still serves its tables; readiness tells a load
-    /// balancer in front to prefer a replica that sees Consul.
+    /// Ready when every routed service (the file's and those found by tags) has had a
+    /// discovery answer and none has been failing for longer than `stale_after`. A stale
+    /// gateway still serves its tables; readiness tells a load balancer in front to prefer a
+    /// replica that sees its registry.
     fn readiness(&self) -> Response<Full<Bytes>> {
         let mut problems = Vec::new();
-        for upstream in self.upstreams.load().iter() {
+        let upstreams = self.upstreams.load();
+        let dynamic = self.dynamic.load();
+        let found = dynamic
+            .routes
+            .iter()
+            .flat_map(|r| r.targets.iter().map(|t| &t.upstream));
+        let mut seen = std::collections::HashSet::new();
+        for upstream in upstreams.iter().chain(found) {
+            if !seen.insert(Arc::as_ptr(upstream)) {
+                continue;
+            }
             if !upstream.sync.is_synced() {
                 problems.push(format!("{}: no Consul answer yet", upstream.name()));
             } else if upstream.sync.is_stale(self.stale_after) {

@@ -186,8 +186,12 @@ async fn tags_added_and_removed_propagate_and_kv_commands_override() {
     let removed = wait_until(WAIT, || async { get(&gateway, "x", "/new").await.0 == 404 }).await;
     assert!(removed.is_some());
 
-    // KV: `route del web-v2` takes it off /web; the tags stay as they are.
-    consul.kv_put("fabio/config", "route del web-v2\n").await;
+    // KV: `route del web-v2` takes it off /web; the tags stay as they are. Written to a
+    // sub-key: fabio reads the key and its sub-keys, concatenated.
+    consul.kv_put("fabio/config", "# routes by team\n").await;
+    consul
+        .kv_put("fabio/config/canary", "route del web-v2\n")
+        .await;
     let gone = wait_until(WAIT, || async {
         let r = routes(&gateway).await;
         !r["services"]
@@ -247,4 +251,50 @@ async fn access_lists_and_redirects_from_tags() {
         header_or(response.headers(), "location", ""),
         "https://example.com/old/page?x=1"
     );
+}
+
+/// A service routed only by its tags counts for `/readyz` as a file service does: with Consul
+/// gone past `stale_after`, the answer names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_only_services_count_for_readiness() {
+    let mut consul = Consul::start().await;
+    let tagged = Backend::start("t1", Behavior::Ok).await;
+    consul
+        .register("tagged", "t1", tagged.port, &["urlprefix-/t"])
+        .await;
+    let file = Backend::start("f1", Behavior::Ok).await;
+    consul.register("file", "f1", file.port, &[]).await;
+    let gateway = Gateway::start_with(
+        &[consul.url()],
+        "  stale_after: 1s\n",
+        "tag_routes:\n  enabled: true\nservices:\n  - name: file\n",
+    )
+    .await;
+    let routed = wait_until(WAIT, || async { get(&gateway, "x", "/t").await.0 == 200 }).await;
+    assert!(routed.is_some());
+    let ready = wait_until(WAIT, || async {
+        let response = common::http_client()
+            .get(gateway.admin_url("/readyz"))
+            .send()
+            .await;
+        response.is_ok_and(|r| r.status() == 200)
+    });
+    assert!(ready.await.is_some());
+    consul.stop();
+    let names_it = wait_until(WAIT, || async {
+        let response = common::http_client()
+            .get(gateway.admin_url("/readyz"))
+            .send()
+            .await
+            .expect("an admin answer");
+        let status = response.status().as_u16();
+        let body = response.text().await.unwrap_or_default();
+        status == 503 && body.contains("tagged:")
+    });
+    assert!(
+        names_it.await.is_some(),
+        "/readyz does not name the tag-only service"
+    );
+    // The table keeps serving while Consul is away.
+    assert_eq!(get(&gateway, "x", "/t").await.0, 200);
 }

@@ -302,6 +302,54 @@ fn parse_command(words: &[String]) -> Result<Command, Unhonoured> {
     }
 }
 
+/// The text of fabio's manual commands from a Consul `?recurse` answer on `path`: the key's
+/// own value, then each sub-key's (`path/...`) in key order, each headed by a `# <key>`
+/// comment, as fabio (since 1.5.3) reads `registry.consul.kvpath` as a prefix. Keys that
+/// merely start with the same letters (`path-old`) are not part of it; an empty answer (the
+/// key does not exist) is no commands.
+pub fn kv_text(path: &str, answer: &[u8]) -> Result<String, KvError> {
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        #[serde(rename = "Key")]
+        key: String,
+        #[serde(rename = "Value")]
+        value: Option<String>,
+    }
+    if answer.iter().all(u8::is_ascii_whitespace) {
+        return Ok(String::new());
+    }
+    let mut entries: Vec<Entry> = serde_json::from_slice(answer)?;
+    let path = path.trim_matches('/');
+    entries.retain(|e| {
+        let key = e.key.trim_end_matches('/');
+        key == path
+            || key
+                .strip_prefix(path)
+                .is_some_and(|rest| rest.starts_with('/'))
+    });
+    entries.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut text = String::new();
+    for entry in entries {
+        use base64::Engine as _;
+        let value = base64::engine::general_purpose::STANDARD
+            .decode(entry.value.unwrap_or_default())
+            .map_err(|_| KvError::Encoding(entry.key.clone()))?;
+        text.push_str(&format!("# {}\n", entry.key));
+        text.push_str(&String::from_utf8_lossy(&value));
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+/// A KV answer that is not what Consul sends.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("not Consul's KV JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the value of {0:?} is not base64")]
+    Encoding(String),
+}
+
 /// `[weight <w>] [tags "..."] [opts "..."]` after `route add`.
 fn add_extras(rest: &[&str]) -> Result<(Option<f64>, RouteOptions), Unhonoured> {
     let mut weight = None;
@@ -323,6 +371,34 @@ mod tests {
 
     fn route(tag: &str) -> Result<TagRoute, Unhonoured> {
         parse_tag("urlprefix-", tag).expect("a route tag")
+    }
+
+    #[test]
+    fn kv_sub_keys_are_concatenated_in_key_order() {
+        use base64::Engine as _;
+        let b64 = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
+        let answer = format!(
+            r#"[{{"Key":"fabio/config/b","Value":"{}"}},{{"Key":"fabio/config","Value":"{}"}},
+               {{"Key":"fabio/config/a","Value":"{}"}},{{"Key":"fabio/configx","Value":"{}"}},
+               {{"Key":"fabio/config/dir/","Value":null}}]"#,
+            b64("route del b"),
+            b64("route del main"),
+            b64("route del a"),
+            b64("route del x"),
+        );
+        let text = kv_text("/fabio/config", answer.as_bytes()).unwrap();
+        let (commands, errors) = parse_commands(&text);
+        let services: Vec<_> = commands
+            .iter()
+            .map(|c| match c {
+                Command::Del { service, .. } => service.as_str(),
+                _ => "?",
+            })
+            .collect();
+        assert_eq!(services, ["main", "a", "b"]);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(kv_text("fabio/config", b"").unwrap(), "");
+        assert!(kv_text("fabio/config", b"{").is_err());
     }
 
     /// fabio's quickstart tags, verbatim.

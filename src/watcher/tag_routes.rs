@@ -3,7 +3,8 @@
 //! `tag_routes.kv_path` in Consul KV override the tags.
 //!
 //! Two blocking queries feed one task: `/v1/catalog/services` (every service and its tags;
-//! wakes on any registration or tag change) and, when set, the KV key (`?raw`). Each answer
+//! wakes on any registration or tag change) and, when set, the KV key and its sub-keys
+//! (`?recurse`, concatenated in key order as fabio does). Each answer
 //! rebuilds the whole [`DynamicRoutes`]; a changed one is published (the wiring hands it to
 //! the gateway's router and the admin listener). A routed service gets an upstream watched
 //! like a configured one (the same blocking watch, so instance changes propagate as fast);
@@ -50,6 +51,9 @@ enum Update {
 struct State {
     /// Service name -> tags.
     catalog: BTreeMap<String, Vec<String>>,
+    /// `tag_routes.kv_path`: the key whose value and sub-keys' values are read.
+    kv_path: String,
+    /// Their text, concatenated.
     kv: String,
     /// Upstreams of routed services the file does not list, by name (and KV `route add`
     /// targets, by `name dst`).
@@ -84,7 +88,10 @@ impl TagRouteWatch {
                 stop.clone(),
             ));
         }
-        let mut state = State::default();
+        let mut state = State {
+            kv_path: self.settings.kv_path.clone().unwrap_or_default(),
+            ..State::default()
+        };
         let mut watches = WatchSet::start(
             self.discovery.clone(),
             &self.consul,
@@ -126,13 +133,13 @@ async fn poll(
 ) {
     let (mut index, mut bucket) = (0u64, TokenBucket::new(RATE_BURST, RATE_INTERVAL));
     let mut backoff = Backoff::new(pacing.backoff_base, pacing.backoff_max);
-    let raw = path.starts_with("/v1/kv/");
+    let kv = path.starts_with("/v1/kv/");
     loop {
         let result = tokio::select! {
             _ = stop.cancelled() => return,
             result = async {
                 bucket.acquire().await;
-                discovery.get(&path, index, |query| if raw { query.append_key_only("raw"); }).await
+                discovery.get(&path, index, |query| if kv { query.append_key_only("recurse"); }).await
             } => result,
         };
         match result {
@@ -176,7 +183,10 @@ impl State {
                 Ok(catalog) => self.catalog = catalog,
                 Err(error) => warn!(%error, "unreadable /v1/catalog/services answer"),
             },
-            Update::Kv(body) => self.kv = String::from_utf8_lossy(&body).into_owned(),
+            Update::Kv(body) => match fabio::kv_text(&self.kv_path, &body) {
+                Ok(text) => self.kv = text,
+                Err(error) => warn!(%error, "unreadable KV answer for tag_routes.kv_path"),
+            },
         }
     }
 
