@@ -157,22 +157,24 @@ pub(crate) mod testing {
 
     use crate::upstream::Instance;
 
+    /// Instance `i<n>` on port 9000 + n, weight 1.
+    pub fn instance(n: usize) -> Instance {
+        Instance::new(
+            format!("i{n}"),
+            "127.0.0.1".into(),
+            9000 + n as u16,
+            vec![],
+            BTreeMap::new(),
+        )
+        .unwrap()
+    }
+
     /// Instances `i0`, `i1`... with these weights.
     pub fn weighted(weights: &[u32]) -> Vec<Instance> {
         weights
             .iter()
             .enumerate()
-            .map(|(n, &w)| {
-                Instance::new(
-                    format!("i{n}"),
-                    "127.0.0.1".into(),
-                    9000 + n as u16,
-                    vec![],
-                    BTreeMap::new(),
-                )
-                .unwrap()
-                .with_weight(w)
-            })
+            .map(|(n, &w)| instance(n).with_weight(w))
             .collect()
     }
 }

@@ -214,7 +214,6 @@ impl Upstreams {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Duration;
 
@@ -232,16 +231,7 @@ mod tests {
         )
     }
 
-    fn instance(n: usize) -> Instance {
-        Instance::new(
-            format!("i{n}"),
-            "127.0.0.1".into(),
-            9000 + n as u16,
-            vec![],
-            BTreeMap::new(),
-        )
-        .unwrap()
-    }
+    use crate::balance::testing::instance;
 
     fn service(balance: Balance) -> ServiceConfig {
         ServiceConfig {
