@@ -14,7 +14,7 @@
 //! `BENCH_RUST_LOG` and `BENCH_LOG_FILE` (keep the gateway's log, one file per size),
 //! `SWITCHYARD_BIN` (measure that binary instead of building the release one).
 //! Targets (issue 10): p99 < 10 ms at 100 services, < 50 ms at 1,000; at most
-//! `consul.max_connections` (64) connections to Consul; RSS < 64 MiB.
+//! `consul.max_connections` (128) connections to Consul; RSS < 64 MiB.
 
 #[path = "../tests/common/mod.rs"]
 mod common;

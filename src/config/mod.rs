@@ -780,8 +780,12 @@ fn default_backoff_max() -> String {
 fn default_stale_after() -> String {
     "60s".into()
 }
+/// 128 lets `auto` give each of 100 services a blocking query of its own (per-service
+/// propagation p99 7-9 ms at 100 services x 10 instances, against 22-285 ms with 51 per-service
+/// and 49 in catalog mode at 64), and leaves 72 of Consul's default 200 connections per client
+/// address for other clients on the same address.
 fn default_consul_max_connections() -> usize {
-    64
+    128
 }
 
 #[derive(Debug, Deserialize)]
