@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The switchyard demo: Consul, self-registering instances (three `hello`, two gRPC `greeter`
-# from examples/grpc.rs, a WebSocket echo from examples/websocket.rs), the gateway with a TLS
+# The switchyard demo: Consul, self-registering instances (three `hello` and a `hello-v2`
+# canary, routed by their fabio `urlprefix-` tags with the canary at `weight=0.2`; two gRPC
+# `greeter` from examples/grpc.rs, a WebSocket echo from examples/websocket.rs), the gateway with a TLS
 # listener (a throwaway ECDSA certificate made by openssl), and traffic through it, all on
 # 127.0.0.1. Installs Consul if it is missing. Ctrl-C or the end of the script stops
 # everything it started.
@@ -61,16 +62,18 @@ done
 # Instances: 3 hello (HTTP), 2 greeter (gRPC, examples/grpc.rs), 1 ws (examples/websocket.rs).
 HELLO_PIDS=()
 INSTANCE_PIDS=()
-start_instance() { # example id
-  ./target/release/examples/"$1" --consul "$CONSUL" --id "$2" >"$WORK/$2.log" 2>&1 &
+start_instance() { # example id [more arguments of the example]
+  ./target/release/examples/"$1" --consul "$CONSUL" --id "$2" "${@:3}" >"$WORK/$2.log" 2>&1 &
   INSTANCE_PIDS+=($!)
   PIDS=("${INSTANCE_PIDS[@]}" "$CONSUL_PID")
 }
 for i in 1 2 3; do start_instance hello "hello-$i"; HELLO_PIDS+=("${INSTANCE_PIDS[-1]}"); done
+# The canary: another service on the same route, a fifth of its traffic (fabio's weight=).
+start_instance hello hello-v2-1 --name hello-v2 --tags "demo,urlprefix-/hello weight=0.2"
 start_instance grpc greeter-1
 start_instance grpc greeter-2
 start_instance websocket ws-1
-for id in hello-1 hello-2 hello-3 greeter-1 greeter-2 ws-1; do
+for id in hello-1 hello-2 hello-3 hello-v2-1 greeter-1 greeter-2 ws-1; do
   for _ in $(seq 100); do grep -q listening "$WORK/$id.log" && break; sleep 0.1; done
   echo "   $(cat "$WORK/$id.log")"
 done
@@ -91,9 +94,8 @@ tls:
   listen: "127.0.0.1:$TLS"
   certificates:
     - {cert_file: "$WORK/tls.pem", key_file: "$WORK/tls.key"}
+tag_routes: {enabled: true}          # hello and hello-v2 are routed by their urlprefix- tags
 services:
-  - name: hello
-    route: {path_prefix: /hello}
   - name: greeter                     # gRPC: HTTP/2 without TLS to the instances
     protocol: h2c
     route: {path_prefix: /helloworld.Greeter/}
@@ -109,7 +111,7 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 for _ in $(seq 100); do
-  [[ $(curl -s "http://127.0.0.1:$ADMIN/routes" | grep -c '"id"') -ge 6 ]] && break
+  [[ $(curl -s "http://127.0.0.1:$ADMIN/routes" | grep -c '"id"') -ge 7 ]] && break
   sleep 0.1
 done
 echo "   /readyz: $(curl -s "http://127.0.0.1:$ADMIN/readyz")"
@@ -121,7 +123,7 @@ spread() {
   curl -s "${urls[@]}" | sort | uniq -c | sed 's/^/   /'
 }
 
-echo "== 300 requests to http://127.0.0.1:$GW/hello (round robin over 3 instances)"
+echo "== 300 requests to http://127.0.0.1:$GW/hello (tag routes: hello-v2 weight=0.2, the rest round robin over hello's 3)"
 spread 300
 
 echo "== hello-3 stops (deregisters on SIGTERM); 300 more requests"
