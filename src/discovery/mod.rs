@@ -10,6 +10,7 @@
 //! Discovery writes tables and never imports the gateway; the two meet at the tables.
 
 pub mod consul;
+pub mod dns;
 mod set;
 mod sources;
 pub mod static_;

@@ -125,8 +125,7 @@ fn build(
 
 /// `source: dns`.
 fn build_dns(settings: &DnsConfig) -> Built {
-    let _ = settings;
-    Ok(None)
+    Ok(Some(Arc::new(super::dns::DnsSource::new(settings)?)))
 }
 
 /// `source: etcd`. ETCD SLOT: `Ok(Some(Arc::new(super::etcd::EtcdSource::new(settings)?)))`.

@@ -425,7 +425,7 @@ mod tests {
         while round < 2000
             || (picks.load(Ordering::Relaxed) < 1000 && !readers.iter().any(|r| r.is_finished()))
         {
-            let count = if round % 2 == 0 { 5 } else { 3 };
+            let count = if round.is_multiple_of(2) { 5 } else { 3 };
             assert!(upstream.replace_instances((0..count).map(instance).collect()));
             round += 1;
         }
