@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Backoff, ConsulDiscovery, IndexStep, TokenBucket, WatchPacing, WatchSet};
+use super::{Backoff, ConsulClient, ConsulWatches, IndexStep, TokenBucket, WatchPacing};
 use super::{RATE_BURST, RATE_INTERVAL};
 use crate::config::{ConsulConfig, ServiceConfig, TagRoutesConfig, UpstreamProtocol};
 use crate::metrics::Metrics;
@@ -30,7 +30,7 @@ use crate::upstream::{Instance, Upstream, Upstreams};
 
 /// What the tag-route watcher is given by the wiring.
 pub struct TagRouteWatch {
-    pub discovery: Arc<ConsulDiscovery>,
+    pub discovery: Arc<ConsulClient>,
     pub settings: TagRoutesConfig,
     pub consul: ConsulConfig,
     /// The config file's services, swapped on reload (`reloaded` is notified then).
@@ -92,7 +92,7 @@ impl TagRouteWatch {
             kv_path: self.settings.kv_path.clone().unwrap_or_default(),
             ..State::default()
         };
-        let mut watches = WatchSet::start(
+        let mut watches = ConsulWatches::start(
             self.discovery.clone(),
             &self.consul,
             &Upstreams::from_list(Vec::new()),
@@ -124,7 +124,7 @@ impl TagRouteWatch {
 
 /// Long-polls `path`, sending each changed answer, with the watch loop's pacing and backoff.
 async fn poll(
-    discovery: Arc<ConsulDiscovery>,
+    discovery: Arc<ConsulClient>,
     path: String,
     pacing: WatchPacing,
     updates: mpsc::Sender<Update>,
