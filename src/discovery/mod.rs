@@ -9,6 +9,7 @@
 //!
 //! Discovery writes tables and never imports the gateway; the two meet at the tables.
 
+pub mod etcd;
 pub mod static_;
 
 use std::future::Future;

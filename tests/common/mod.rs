@@ -29,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 use switchyard::config::{CertificateConfig, Config, ConsulEnv};
 use switchyard::Shutdown;
 
+pub mod etcd;
+pub mod follow;
 pub mod pki;
 pub mod raw;
 
