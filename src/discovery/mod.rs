@@ -11,6 +11,7 @@
 
 pub mod etcd;
 pub mod static_;
+pub mod zookeeper;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -33,6 +33,7 @@ pub mod etcd;
 pub mod follow;
 pub mod pki;
 pub mod raw;
+pub mod zookeeper;
 
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
