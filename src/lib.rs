@@ -1,11 +1,13 @@
-//! switchyard: a Consul-driven load-balancing HTTP gateway (server-side discovery).
+//! switchyard: a service-discovery load-balancing HTTP gateway (server-side discovery).
 //!
 //! Clients send every request to one address; switchyard finds a healthy instance of the
-//! right service in Consul and forwards the request there.
+//! right service in its registry (Consul, etcd, ZooKeeper, DNS SRV or a static list) and
+//! forwards the request there.
 //!
 //! ```text
-//! gateway.yaml + env ─> config ─┬─> watcher (one task per service: Consul blocking queries;
-//!                               │      │  tag routes: services found by their tags, KV commands)
+//! gateway.yaml + env ─> config ─┬─> discovery (one source per service: Consul blocking
+//!                               │      │  queries or catalog mode, DNS SRV, static, ...;
+//!                               │      │  tag routes: Consul services found by their tags)
 //!                               │      └─ new healthy set? build a table, ArcSwap::store
 //!                               │         new tag routes? publish DynamicRoutes ───┐
 //!                               │                               │                   │
@@ -18,10 +20,14 @@
 //! ```
 //!
 //! - [`config`]: the file and env overrides, validated once into typed values.
-//! - [`watcher`]: Consul blocking queries, index rules, rate limit, backoff; writes tables.
-//!   Per service, or (many services) per service for as many as the connection budget
-//!   allows and catalog-wide change detectors plus targeted fetches for the rest.
-//!   [`watcher::tag_routes`] routes services by their Consul tags (fabio's `urlprefix-`).
+//! - [`discovery`]: the `Source` seam (a stream of instance sets per service) and
+//!   [`discovery::follow`], the one table writer; the [`discovery::WatchSet`] of every
+//!   service by its source. [`discovery::consul`]: the Consul client (shared with
+//!   self-registration), blocking queries, index rules, rate limit, backoff; per service,
+//!   or (many services) per service for as many as the connection budget allows and
+//!   catalog-wide change detectors plus targeted fetches for the rest;
+//!   [`discovery::consul::tag_routes`] routes services by their Consul tags (fabio's
+//!   `urlprefix-`). [`discovery::static_`]: a fixed list.
 //! - [`upstream`]: immutable per-service tables behind `ArcSwap`, composed with the outlier
 //!   detector, the retry budget and the discovery sync status.
 //! - [`balance`]: the balancers, one file each behind one trait (round robin, random,
@@ -39,7 +45,7 @@
 //! - [`tls`]: certificates, the SNI resolver (reloadable behind `ArcSwap`), the bounded
 //!   handshake of the TLS listener; and TLS as a client (instances, Consul).
 //!
-//! `watcher` and `gateway` never import each other: they meet only at the upstream tables and
+//! `discovery` and `gateway` never import each other: they meet only at the upstream tables and
 //! the dynamic routes (handed over by the wiring here).
 //! A config reload ([`run_with_reload`]) re-reads the TLS certificates, rebuilds the tables'
 //! set, the router and the watches and swaps them in; requests in flight keep what they
@@ -57,7 +63,6 @@ pub mod routes;
 pub mod server;
 pub mod tls;
 pub mod upstream;
-pub mod watcher;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,14 +81,15 @@ pub use config::Config;
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
 use crate::admin::Admin;
+use crate::discovery::consul::tag_routes::TagRouteWatch;
+use crate::discovery::consul::ConsulClient;
+use crate::discovery::{SourceSettings, Sources, WatchSet};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::routes::DynamicRoutes;
 use crate::server::{ServeSettings, Source, Transport};
 use crate::tls::{TlsSettings, TlsTerminator};
 use crate::upstream::Upstreams;
-use crate::watcher::tag_routes::TagRouteWatch;
-use crate::watcher::{ConsulDiscovery, WatchSet};
 
 /// The admin listener only serves quick requests; it needs little time to drain.
 const ADMIN_GRACE: Duration = Duration::from_secs(1);
@@ -98,7 +104,7 @@ pub fn check_files(config: &Config) -> Result<(), tls::TlsError> {
         tls::Certificates::load(&tls.certificates)?;
     }
     gateway::clients::Clients::new(&config.upstream).tls_clients(&config.services)?;
-    watcher::consul_tls(&config.consul)?;
+    discovery::consul::consul_tls(&config.consul)?;
     Ok(())
 }
 
@@ -108,7 +114,7 @@ pub enum RunError {
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("Consul client: {0}")]
-    Discovery(#[from] watcher::DiscoveryError),
+    Discovery(#[from] discovery::consul::DiscoveryError),
     #[error(transparent)]
     AccessLog(#[from] access_log::AccessLogError),
     #[error(transparent)]
@@ -139,7 +145,7 @@ pub struct Listeners {
 /// set of routes to the gateway's router and the admin listener.
 fn tag_route_watch(
     config: &Config,
-    discovery: &Arc<ConsulDiscovery>,
+    discovery: &Arc<ConsulClient>,
     (files, reloaded): (&Arc<ArcSwap<Upstreams>>, &Arc<Notify>),
     metrics: &Arc<Metrics>,
     gateway: Arc<Gateway>,
@@ -235,6 +241,8 @@ impl Reload {
                     .is_some_and(|old| !Arc::ptr_eq(old, u))
             })
             .count();
+        self.watches
+            .update_sources(SourceSettings::from_config(&next));
         self.watches.reconcile(&upstreams);
         self.gateway.replace_routes(&upstreams, &tls_clients);
         self.admin.upstreams.store(Arc::new(upstreams.clone()));
@@ -383,7 +391,7 @@ pub async fn run_listeners(
     let metrics = Arc::new(Metrics::new()?);
     let tls = start_tls(&config, &metrics, tls).await?;
     let upstreams = Upstreams::new(&config.services, &metrics);
-    let discovery = Arc::new(ConsulDiscovery::new(&config.consul)?);
+    let discovery = Arc::new(ConsulClient::new(&config.consul)?);
     // Opened before anything is spawned, so a bad path fails the start cleanly. The writer
     // stops after the gateway listener has drained, so every answered request is logged.
     let stop_access_log = CancellationToken::new();
@@ -397,7 +405,8 @@ pub async fn run_listeners(
 
     // Watchers outlive the listeners' drain so retries during it still see fresh tables.
     let stop_watchers = CancellationToken::new();
-    let watches = WatchSet::start(discovery.clone(), &config.consul, &upstreams);
+    let sources = Sources::new(discovery.clone(), SourceSettings::from_config(&config));
+    let watches = WatchSet::start(sources, &config.consul, &upstreams);
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
         upstreams: ArcSwap::from_pointee(upstreams.clone()),
@@ -490,7 +499,7 @@ pub async fn run_listeners(
     // Registered once serving; deregistered as soon as shutdown starts, before the drain.
     let registration = config.register.clone().map(|register| {
         tokio::spawn(registration::maintain(
-            config.consul.clone(),
+            discovery.clone(),
             register,
             config.listen,
             config.admin_listen,

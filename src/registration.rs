@@ -3,26 +3,23 @@
 //! deregisters on shutdown so clients that find it through Consul stop coming before it drains.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::config::{ConsulConfig, RegisterConfig};
+use crate::config::RegisterConfig;
+use crate::discovery::consul::{Backoff, ConsulClient, DiscoveryError};
 
 #[derive(Debug, thiserror::Error)]
-pub enum RegistrationError {
-    #[error("registering in Consul failed: {0}")]
-    Transport(#[from] reqwest::Error),
-    #[error("registering in Consul failed: Consul answered {status}: {body}")]
-    Status { status: u16, body: String },
-    #[error("Consul client: {0}")]
-    Client(#[from] crate::watcher::DiscoveryError),
-}
+#[error("registering in Consul failed: {0}")]
+pub struct RegistrationError(#[from] DiscoveryError);
 
 /// A registration that can be undone.
 pub struct Registration {
-    http: reqwest::Client,
+    client: Arc<ConsulClient>,
+    /// The Consul agent that took the registration (the one to deregister from).
     agent: reqwest::Url,
     pub id: String,
 }
@@ -39,17 +36,31 @@ fn instance_id(config: &RegisterConfig, listen: SocketAddr) -> String {
     format!("{}-{}-{host}", config.name, listen.port())
 }
 
-/// Registers the gateway listening on `listen` with a check on `admin`'s `/healthz`.
+/// Registers the gateway listening on `listen` with a check on `admin`'s `/healthz`,
+/// through the shared Consul client (so a dead first `consul.address` fails over to the next,
+/// as the watches do).
 pub async fn register(
-    consul: &ConsulConfig,
+    client: Arc<ConsulClient>,
     config: &RegisterConfig,
     listen: SocketAddr,
     admin: SocketAddr,
 ) -> Result<Registration, RegistrationError> {
-    let http = crate::watcher::consul_client(consul)?
-        .timeout(Duration::from_secs(10))
-        .build()?;
     let id = instance_id(config, listen);
+    let body = registration_body(config, &id, listen, admin);
+    let agent = client
+        .put("/v1/agent/service/register", Some(&body))
+        .await?;
+    info!(id = %id, name = %config.name, %agent, "registered in Consul");
+    Ok(Registration { client, agent, id })
+}
+
+/// The agent's service definition of the gateway.
+fn registration_body(
+    config: &RegisterConfig,
+    id: &str,
+    listen: SocketAddr,
+    admin: SocketAddr,
+) -> serde_json::Value {
     let address = if !config.address.is_empty() {
         config.address.clone()
     } else if listen.ip().is_unspecified() {
@@ -62,7 +73,7 @@ pub async fn register(
     } else {
         admin
     };
-    let body = json!({
+    json!({
         "ID": id,
         "Name": config.name,
         "Address": address,
@@ -75,34 +86,15 @@ pub async fn register(
             "Timeout": "2s",
             "DeregisterCriticalServiceAfter": format!("{}s", config.deregister_after.as_secs()),
         },
-    });
-    let agent = consul.addresses[0].clone();
-    let mut url = agent.clone();
-    url.set_path("/v1/agent/service/register");
-    let response = http.put(url).json(&body).send().await?;
-    if !response.status().is_success() {
-        let status = response.status().as_u16();
-        let body = response
-            .text()
-            .await
-            .unwrap_or_default()
-            .chars()
-            .take(200)
-            .collect();
-        return Err(RegistrationError::Status { status, body });
-    }
-    info!(id = %id, name = %config.name, "registered in Consul");
-    Ok(Registration { http, agent, id })
+    })
 }
 
 impl Registration {
     /// Deregisters; failures are logged (Consul's check will remove it eventually).
     pub async fn deregister(self) {
-        let mut url = self.agent.clone();
-        url.set_path(&format!("/v1/agent/service/deregister/{}", self.id));
-        match self.http.put(url).send().await {
-            Ok(r) if r.status().is_success() => info!(id = %self.id, "deregistered from Consul"),
-            Ok(r) => warn!(id = %self.id, status = %r.status(), "deregistration refused"),
+        let path = format!("/v1/agent/service/deregister/{}", self.id);
+        match self.client.put_at(&self.agent, &path, None).await {
+            Ok(()) => info!(id = %self.id, "deregistered from Consul"),
             Err(error) => warn!(id = %self.id, %error, "deregistration failed"),
         }
     }
@@ -111,16 +103,15 @@ impl Registration {
 /// Registers (retrying with backoff while Consul is unreachable), then deregisters as soon as
 /// `shutdown` is cancelled.
 pub async fn maintain(
-    consul: ConsulConfig,
+    client: Arc<ConsulClient>,
     config: RegisterConfig,
     listen: SocketAddr,
     admin: SocketAddr,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let mut backoff =
-        crate::watcher::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let registration = loop {
-        match register(&consul, &config, listen, admin).await {
+        match register(client.clone(), &config, listen, admin).await {
             Ok(registration) => break registration,
             Err(error) => {
                 let delay = backoff.next_delay();

@@ -199,7 +199,7 @@ fn hybrid_split_is_what_the_tests_assume() {
     let yaml = format!("consul:\n{HYBRID_CONSUL}{}", hybrid_services("web", "api"));
     let config = switchyard::Config::from_yaml(&yaml, &Default::default()).unwrap();
     assert_eq!(
-        switchyard::watcher::per_service_share(&config.consul, config.services.len()),
+        switchyard::discovery::consul::per_service_share(&config.consul, config.services.len()),
         2
     );
 }

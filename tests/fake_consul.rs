@@ -18,9 +18,9 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use switchyard::config::{Config, ConsulEnv};
+use switchyard::discovery::consul::{watch_service, ConsulClient, WatchPacing};
 use switchyard::metrics::Metrics;
 use switchyard::upstream::{Upstream, Upstreams};
-use switchyard::watcher::{watch_service, ConsulDiscovery, WatchPacing};
 use switchyard::Shutdown;
 
 #[derive(Debug, Clone)]
@@ -110,7 +110,7 @@ fn start_watch(url: &str, hung_after: Option<Duration>) -> Watch {
         .get("web")
         .unwrap()
         .clone();
-    let mut discovery = ConsulDiscovery::new(&config.consul).unwrap();
+    let mut discovery = ConsulClient::new(&config.consul).unwrap();
     if let Some(hung_after) = hung_after {
         discovery = discovery.with_hung_after(hung_after);
     }

@@ -62,3 +62,30 @@ async fn gateway_registers_with_a_health_check_and_deregisters_on_shutdown() {
         "still registered after shutdown"
     );
 }
+
+/// Registration goes through the watches' Consul client: with the first `consul.address`
+/// dead, it fails over to the second instead of retrying the dead one forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_fails_over_to_the_next_consul_address() {
+    let consul = Consul::start().await;
+    let dead = format!("http://127.0.0.1:{}", common::free_port());
+    let mut gateway = Gateway::start_with(
+        &[dead, consul.url()],
+        "",
+        "register:\n  enabled: true\n  name: edge-gw\n  check_interval: 1s\nservices:\n  - name: web\n",
+    )
+    .await;
+    let landed = common::wait_until(Duration::from_secs(10), || async {
+        gateway_entries(&consul, false).await.len() == 1
+    })
+    .await;
+    assert!(
+        landed.is_some(),
+        "the registration never reached the second Consul address"
+    );
+    gateway.stop().await;
+    assert!(
+        gateway_entries(&consul, false).await.is_empty(),
+        "deregistration did not go to the agent that took the registration"
+    );
+}

@@ -24,11 +24,11 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::consul::Backoff;
 use super::static_::parse_instance;
 use super::{Source, SourceError, Update, Updates, WatchFuture};
 use crate::config::{EtcdConfig, ServiceConfig, SourceConfig};
 use crate::upstream::Instance;
-use crate::watcher::Backoff;
 
 const SOURCE: &str = "etcd";
 

@@ -9,9 +9,15 @@
 //!
 //! Discovery writes tables and never imports the gateway; the two meet at the tables.
 
+pub mod consul;
 pub mod etcd;
+mod set;
+mod sources;
 pub mod static_;
 pub mod zookeeper;
+
+pub use set::WatchSet;
+pub use sources::{SourceSettings, Sources};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,6 +39,9 @@ pub struct SourceError {
     pub source_name: &'static str,
     /// What went wrong, without secrets (tokens and keys never reach this text).
     pub message: String,
+    /// A request that hung past the source's own bound and was cut (counted apart, as
+    /// `switchyard_consul_hung_queries_total` for Consul).
+    pub hung: bool,
 }
 
 impl SourceError {
@@ -40,7 +49,14 @@ impl SourceError {
         Self {
             source_name,
             message: error.to_string(),
+            hung: false,
         }
+    }
+
+    /// Marks the error as a hung request that was cut.
+    pub fn hung(mut self) -> Self {
+        self.hung = true;
+        self
     }
 }
 
@@ -138,6 +154,9 @@ fn apply(upstream: &Upstream, source: &'static str, update: Update) {
         Update::Unchanged => upstream.record_contact(),
         Update::Failed(error) => {
             upstream.record_discovery_error();
+            if error.hung {
+                upstream.metrics.consul_hung();
+            }
             warn!(service = upstream.name(), source, %error, "discovery failed; keeping the last table");
         }
     }

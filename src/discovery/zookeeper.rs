@@ -22,11 +22,11 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 use zookeeper_client as zk;
 
+use super::consul::Backoff;
 use super::static_::parse_instance;
 use super::{Source, SourceError, Update, Updates, WatchFuture};
 use crate::config::{ServiceConfig, SourceConfig, ZookeeperConfig};
 use crate::upstream::Instance;
-use crate::watcher::Backoff;
 
 const SOURCE: &str = "zookeeper";
 

@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 
 use super::{idle_connections, RATE_BURST, RATE_INTERVAL};
 use super::{
-    Backoff, ConsulDiscovery, Discovery, DiscoveryError, IndexStep, TokenBucket, WatchPacing,
+    Backoff, ConsulClient, Discovery, DiscoveryError, IndexStep, TokenBucket, WatchPacing,
 };
 use crate::upstream::{Upstream, Upstreams};
 
@@ -165,7 +165,7 @@ enum Detector {
 /// One change detector: a blocking query loop on a catalog-wide endpoint.
 async fn detect(
     kind: Detector,
-    discovery: Arc<ConsulDiscovery>,
+    discovery: Arc<ConsulClient>,
     events: mpsc::Sender<Event>,
     pacing: WatchPacing,
     shutdown: CancellationToken,
@@ -272,7 +272,7 @@ struct FetchState {
 }
 
 struct Coordinator {
-    discovery: Arc<ConsulDiscovery>,
+    discovery: Arc<ConsulClient>,
     upstreams: Upstreams,
     by_name: HashMap<String, Arc<Upstream>>,
     slots: Arc<Semaphore>,
@@ -580,7 +580,7 @@ async fn grace_end(grace: Option<(tokio::time::Instant, GraceEnd)>) -> GraceEnd 
 /// Watches every service of `upstreams` with two detectors and targeted fetches, using at
 /// most `max_connections` connections to Consul.
 pub async fn watch_catalog(
-    discovery: Arc<ConsulDiscovery>,
+    discovery: Arc<ConsulClient>,
     upstreams: Upstreams,
     pacing: WatchPacing,
     max_connections: usize,

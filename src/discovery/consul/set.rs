@@ -1,4 +1,4 @@
-//! The running watches, reconciled with the services of each (re)loaded config.
+//! The running Consul watches, reconciled with the Consul services of each (re)loaded config.
 //!
 //! The connection budget (`consul.max_connections`) decides how services are watched. In
 //! `auto` mode the first services of the config, as many as the budget allows once catalog
@@ -20,8 +20,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::{idle_connections, watch_catalog, watch_service, ConsulDiscovery, WatchPacing};
+use super::{idle_connections, watch_catalog, watch_service, ConsulClient, WatchPacing};
 use crate::config::{ConsulConfig, WatchMode};
+use crate::discovery::set::{after, start_when, Running};
 use crate::upstream::{Upstream, Upstreams};
 
 /// The most catalog-mode fetches at once next to per-service watches: enough to fetch the
@@ -48,22 +49,9 @@ pub fn per_service_share(consul: &ConsulConfig, services: usize) -> usize {
     }
 }
 
-/// A running watch task and how to stop it.
-struct Running {
-    stop: CancellationToken,
-    task: JoinHandle<()>,
-}
-
-impl Running {
-    fn stop(self) -> JoinHandle<()> {
-        self.stop.cancel();
-        self.task
-    }
-}
-
-/// The running watches.
-pub struct WatchSet {
-    discovery: Arc<ConsulDiscovery>,
+/// The running Consul watches (per service, and the catalog-mode coordinator).
+pub struct ConsulWatches {
+    discovery: Arc<ConsulClient>,
     pacing: WatchPacing,
     consul: ConsulConfig,
     /// Services with a blocking query of their own: their upstream and its watch.
@@ -72,13 +60,13 @@ pub struct WatchSet {
     catalog: Option<(Vec<Arc<Upstream>>, Running)>,
 }
 
-impl WatchSet {
+impl ConsulWatches {
     pub fn start(
-        discovery: Arc<ConsulDiscovery>,
+        discovery: Arc<ConsulClient>,
         consul: &ConsulConfig,
         upstreams: &Upstreams,
     ) -> Self {
-        let mut set = WatchSet {
+        let mut set = ConsulWatches {
             discovery,
             pacing: WatchPacing::from(consul),
             consul: consul.clone(),
@@ -177,36 +165,6 @@ impl WatchSet {
             let _ = task.await;
         }
     }
-}
-
-/// A token cancelled once every task of `stopped` has finished (at once when there is none).
-fn after(stopped: Vec<JoinHandle<()>>) -> CancellationToken {
-    let ready = CancellationToken::new();
-    if stopped.is_empty() {
-        ready.cancel();
-    } else {
-        let done = ready.clone();
-        tokio::spawn(async move {
-            for task in stopped {
-                let _ = task.await;
-            }
-            done.cancel();
-        });
-    }
-    ready
-}
-
-/// Runs `watch` once `ready` is cancelled, unless `stop` comes first.
-async fn start_when(
-    ready: CancellationToken,
-    stop: CancellationToken,
-    watch: impl std::future::Future<Output = ()>,
-) {
-    tokio::select! {
-        _ = stop.cancelled() => return,
-        _ = ready.cancelled() => {}
-    }
-    watch.await;
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Backoff, ConsulDiscovery, IndexStep, TokenBucket, WatchPacing, WatchSet};
+use super::{Backoff, ConsulClient, ConsulWatches, IndexStep, TokenBucket, WatchPacing};
 use super::{RATE_BURST, RATE_INTERVAL};
 use crate::config::{ConsulConfig, ServiceConfig, TagRoutesConfig, UpstreamProtocol};
 use crate::metrics::Metrics;
@@ -29,7 +29,7 @@ use crate::upstream::{Instance, Upstream, Upstreams};
 
 /// What the tag-route watcher is given by the wiring.
 pub struct TagRouteWatch {
-    pub discovery: Arc<ConsulDiscovery>,
+    pub discovery: Arc<ConsulClient>,
     pub settings: TagRoutesConfig,
     pub consul: ConsulConfig,
     /// The config file's services, swapped on reload (`reloaded` is notified then).
@@ -85,7 +85,7 @@ impl TagRouteWatch {
             ));
         }
         let mut state = State::default();
-        let mut watches = WatchSet::start(
+        let mut watches = ConsulWatches::start(
             self.discovery.clone(),
             &self.consul,
             &Upstreams::from_list(Vec::new()),
@@ -117,7 +117,7 @@ impl TagRouteWatch {
 
 /// Long-polls `path`, sending each changed answer, with the watch loop's pacing and backoff.
 async fn poll(
-    discovery: Arc<ConsulDiscovery>,
+    discovery: Arc<ConsulClient>,
     path: String,
     pacing: WatchPacing,
     updates: mpsc::Sender<Update>,

@@ -1,43 +1,40 @@
-//! Discovery: watch tasks keep each service's upstream table in step with Consul.
+//! The Consul source: one HTTP client for every Consul call, the per-service blocking watch,
+//! catalog mode and tag routes.
 //!
-//! Each task runs Consul *blocking queries* on `/v1/health/service/<name>?passing`, which
-//! return the moment the healthy set changes (or after `wait`). The loop follows Consul's
-//! rules for blocking queries: send back `X-Consul-Index`, reset when it goes backwards, never
-//! send an index below 1 after the first answer, treat an unchanged index as "no change",
-//! cut a long-poll that hangs past `wait * 17/16` plus slack, rate-limit the loop with a token
-//! bucket, and back off with jitter on errors. Errors never touch the table: the gateway keeps
-//! serving the last good set while Consul is away.
+//! [`ConsulClient`] is the one way to Consul: headers (the ACL token, marked sensitive so it
+//! never reaches a log), TLS for `https://` addresses, and failover between the configured
+//! addresses (after a server-side error every user moves on to the next one). The watches
+//! and self-registration (`crate::registration`) share it, so both fail over alike.
 //!
-//! The loop talks to Consul through the [`Discovery`] trait (typed answers for one service),
-//! so another source can be added beside Consul without touching the loop.
-//!
-//! With more services than Consul connections, the rest are watched in catalog mode
-//! ([`catalog`]); [`set`] decides which service is watched which way and reconciles the
-//! watches with each reloaded config.
+//! [`watch`] is the per-service blocking query as a [`Source`](super::Source)
+//! ([`ConsulSource`]): it sends typed updates with `X-Consul-Index` as their version, and
+//! [`super::follow`] applies them like any other source's. With more services than Consul
+//! connections, the rest are watched in catalog mode ([`catalog`]), which is Consul-internal
+//! and writes the tables of its services itself; [`set`] decides which service is watched
+//! which way, within one connection budget shared with the tag-route watcher.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde::Deserialize;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 mod catalog;
 mod set;
 pub mod tag_routes;
+mod watch;
 
 pub use catalog::watch_catalog;
-pub use set::{per_service_share, WatchSet};
+pub use set::{per_service_share, ConsulWatches};
+pub use watch::{watch_service, Backoff, ConsulSource, IndexStep, TokenBucket, WatchPacing};
 
 use crate::config::{ConsulConfig, ServiceConfig};
 use crate::tls::client::{client_config, ClientTls};
 use crate::tls::TlsError;
-use crate::upstream::{Instance, Upstream};
+use crate::upstream::Instance;
 
 /// Idle connections to Consul kept for reuse (none under a budget of 8). The HTTP pool can
 /// open a connection for a watch's next query before the last one is back; capping the idle
@@ -49,13 +46,15 @@ pub fn idle_connections(max_connections: usize) -> usize {
         0
     }
 }
+/// Agent calls (self-registration) are answered at once; one that takes longer is cut.
+const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Extra time beyond Consul's own `wait + wait/16` before a long-poll counts as hung.
 const LONG_POLL_SLACK: Duration = Duration::from_secs(5);
 /// Token bucket for each watch loop: bursts of 10, then at most 50 queries/s. Enough for a
 /// busy service (measured: a 10 query/s cap added ~100 ms to every change in a burst of five),
 /// low enough that a loop Consul answers at once (a bug, or a broken index) cannot spin.
-const RATE_BURST: u32 = 10;
-const RATE_INTERVAL: Duration = Duration::from_millis(20);
+pub(crate) const RATE_BURST: u32 = 10;
+pub(crate) const RATE_INTERVAL: Duration = Duration::from_millis(20);
 
 /// A discovery failure. Never empties a table.
 #[derive(Debug, thiserror::Error)]
@@ -139,128 +138,11 @@ pub trait Discovery: Send + Sync + 'static {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Consul's index rules.
-
-/// What an answer's index means for the watch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IndexStep {
-    /// First answer, or the index moved forward: look at the instances.
-    Advanced { next: u64 },
-    /// Same index as last time: nothing changed, do not rebuild.
-    Unchanged { next: u64 },
-    /// The index went backwards (e.g. a Consul server restarted with less state): the data is
-    /// current, but the next query starts over from 0 so it does not block on a stale index.
-    Reset,
-}
-
-impl IndexStep {
-    /// Applies Consul's rules to `answered`, given the index of the previous query.
-    pub fn from_indexes(previous: u64, answered: u64) -> Self {
-        if answered < previous {
-            IndexStep::Reset
-        } else if answered == previous && previous != 0 {
-            IndexStep::Unchanged { next: previous }
-        } else {
-            // Never block on index 0 after the first answer: that would return at once, forever.
-            IndexStep::Advanced {
-                next: answered.max(1),
-            }
-        }
-    }
-
-    /// The index to send with the next query.
-    pub fn next_index(self) -> u64 {
-        match self {
-            IndexStep::Advanced { next } | IndexStep::Unchanged { next } => next,
-            IndexStep::Reset => 0,
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Pacing: token bucket and jittered backoff.
-
-/// Allows `burst` queries at once, then one per `interval`.
-#[derive(Debug)]
-pub struct TokenBucket {
-    burst: u32,
-    interval: Duration,
-    tokens: u32,
-    last_refill: Instant,
-}
-
-impl TokenBucket {
-    pub fn new(burst: u32, interval: Duration) -> Self {
-        Self {
-            burst,
-            interval,
-            tokens: burst,
-            last_refill: Instant::now(),
-        }
-    }
-
-    /// Waits until a token is available and takes it.
-    pub async fn acquire(&mut self) {
-        loop {
-            let now = Instant::now();
-            let earned = now.duration_since(self.last_refill).as_nanos() / self.interval.as_nanos();
-            if earned > 0 {
-                let earned = u32::try_from(earned).unwrap_or(u32::MAX);
-                self.tokens = self.tokens.saturating_add(earned).min(self.burst);
-                self.last_refill += self.interval * earned.min(self.burst);
-                if self.tokens == self.burst {
-                    self.last_refill = now;
-                }
-            }
-            if self.tokens > 0 {
-                self.tokens -= 1;
-                return;
-            }
-            tokio::time::sleep_until(self.last_refill + self.interval).await;
-        }
-    }
-}
-
-/// Exponential backoff with "equal jitter": each delay is half fixed, half random, so many
-/// gateways that lost Consul together do not come back in lockstep.
-#[derive(Debug)]
-pub struct Backoff {
-    base: Duration,
-    max: Duration,
-    failures: u32,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, max: Duration) -> Self {
-        Self {
-            base,
-            max,
-            failures: 0,
-        }
-    }
-
-    /// The delay before the next try; grows with each call until `reset`.
-    pub fn next_delay(&mut self) -> Duration {
-        let exp = self
-            .base
-            .saturating_mul(1u32 << self.failures.min(20))
-            .min(self.max);
-        self.failures = self.failures.saturating_add(1);
-        let half = exp / 2;
-        half + half.mul_f64(fastrand::f64())
-    }
-
-    pub fn reset(&mut self) {
-        self.failures = 0;
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Consul.
 
 /// Consul's `/v1/health/service/<name>` over HTTP, failing over between the configured
 /// addresses: after an error every watch moves on to the next one.
-pub struct ConsulDiscovery {
+pub struct ConsulClient {
     http: reqwest::Client,
     bases: Vec<reqwest::Url>,
     current: AtomicUsize,
@@ -269,7 +151,7 @@ pub struct ConsulDiscovery {
     hung_after: Duration,
 }
 
-impl ConsulDiscovery {
+impl ConsulClient {
     pub fn new(config: &ConsulConfig) -> Result<Self, DiscoveryError> {
         // Consul adds up to wait/16 of jitter to every blocking query.
         let hung_after = config.wait + config.wait / 16 + LONG_POLL_SLACK;
@@ -393,7 +275,7 @@ fn parse_index(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-impl Discovery for ConsulDiscovery {
+impl Discovery for ConsulClient {
     async fn fetch(&self, service: &ServiceConfig, index: u64) -> Result<Answer, DiscoveryError> {
         let (index, body) = self
             .get(
@@ -432,7 +314,59 @@ impl DiscoveryError {
     }
 }
 
-impl ConsulDiscovery {
+impl ConsulClient {
+    /// A PUT at `path` (with `body` as JSON, if any) on the current Consul address, moving to
+    /// the next address on a server-side error, like the watches. Returns the address that
+    /// took it: agent endpoints act on that agent only, so undoing the call goes there
+    /// ([`ConsulClient::put_at`]).
+    pub async fn put(
+        &self,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<reqwest::Url, DiscoveryError> {
+        let server = self.current.load(Ordering::Relaxed) % self.bases.len();
+        let base = self.bases[server].clone();
+        let result = self.put_at(&base, path, body).await;
+        if let Err(error) = &result {
+            if error.is_server_side() {
+                self.fail_over(server);
+            }
+        }
+        result.map(|()| base)
+    }
+
+    /// A PUT at `path` on the Consul address `base`, cut after [`AGENT_CALL_TIMEOUT`].
+    pub async fn put_at(
+        &self,
+        base: &reqwest::Url,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(), DiscoveryError> {
+        let mut url = base.clone();
+        url.set_path(path);
+        let mut request = self.http.put(url);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let send = async {
+            let response = request.send().await.map_err(DiscoveryError::Transport)?;
+            let status = response.status();
+            if status.is_success() {
+                return Ok(());
+            }
+            let text = response.text().await.unwrap_or_default();
+            Err(DiscoveryError::Status {
+                status: status.as_u16(),
+                body: text.trim().chars().take(200).collect(),
+            })
+        };
+        tokio::time::timeout(AGENT_CALL_TIMEOUT, send)
+            .await
+            .map_err(|_| DiscoveryError::Hung(AGENT_CALL_TIMEOUT))?
+    }
+}
+
+impl ConsulClient {
     /// A (blocking, when `index > 0`) GET of `path` on the current Consul server, with the
     /// common parameters (`stale`, `index`, `wait`, `dc`) plus those `add_query` appends.
     /// Returns `X-Consul-Index` and the body. Moves to the next server on server-side errors.
@@ -511,157 +445,9 @@ impl ConsulDiscovery {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The watch loop.
-
-/// Pacing of one watch loop.
-#[derive(Debug, Clone, Copy)]
-pub struct WatchPacing {
-    pub backoff_base: Duration,
-    pub backoff_max: Duration,
-}
-
-impl From<&ConsulConfig> for WatchPacing {
-    fn from(config: &ConsulConfig) -> Self {
-        Self {
-            backoff_base: config.backoff_base,
-            backoff_max: config.backoff_max,
-        }
-    }
-}
-
-/// Keeps `upstream`'s table in step with `discovery` until `shutdown` is cancelled.
-pub async fn watch_service<D: Discovery>(
-    discovery: Arc<D>,
-    upstream: Arc<Upstream>,
-    pacing: WatchPacing,
-    shutdown: CancellationToken,
-) {
-    let name = upstream.name().to_owned();
-    let mut index = 0u64;
-    let mut bucket = TokenBucket::new(RATE_BURST, RATE_INTERVAL);
-    let mut backoff = Backoff::new(pacing.backoff_base, pacing.backoff_max);
-    loop {
-        let result = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            result = async {
-                bucket.acquire().await;
-                discovery.fetch(&upstream.config, index).await
-            } => result,
-        };
-        match result {
-            Ok(answer) => {
-                if backoff.failures > 0 {
-                    info!(service = %name, index = answer.index, "Consul watch resumed");
-                }
-                backoff.reset();
-                let step = IndexStep::from_indexes(index, answer.index);
-                let answered = Instant::now();
-                upstream.record_sync(answer.index);
-                if step != (IndexStep::Unchanged { next: index }) {
-                    let count = answer.instances.len();
-                    if upstream.replace_instances(answer.instances) {
-                        upstream.metrics.observe_propagation(answered.elapsed());
-                        info!(service = %name, index = answer.index, instances = count, "table updated");
-                    }
-                }
-                if step == IndexStep::Reset {
-                    info!(service = %name, previous = index, answered = answer.index, "Consul index went backwards; resetting");
-                }
-                index = step.next_index();
-            }
-            Err(error) => {
-                upstream.record_discovery_error();
-                if let DiscoveryError::Hung(_) = error {
-                    upstream.metrics.consul_hung();
-                }
-                // Resync with a non-blocking query: blocking on the old index would leave a
-                // Consul that came back unchanged unconfirmed (and us stale) for a whole `wait`.
-                index = 0;
-                let delay = backoff.next_delay();
-                warn!(service = %name, %error, retry_in = ?delay, "Consul query failed; keeping the last table");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
-    }
-    debug!(service = %name, "watch stopped");
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn first_answer_advances_and_never_below_one() {
-        assert_eq!(
-            IndexStep::from_indexes(0, 42),
-            IndexStep::Advanced { next: 42 }
-        );
-        // An index of 0 from Consul must not be sent back: it would never block.
-        assert_eq!(
-            IndexStep::from_indexes(0, 0),
-            IndexStep::Advanced { next: 1 }
-        );
-        assert_eq!(IndexStep::from_indexes(0, 0).next_index(), 1);
-    }
-
-    #[test]
-    fn unchanged_index_means_no_change() {
-        assert_eq!(
-            IndexStep::from_indexes(42, 42),
-            IndexStep::Unchanged { next: 42 }
-        );
-    }
-
-    #[test]
-    fn backwards_index_resets() {
-        assert_eq!(IndexStep::from_indexes(42, 7), IndexStep::Reset);
-        assert_eq!(IndexStep::from_indexes(42, 7).next_index(), 0);
-        // After a reset, the next answer is taken as a first answer.
-        assert_eq!(
-            IndexStep::from_indexes(0, 7),
-            IndexStep::Advanced { next: 7 }
-        );
-    }
-
-    #[test]
-    fn forward_index_advances() {
-        assert_eq!(
-            IndexStep::from_indexes(42, 43),
-            IndexStep::Advanced { next: 43 }
-        );
-    }
-
-    #[test]
-    fn backoff_grows_with_jitter_and_caps() {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let delays: Vec<_> = (0..8).map(|_| backoff.next_delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
-        assert!(delays[3] >= Duration::from_millis(400) && delays[3] <= Duration::from_millis(800));
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(1)));
-        assert!(delays[7] >= Duration::from_millis(500));
-        backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_millis(100));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn token_bucket_allows_burst_then_paces() {
-        let mut bucket = TokenBucket::new(3, Duration::from_millis(100));
-        let start = Instant::now();
-        for _ in 0..3 {
-            bucket.acquire().await;
-        }
-        assert_eq!(start.elapsed(), Duration::ZERO, "burst is immediate");
-        for _ in 0..5 {
-            bucket.acquire().await;
-        }
-        let elapsed = start.elapsed();
-        assert!(elapsed >= Duration::from_millis(500), "{elapsed:?}");
-        assert!(elapsed < Duration::from_millis(600), "{elapsed:?}");
-    }
 
     #[test]
     fn entries_use_service_address_then_node_address_and_filter_tags() {
