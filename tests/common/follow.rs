@@ -80,20 +80,11 @@ impl Followed {
         .await
     }
 
-    /// The discovery errors counted for the service so far (under either name the counter
-    /// has had: `switchyard_consul_errors_total`, `switchyard_discovery_errors_total`).
+    /// The discovery errors counted for the service so far.
     pub fn errors(&self) -> f64 {
         let text =
             String::from_utf8(self.metrics.encode().expect("metrics encode")).expect("utf-8");
-        let service = format!("service=\"{}\"", self.upstream.name());
-        text.lines()
-            .filter(|l| {
-                (l.starts_with("switchyard_consul_errors_total{")
-                    || l.starts_with("switchyard_discovery_errors_total{"))
-                    && l.contains(&service)
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        discovery_errors(&text, self.upstream.name())
     }
 
     pub async fn stop(&mut self) {
@@ -108,4 +99,19 @@ impl Drop for Followed {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// The discovery errors counted for `service` in Prometheus text, under either name the
+/// counter has had (`switchyard_consul_errors_total`, `switchyard_discovery_errors_total`).
+pub fn discovery_errors(metrics: &str, service: &str) -> f64 {
+    let service = format!("service=\"{service}\"");
+    metrics
+        .lines()
+        .filter(|l| {
+            (l.starts_with("switchyard_consul_errors_total{")
+                || l.starts_with("switchyard_discovery_errors_total{"))
+                && l.contains(&service)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
