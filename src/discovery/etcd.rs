@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, KeyValue, WatchOptions, WatchStream,
+    Client, ConnectOptions, EventType, GetOptions, KeyValue, WatchOptions, WatchResponse,
+    WatchStream,
 };
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -249,10 +250,13 @@ async fn follow_watch(
             _ = updates.closed() => return Ok(()),
             _ = ticks.tick() => {
                 if asked.is_some_and(|at| at.elapsed() >= timeout) {
-                    return Err(EtcdError::Timeout { what: "a watch progress report", timeout });
+                    let what = "a watch progress report";
+                    return Err(EtcdError::Timeout { what, timeout });
                 }
                 if asked.is_none() {
-                    stream.request_progress().await.map_err(|source| EtcdError::Rpc { what: "watch progress request", source })?;
+                    stream.request_progress().await.map_err(|source| {
+                        EtcdError::Rpc { what: "watch progress request", source }
+                    })?;
                     asked = Some(Instant::now());
                 }
                 continue;
@@ -266,25 +270,7 @@ async fn follow_watch(
                 source,
             })?
             .ok_or(EtcdError::WatchClosed)?;
-        if response.compact_revision() > 0 {
-            return Err(EtcdError::Compacted(response.compact_revision()));
-        }
-        if response.canceled() {
-            return Err(EtcdError::Cancelled(response.cancel_reason().to_owned()));
-        }
-        let update = if response.events().is_empty() {
-            Update::Unchanged
-        } else {
-            for event in response.events() {
-                let Some(kv) = event.kv() else { continue };
-                match event.event_type() {
-                    EventType::Put => set.put(service, kv),
-                    EventType::Delete => set.delete(kv),
-                }
-            }
-            set.update(response.header().map_or(0, |h| h.revision()))
-        };
-        if !updates.send(update).await {
+        if !updates.send(set.apply(service, &response)?).await {
             return Ok(());
         }
     }
@@ -306,10 +292,33 @@ impl InstanceSet {
                 self.by_key.insert(key, instance);
             }
             None => {
-                warn!(service, key, value = %String::from_utf8_lossy(kv.value()), "etcd value is not a host:port address; skipped");
+                let value = String::from_utf8_lossy(kv.value());
+                warn!(service, key, %value, "etcd value is not a host:port address; skipped");
                 self.by_key.remove(&key);
             }
         }
+    }
+
+    /// Applies one watch response: events make a new set, an empty response (a progress
+    /// report) confirms the current one; a compacted or cancelled watch is an error.
+    fn apply(&mut self, service: &str, response: &WatchResponse) -> Result<Update, EtcdError> {
+        if response.compact_revision() > 0 {
+            return Err(EtcdError::Compacted(response.compact_revision()));
+        }
+        if response.canceled() {
+            return Err(EtcdError::Cancelled(response.cancel_reason().to_owned()));
+        }
+        if response.events().is_empty() {
+            return Ok(Update::Unchanged);
+        }
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            match event.event_type() {
+                EventType::Put => self.put(service, kv),
+                EventType::Delete => self.delete(kv),
+            }
+        }
+        Ok(self.update(response.header().map_or(0, |h| h.revision())))
     }
 
     fn delete(&mut self, kv: &KeyValue) {

@@ -204,23 +204,8 @@ impl PathWatch<'_> {
             if !updates.send(update).await {
                 return Ok(());
             }
-            let fired = watcher.changed();
-            tokio::pin!(fired);
-            loop {
-                tokio::select! {
-                    _ = updates.closed() => return Ok(()),
-                    _ = &mut fired => break,
-                    now = state.changed() => match now {
-                        zk::SessionState::Disconnected => {
-                            if !updates.send(Update::Failed(SourceError::new(SOURCE, ZookeeperError::Disconnected))).await {
-                                return Ok(());
-                            }
-                        }
-                        // Back: list again, in case a change slipped by while away.
-                        zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => break,
-                        ended => return Err(ZookeeperError::SessionEnded(ended)),
-                    },
-                }
+            if !wait(watcher, &mut state, updates).await? {
+                return Ok(());
             }
         }
     }
@@ -274,7 +259,9 @@ impl PathWatch<'_> {
             };
             let instance = instance(&child, &data);
             if instance.is_none() {
-                warn!(service = self.service, node = child, data = %String::from_utf8_lossy(&data), "zookeeper data is not a host:port address; skipped");
+                let data = String::from_utf8_lossy(&data);
+                let service = self.service;
+                warn!(service, node = child, %data, "zookeeper data is not a host:port address; skipped");
             }
             self.children.by_name.insert(name.clone(), instance);
         }
@@ -297,6 +284,38 @@ impl PathWatch<'_> {
             what,
             path: self.path.to_owned(),
             source,
+        }
+    }
+}
+
+/// Waits for `watcher` to fire or the connection to come back (list again: `Ok(true)`);
+/// a lost connection is reported on the way. `Ok(false)` when nobody follows; an ended
+/// session is an error.
+async fn wait(
+    watcher: zk::OneshotWatcher,
+    state: &mut zk::StateWatcher,
+    updates: &Updates,
+) -> Result<bool, ZookeeperError> {
+    let fired = watcher.changed();
+    tokio::pin!(fired);
+    loop {
+        let now = tokio::select! {
+            _ = updates.closed() => return Ok(false),
+            _ = &mut fired => return Ok(true),
+            now = state.changed() => now,
+        };
+        match now {
+            zk::SessionState::Disconnected => {
+                let failed = SourceError::new(SOURCE, ZookeeperError::Disconnected);
+                if !updates.send(Update::Failed(failed)).await {
+                    return Ok(false);
+                }
+            }
+            // Back: list again, in case a change slipped by while away.
+            zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
+                return Ok(true)
+            }
+            ended => return Err(ZookeeperError::SessionEnded(ended)),
         }
     }
 }

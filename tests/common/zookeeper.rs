@@ -249,14 +249,23 @@ pub async fn mkdir(client: &zk::Client, path: &str) {
 /// Registers `address` as an ephemeral sequential child of `path` (go-kit's `sd/zk`
 /// layout), on `client`'s session; returns the node's path.
 pub async fn register(client: &zk::Client, path: &str, address: &str) -> String {
-    mkdir(client, path).await;
+    try_register(client, path, address)
+        .await
+        .expect("creating an ephemeral sequential node")
+}
+
+/// [`register`], with ZooKeeper's error instead of a panic.
+pub async fn try_register(
+    client: &zk::Client,
+    path: &str,
+    address: &str,
+) -> Result<String, zk::Error> {
+    let directory = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+    client.mkdir(path, &directory).await?;
     let options = zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all());
     let prefix = format!("{path}/instance-");
-    let (_, sequence) = client
-        .create(&prefix, address.as_bytes(), &options)
-        .await
-        .expect("creating an ephemeral sequential node");
-    format!("{prefix}{sequence}")
+    let (_, sequence) = client.create(&prefix, address.as_bytes(), &options).await?;
+    Ok(format!("{prefix}{sequence}"))
 }
 
 impl Drop for ZookeeperEnsemble {

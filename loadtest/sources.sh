@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The discovery-source comparison of issue 12, measured: runs tests/sources_comparison.rs
+# (ignored in CI) for etcd (3 members) and ZooKeeper (3 servers) on loopback ports and writes
+# docs/discovery-sources.md. Consul's column is quoted from the existing benches
+# (loadtest/RESULTS.md, `cargo bench --bench propagation`; tests/drills.rs).
+#
+# Knobs: CHANGES (adds and removes each, default 50), OUTAGE_S (default 30), OUT (the file).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-etcd.sh >/dev/null
+bash scripts/install-zookeeper.sh >/dev/null
+
+export CHANGES="${CHANGES:-50}" OUTAGE_S="${OUTAGE_S:-30}"
+OUT="${OUT:-docs/discovery-sources.md}"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+echo "sources.sh: CHANGES=$CHANGES OUTAGE_S=$OUTAGE_S (about $((2 * (OUTAGE_S + 40))) s)"
+cargo test --quiet --test sources_comparison -- --ignored --nocapture --test-threads 1 2>&1 | tee "$log"
+load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
+mkdir -p "$(dirname "$OUT")"
+
+python3 - "$log" "$OUT" "$CHANGES" "$OUTAGE_S" "$load_before" "$load_after" "$(git rev-parse --short HEAD)" <<'EOF'
+import re, sys
+log, out, changes, outage, before, after, commit = sys.argv[1:]
+rows = {}
+for line in open(log):
+    m = re.search(r"ROW (\S+) (\S+) (.*)$", line.strip())
+    if m:
+        rows[(m.group(1), m.group(2))] = m.group(3)
+get = lambda source, key: rows.get((source, key), "—")
+table = [
+    ("propagation, instance added: p50 / p99 ms", "propagation_add_ms_p50_p99",
+     "3.2 / 8.7 (register, 1 service, per-service watch)"),
+    ("propagation, instance removed: p50 / p99 ms", "propagation_remove_ms_p50_p99",
+     "2.7 / 4.3 (deregister, 1 service)"),
+    (f"failed requests, registry fully down ({outage} s, 2 request loops)", "outage_failed_requests",
+     "0 (tests/drills.rs, asserted)"),
+    ("request p99 during the outage, ms", "outage_p99_ms", "—"),
+    ("restart → leader, ms", "restart_to_leader_ms", "—"),
+    ("restart → a write accepted, ms", "restart_to_write_accepted_ms", "—"),
+    ("restart → that change routed (resync), ms", "restart_to_change_routed_ms", "—"),
+    ("failed requests, leader killed (2 request loops)", "leader_kill_failed_requests",
+     "0 (tests/drills.rs, 3-server cluster, asserted)"),
+    ("leader kill → a write accepted, ms", "leader_kill_to_write_accepted_ms", "—"),
+    ("leader kill → that change routed, ms", "leader_kill_to_change_routed_ms", "—"),
+    ("connections held per 100 services", "connections_per_100_services",
+     "54 (51 blocking queries + catalog mode, `max_connections: 64`)"),
+]
+lines = [
+    "# Discovery sources, measured side by side",
+    "",
+    "Written by `loadtest/sources.sh` (tests/sources_comparison.rs) at commit "
+    f"`{commit}`; do not edit by hand. etcd 3.4 (3 members) and ZooKeeper 3.8 (3 servers) from",
+    "Debian, all on 127.0.0.1 with distinct ports; the gateway runs in-process (the debug test",
+    "build) with one service `web` routed at `/web`.",
+    "",
+    "- **Propagation**: from just before the registry write (etcd put/delete through one client;",
+    "  ZooKeeper create of an ephemeral sequential node / delete through one session) to the",
+    f"  gateway's admin `/routes` showing the change, polled back to back; {changes} adds and",
+    f"  {changes} removes. Consul's column: `cargo bench --bench propagation` (release build,",
+    "  loadtest/RESULTS.md), timed to the table change from the gateway's log.",
+    "- **Outage**: every member SIGKILLed, restarted after the outage; 2 request loops through",
+    "  the gateway meanwhile. *Resync* counts from the restart: the cluster's election and the",
+    "  writer's own reconnect are in it (broken out in the rows above it).",
+    "- **Leader**: the leader SIGKILLed under 2 request loops; the time until a write is accepted",
+    "  is the registry's (and the writer's) recovery, the rest is the gateway's.",
+    "- **Connections**: ESTABLISHED TCP connections to the members' client ports with 100",
+    "  services of that source synced, less those before the gateway started.",
+    "",
+    f"Machine: 2 shared cores, load average {before} before and {after} after the run.",
+    "",
+    "| measure | etcd | ZooKeeper | Consul (existing benches) |",
+    "| --- | --- | --- | --- |",
+]
+for label, key, consul in table:
+    lines.append(f"| {label} | {get('etcd', key)} | {get('zookeeper', key)} | {consul} |")
+lines += [
+    "",
+    "Eureka, the comparison's fifth registry, has no server that installs on these machines (it",
+    "ships through Maven only), so switchyard has no Eureka source rather than an untested one.",
+    "",
+]
+open(out, "w").write("\n".join(lines))
+print(f"sources.sh: wrote {out}")
+EOF
