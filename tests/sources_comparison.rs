@@ -278,11 +278,7 @@ async fn outage(registry: &mut Registry, gateway: &Gateway, extra: &Backend) {
     row(
         name,
         "outage_failed_requests",
-        format!(
-            "{} of {} ({seconds} s down)",
-            stats.failures.len(),
-            stats.total()
-        ),
+        format!("{} of {}", stats.failures.len(), stats.total()),
     );
     row(name, "outage_p99_ms", ms(stats.p99()));
     row(name, "restart_to_leader_ms", ms(elected));
