@@ -91,22 +91,29 @@ pub enum EtcdError {
 /// The etcd source; one per gateway, shared by every `source: etcd` service.
 pub struct EtcdSource {
     settings: EtcdSettings,
-    client: Mutex<Option<Client>>,
+    client: Mutex<Shared>,
+}
+
+/// The shared client and its generation, so a watch that saw it fail drops only that one.
+#[derive(Default)]
+struct Shared {
+    generation: u64,
+    client: Option<Client>,
 }
 
 impl EtcdSource {
     pub fn new(settings: EtcdSettings) -> Self {
         Self {
             settings,
-            client: Mutex::new(None),
+            client: Mutex::new(Shared::default()),
         }
     }
 
-    /// The shared client, connected on first use (bounded by the timeout).
-    async fn client(&self) -> Result<Client, EtcdError> {
-        let mut slot = self.client.lock().await;
-        if let Some(client) = slot.as_ref() {
-            return Ok(client.clone());
+    /// The shared client and its generation, connected on first use (bounded by the timeout).
+    async fn client(&self) -> Result<(u64, Client), EtcdError> {
+        let mut shared = self.client.lock().await;
+        if let Some(client) = shared.client.as_ref() {
+            return Ok((shared.generation, client.clone()));
         }
         let timeout = self.settings.timeout;
         // HTTP/2 pings every `timeout`: a member that vanished without closing the connection
@@ -124,8 +131,21 @@ impl EtcdSource {
                 endpoints: self.settings.endpoints.join(","),
                 source,
             })?;
-        *slot = Some(client.clone());
-        Ok(client)
+        shared.client = Some(client.clone());
+        Ok((shared.generation, client))
+    }
+
+    /// Drops client `generation` after a failed list or watch set-up: the next attempt
+    /// connects anew. Measured (loadtest/sources.sh, 30 s outage of the whole cluster): with
+    /// the client kept, a change written 0.4 s after the restart was routed 4.4 s and 10.6 s
+    /// after it (two runs: tries on the old channel timed out); with a new client, 2.4 s,
+    /// which is the source's own backoff.
+    async fn forget(&self, generation: u64) {
+        let mut shared = self.client.lock().await;
+        if shared.generation == generation {
+            shared.generation += 1;
+            shared.client = None;
+        }
     }
 
     /// Lists and watches `prefix` until nobody follows; every failed round is reported.
@@ -165,22 +185,18 @@ impl EtcdSource {
         backoff: &mut Backoff,
     ) -> Result<(), EtcdError> {
         let timeout = self.settings.timeout;
-        let mut client = self.client().await?;
-        let listed = bounded("list", timeout, list(&mut client, service, prefix)).await??;
-        let (mut set, revision) = listed;
+        let (generation, mut client) = self.client().await?;
+        let started = start(&mut client, service, prefix, timeout).await;
+        let (mut set, revision, mut stream) = match started {
+            Ok(started) => started,
+            Err(error) => {
+                self.forget(generation).await;
+                return Err(error);
+            }
+        };
         if !updates.send(set.update(revision)).await {
             return Ok(());
         }
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision + 1);
-        let watch = client.watch(prefix, Some(options));
-        let mut stream = bounded("watch set-up", timeout, watch)
-            .await?
-            .map_err(|source| EtcdError::Rpc {
-                what: "watch",
-                source,
-            })?;
         backoff.reset();
         debug!(service, prefix, revision, "etcd watch started");
         follow_watch(&mut stream, service, &mut set, updates, timeout).await
@@ -210,6 +226,26 @@ async fn bounded<T>(
     tokio::time::timeout(timeout, future)
         .await
         .map_err(|_| EtcdError::Timeout { what, timeout })
+}
+
+/// Lists `prefix` and opens its watch from the next revision, each bounded by `timeout`.
+async fn start(
+    client: &mut Client,
+    service: &str,
+    prefix: &str,
+    timeout: Duration,
+) -> Result<(InstanceSet, i64, WatchStream), EtcdError> {
+    let (set, revision) = bounded("list", timeout, list(client, service, prefix)).await??;
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision + 1);
+    let stream = bounded("watch set-up", timeout, client.watch(prefix, Some(options)))
+        .await?
+        .map_err(|source| EtcdError::Rpc {
+            what: "watch",
+            source,
+        })?;
+    Ok((set, revision, stream))
 }
 
 /// The instances under `prefix` and the store's revision they were read at.
