@@ -2,8 +2,8 @@
 //! `sd/etcdv3` layout: one key per instance (the instance id), value `host:port` or
 //! `http://host:port`, held by the registrar's lease so that a dead instance's key expires.
 //!
-//! Each watch lists the prefix (a range get), sends that set, then watches the prefix from the
-//! list's revision + 1, so no change between the two is lost. Watch events are applied to the
+//! Each watch lists the prefix (a range get), watches the prefix from the list's revision + 1
+//! (so no change between the two is lost) and sends the listed set. Watch events are applied to the
 //! listed set; a compacted or cancelled watch lists again at once, a broken one after a
 //! jittered backoff. A connect, a list or a watch set-up that takes longer than
 //! `etcd.timeout` is cut; a watch is asked for a progress report every `etcd.timeout` and one
@@ -11,7 +11,7 @@
 //! is an [`Update::Failed`]; the table keeps the last good set meanwhile.
 //!
 //! All etcd-sourced services share one [`Client`] (one gRPC channel: each watch is an HTTP/2
-//! stream on it), connected on first use and kept: tonic reconnects it on its own.
+//! stream on it), connected on first use; a failed list or watch set-up replaces it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
