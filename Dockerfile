@@ -5,6 +5,12 @@
 # ---- build ----------------------------------------------------------------------------------
 FROM rust:1-bookworm AS build
 WORKDIR /src
+# protoc and protobuf's well-known .proto files: the etcd-client crate compiles etcd's .proto
+# files in its build script.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
+    && rm -rf /var/lib/apt/lists/*
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY examples ./examples

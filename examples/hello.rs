@@ -1,9 +1,14 @@
 //! The demo service of go-kit's Consul examples: serves `/hello` and `/health`, registers
-//! itself in Consul on start (unique ID, tags, an HTTP check on `/health`) and deregisters on
-//! Ctrl-C or SIGTERM.
+//! itself on start and deregisters on Ctrl-C or SIGTERM. In Consul (the default): unique ID,
+//! tags, an HTTP check on `/health`. With `--registry etcd` or `--registry zookeeper`, go-kit's
+//! registrar layouts (examples/support/registry.rs): an etcd key `/services/<name>/<id>` on a
+//! kept-alive lease, or a protected ephemeral sequential ZooKeeper node under
+//! `/services/<name>`; the value is `host:port` in both.
 //!
 //! ```text
 //! cargo run --example hello -- --port 0 --consul http://127.0.0.1:8500
+//! cargo run --example hello -- --registry etcd --etcd http://127.0.0.1:2379
+//! cargo run --example hello -- --registry zookeeper --zookeeper 127.0.0.1:2181
 //! # a weighted pair: 3 of every 4 requests to the first (round robin honours Consul weights)
 //! cargo run --example hello -- --weight 3 & cargo run --example hello -- --weight 1
 //! ```
@@ -12,6 +17,7 @@
 //! Prints `listening on <addr> as <id>` once registered.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -25,8 +31,19 @@ use hyper_util::server::conn::auto::Builder;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+#[path = "support/registry.rs"]
+mod registry;
+
+/// Where the instance registers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Registry {
+    Consul,
+    Etcd,
+    Zookeeper,
+}
+
 #[derive(Debug, Parser)]
-#[command(about = "A hello service that registers itself in Consul")]
+#[command(about = "A hello service that registers itself in Consul, etcd or ZooKeeper")]
 struct Args {
     /// Port to listen on (0 picks a free one).
     #[arg(long, default_value_t = 0)]
@@ -56,6 +73,30 @@ struct Args {
     /// How often Consul checks /health.
     #[arg(long, default_value = "1s")]
     check_interval: String,
+    /// The registry to register in.
+    #[arg(long, value_enum, default_value_t = Registry::Consul)]
+    registry: Registry,
+    /// etcd client URLs (comma-separated), for `--registry etcd`.
+    #[arg(
+        long,
+        env = "ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
+    etcd: Vec<String>,
+    /// Seconds of the etcd lease (kept alive every third of it).
+    #[arg(long, default_value_t = 5)]
+    etcd_ttl: i64,
+    /// ZooKeeper connect string, for `--registry zookeeper`.
+    #[arg(long, env = "ZOOKEEPER_SERVERS", default_value = "127.0.0.1:2181")]
+    zookeeper: String,
+}
+
+/// A registration in one of the registries, removed by `deregister`.
+enum Registered {
+    Consul(reqwest::Client, String),
+    Etcd(Box<registry::EtcdRegistration>),
+    Zookeeper(registry::ZookeeperRegistration),
 }
 
 #[tokio::main]
@@ -69,6 +110,43 @@ async fn main() -> anyhow::Result<()> {
         .id
         .clone()
         .unwrap_or_else(|| format!("{}-{}", args.name, local.port()));
+    // Serve before registering so Consul's first check finds us up.
+    let server = tokio::spawn(serve(listener, id.clone()));
+    let registered = register(&args, &id, local).await?;
+    println!("listening on {local} as {id}");
+
+    wait_for_signal().await;
+    match registered.deregister(&id).await {
+        Ok(()) => eprintln!("{id}: deregistered"),
+        Err(error) => eprintln!("{id}: deregistration failed: {error}"),
+    }
+    server.abort();
+    Ok(())
+}
+
+/// Registers the instance at `local` as `id` in the chosen registry.
+async fn register(args: &Args, id: &str, local: SocketAddr) -> anyhow::Result<Registered> {
+    let address = local.to_string();
+    match args.registry {
+        Registry::Consul => register_consul(args, id, local).await,
+        Registry::Etcd => Ok(Registered::Etcd(Box::new(
+            registry::EtcdRegistration::register(
+                &args.etcd,
+                &args.name,
+                id,
+                &address,
+                args.etcd_ttl,
+            )
+            .await?,
+        ))),
+        Registry::Zookeeper => Ok(Registered::Zookeeper(
+            registry::ZookeeperRegistration::register(&args.zookeeper, &args.name, id, &address)
+                .await?,
+        )),
+    }
+}
+
+async fn register_consul(args: &Args, id: &str, local: SocketAddr) -> anyhow::Result<Registered> {
     let consul = if args.consul.contains("://") {
         args.consul.clone()
     } else {
@@ -91,9 +169,6 @@ async fn main() -> anyhow::Result<()> {
             "DeregisterCriticalServiceAfter": "1m",
         },
     });
-    // Serve before registering so Consul's first check finds us up.
-    let served_id = id.clone();
-    let server = tokio::spawn(serve(listener, served_id));
     http.put(format!("{consul}/v1/agent/service/register"))
         .json(&registration)
         .send()
@@ -101,20 +176,23 @@ async fn main() -> anyhow::Result<()> {
         .context("registering in Consul")?
         .error_for_status()
         .context("registering in Consul")?;
-    println!("listening on {local} as {id}");
+    Ok(Registered::Consul(http, consul))
+}
 
-    wait_for_signal().await;
-    let deregistered = http
-        .put(format!("{consul}/v1/agent/service/deregister/{id}"))
-        .send()
-        .await
-        .and_then(|r| r.error_for_status());
-    match deregistered {
-        Ok(_) => eprintln!("{id}: deregistered"),
-        Err(error) => eprintln!("{id}: deregistration failed: {error}"),
+impl Registered {
+    async fn deregister(self, id: &str) -> anyhow::Result<()> {
+        match self {
+            Registered::Consul(http, consul) => {
+                http.put(format!("{consul}/v1/agent/service/deregister/{id}"))
+                    .send()
+                    .await?
+                    .error_for_status()?;
+                Ok(())
+            }
+            Registered::Etcd(registration) => registration.deregister().await,
+            Registered::Zookeeper(registration) => registration.deregister().await,
+        }
     }
-    server.abort();
-    Ok(())
 }
 
 async fn serve(listener: TcpListener, id: String) {

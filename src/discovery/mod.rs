@@ -11,9 +11,11 @@
 
 pub mod consul;
 pub mod dns;
+pub mod etcd;
 mod set;
 mod sources;
 pub mod static_;
+pub mod zookeeper;
 
 pub use set::WatchSet;
 pub use sources::{SourceSettings, Sources};

@@ -139,17 +139,18 @@ fn build_dns(settings: &DnsConfig) -> Built {
     Ok(Some(Arc::new(super::dns::DnsSource::new(settings)?)))
 }
 
-/// `source: etcd`. ETCD SLOT: `Ok(Some(Arc::new(super::etcd::EtcdSource::new(settings)?)))`.
+/// `source: etcd`: one client for every etcd service, connected on first use.
 fn build_etcd(settings: &EtcdConfig) -> Built {
-    let _ = settings;
-    Ok(None)
+    let settings = super::etcd::EtcdSettings::new(settings);
+    Ok(Some(Arc::new(super::etcd::EtcdSource::new(settings))))
 }
 
-/// `source: zookeeper`. ZOOKEEPER SLOT:
-/// `Ok(Some(Arc::new(super::zookeeper::ZookeeperSource::new(settings)?)))`.
+/// `source: zookeeper`: one session for every ZooKeeper service, opened on first use.
 fn build_zookeeper(settings: &ZookeeperConfig) -> Built {
-    let _ = settings;
-    Ok(None)
+    let settings = super::zookeeper::ZookeeperSettings::new(settings);
+    Ok(Some(Arc::new(super::zookeeper::ZookeeperSource::new(
+        settings,
+    ))))
 }
 
 #[cfg(test)]

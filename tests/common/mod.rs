@@ -29,8 +29,11 @@ use tokio_util::sync::CancellationToken;
 use switchyard::config::{CertificateConfig, Config, ConsulEnv};
 use switchyard::Shutdown;
 
+pub mod etcd;
+pub mod follow;
 pub mod pki;
 pub mod raw;
+pub mod zookeeper;
 
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
