@@ -17,6 +17,7 @@ pub mod clients;
 pub mod grpc;
 pub mod headers;
 pub mod path;
+pub mod pool;
 pub mod redirect;
 pub mod retry;
 pub mod router;
@@ -48,7 +49,7 @@ use crate::tls::TlsError;
 use crate::upstream::{Instance, InstanceSlot, ServiceTable, Tried, Upstream, Upstreams};
 pub use answers::{GatewayError, ERROR_HEADER};
 use body::{client_body_fault, BodyLimits, Exchange, HeldBody, InstanceBody, UpstreamBody};
-use clients::{Clients, TlsClient, TlsClients};
+use clients::{Clients, TlsClient, TlsClients, TryError};
 use headers::{forward_headers, request_authority, Hop};
 pub use headers::{remove_hop_by_hop, strip_port};
 use retry::{is_bad_gateway_status, may_retry, TryFailure};
@@ -500,10 +501,13 @@ impl Gateway {
     ) -> Result<Next, GatewayError> {
         let protocol = forwarding.upstream.config.protocol;
         let head = forwarding.head.for_try(is_last)?;
-        let outgoing = outgoing_request(head, &forwarding.path, instance, protocol, body)?;
+        let pooled = Clients::is_pooled(protocol, forwarding.tls.is_some());
+        let outgoing = outgoing_request(head, &forwarding.path, instance, protocol, pooled, body)?;
         let deadline = forwarding.deadline;
         let tls = forwarding.tls.as_deref();
-        let sent = self.clients.request(protocol, tls, outgoing);
+        let sent = self
+            .clients
+            .request(protocol, tls, &instance.authority, outgoing);
         let exchange = Exchange::new(sent, slot, deadline);
         match tokio::time::timeout_at(deadline, exchange.send()).await {
             Err(_) => forwarding.settle_timeout(instance),
@@ -596,11 +600,7 @@ impl Forwarding<'_> {
 
     /// A try failed without an answer: the client's fault if its body broke, else the
     /// instance's (and retried when the rules allow).
-    fn settle_error(
-        &self,
-        instance: &Instance,
-        error: &hyper_util::client::legacy::Error,
-    ) -> Result<Next, GatewayError> {
+    fn settle_error(&self, instance: &Instance, error: &TryError) -> Result<Next, GatewayError> {
         let upstream = self.upstream;
         if let Some(fault) = client_body_fault(error) {
             debug!(service = upstream.name(), %error, "the client's request body failed");
@@ -648,31 +648,46 @@ impl Head {
     }
 }
 
-/// The request for one try: the client's method and headers, to `instance`.
+/// The request for one try: the client's method and headers, to `instance`. The per-worker
+/// pool (`pooled`) takes the origin-form target, which is the client's own when the path is
+/// unchanged (no rebuild); hyper-util's client takes an absolute one.
 fn outgoing_request(
     head: Parts,
     path: &PathAndQuery,
     instance: &Instance,
     protocol: UpstreamProtocol,
+    pooled: bool,
     body: UpstreamBody,
 ) -> Result<Request<UpstreamBody>, GatewayError> {
+    let mut outgoing = Request::from_parts(head, body);
+    *outgoing.version_mut() = match protocol {
+        UpstreamProtocol::Http1 | UpstreamProtocol::Https => Version::HTTP_11,
+        UpstreamProtocol::H2c | UpstreamProtocol::H2 => Version::HTTP_2,
+    };
+    if pooled {
+        let uri = outgoing.uri();
+        if uri.scheme().is_some() || uri.path_and_query() != Some(path) {
+            *outgoing.uri_mut() = Uri::from(path.clone());
+        }
+        if !outgoing.headers().contains_key(header::HOST) {
+            // An HTTP/1.0 client sent none; HTTP/1.1 requires one (hyper-util's client adds it).
+            let host = HeaderValue::from_str(instance.authority.as_str())
+                .map_err(|_| GatewayError::BadGateway)?;
+            outgoing.headers_mut().insert(header::HOST, host);
+        }
+        return Ok(outgoing);
+    }
     let scheme = if protocol.is_tls() {
         Scheme::HTTPS
     } else {
         Scheme::HTTP
     };
-    let uri = Uri::builder()
+    *outgoing.uri_mut() = Uri::builder()
         .scheme(scheme)
         .authority(instance.authority.clone())
         .path_and_query(path.clone())
         .build()
         .map_err(|_| GatewayError::BadGateway)?;
-    let mut outgoing = Request::from_parts(head, body);
-    *outgoing.uri_mut() = uri;
-    *outgoing.version_mut() = match protocol {
-        UpstreamProtocol::Http1 | UpstreamProtocol::Https => Version::HTTP_11,
-        UpstreamProtocol::H2c | UpstreamProtocol::H2 => Version::HTTP_2,
-    };
     Ok(outgoing)
 }
 
