@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Instructions (and heap allocations) per proxied request, counted by callgrind: steady on a
-# loaded machine, where wall-clock rates are noise. switchyard (workers: 1) in front of one
-# nginx backend registered in a dev Consul agent; N keep-alive GETs at c=1 from oha after a
-# warm-up, counted between `callgrind_control -z` and `-d`.
+# loaded machine, where wall-clock rates are noise. switchyard (workers: 1, all threads counted)
+# in front of one nginx backend registered in a dev Consul agent; N keep-alive GETs at c=1
+# from oha after a warm-up, counted between `callgrind_control -z` and `-d`.
 #
 #   bash loadtest/callgrind.sh [BINARY]        # default target/release/switchyard
 #   N=5000 bash loadtest/callgrind.sh
+#   WORKERS=2 C=4 bash loadtest/callgrind.sh   # 2 workers (SO_REUSEPORT), 4 connections
 #
 # For a quicker build than the release profile's fat LTO:
 #   CARGO_PROFILE_RELEASE_LTO=thin CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 cargo build --release
@@ -13,7 +14,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="$(realpath "${1:-$ROOT/target/release/switchyard}")"
-N="${N:-2000}"
+N="${N:-2000}"; WORKERS="${WORKERS:-1}"; C="${C:-1}"
 D="$ROOT/loadtest/out/callgrind"; mkdir -p "$D"; cd "$D"
 BPORT=18181; GPORT=18180; APORT=18182; CPORT=18500
 for tool in valgrind callgrind_control nginx consul oha curl; do
@@ -28,7 +29,7 @@ NG
 cat > gateway.yaml <<GW
 listen: "127.0.0.1:$GPORT"
 admin_listen: "127.0.0.1:$APORT"
-workers: 1
+workers: $WORKERS
 consul:
   address: "http://127.0.0.1:$CPORT"
 services:
@@ -48,9 +49,9 @@ curl -sf -X PUT -d "{\"Name\":\"web\",\"ID\":\"web-1\",\"Address\":\"127.0.0.1\"
 valgrind --tool=callgrind --callgrind-out-file="$D/callgrind.%p" "$BIN" --config gateway.yaml > gateway.log 2>&1 &
 VPID=$!; PIDS+=($VPID)
 for _ in $(seq 1 120); do curl -sf -o /dev/null http://127.0.0.1:$GPORT/ && break; sleep 0.5; done
-oha --no-tui -n 500 -c 1 http://127.0.0.1:$GPORT/ > /dev/null
+oha --no-tui -n 500 -c "$C" http://127.0.0.1:$GPORT/ > /dev/null
 callgrind_control -z $VPID > /dev/null
-oha --no-tui -n "$N" -c 1 http://127.0.0.1:$GPORT/ | grep -E "Success rate|\[200\]"
+oha --no-tui -n "$N" -c "$C" http://127.0.0.1:$GPORT/ | grep -E "Success rate|\[200\]"
 callgrind_control -d $VPID > /dev/null
 sleep 1
 OUT="$(ls -t "$D"/callgrind.$VPID.* | head -1)"
