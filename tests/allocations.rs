@@ -89,11 +89,12 @@ async fn proxied_request_allocations_stay_low() {
         through as f64 / count as f64,
         direct as f64 / count as f64
     );
-    // Measured 21.0 when this bound was set (22.0 before; the hardening added 1, the
-    // per-connection peer header took 2 off); lower it as the hot path sheds allocations,
-    // raise it only with a reason in the commit.
+    // Measured 17.0 when this bound was set (21.0 before the per-worker HTTP/1.1 pool; 4 of
+    // the 17 are this test's hyper backend parsing the 4 X-Forwarded-*/X-Real-IP names the
+    // gateway adds, which are no standard names); lower it as the hot path sheds
+    // allocations, raise it only with a reason in the commit.
     assert!(
-        per_request <= 23.0,
+        per_request <= 18.0,
         "{per_request:.1} allocations per proxied request"
     );
 }

@@ -16,11 +16,12 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::header;
 use hyper::http::request::Parts;
-use hyper_util::client::legacy::ResponseFuture;
+use hyper::{header, StatusCode};
 use tokio::time::Instant;
 
+use super::clients::{Sent, TryError};
+use super::pool::PooledConnection;
 use super::GatewayError;
 use crate::upstream::InstanceSlot;
 
@@ -182,13 +183,13 @@ pub fn client_body_fault(error: &(dyn Error + 'static)) -> Option<GatewayError> 
 /// One try's exchange with an instance. Dropped before its answer, it is finished (and the
 /// answer drained) in a task of its own, holding its instance slot until then.
 pub struct Exchange {
-    future: Option<ResponseFuture>,
+    future: Option<Sent>,
     slot: Option<InstanceSlot>,
     deadline: Instant,
 }
 
 impl Exchange {
-    pub fn new(future: ResponseFuture, slot: InstanceSlot, deadline: Instant) -> Self {
+    pub fn new(future: Sent, slot: InstanceSlot, deadline: Instant) -> Self {
         Self {
             future: Some(future),
             slot: Some(slot),
@@ -196,15 +197,17 @@ impl Exchange {
         }
     }
 
-    /// The answer, or the client error; the slot moves into the answer's body.
-    pub async fn send(
-        mut self,
-    ) -> Result<hyper::Response<InstanceBody>, hyper_util::client::legacy::Error> {
+    /// The answer, or the client error; the slot (and a pooled connection, except after a
+    /// 101: an upgraded connection is the splice's) moves into the answer's body.
+    pub async fn send(mut self) -> Result<hyper::Response<InstanceBody>, TryError> {
         let future = self.future.as_mut().expect("an exchange is sent once");
         let result = future.await;
         self.future = None;
-        let slot = self.slot.take();
-        result.map(|response| response.map(|body| InstanceBody::new(body, slot, self.deadline)))
+        let (response, connection) = result?;
+        let connection =
+            connection.filter(|_| response.status() != StatusCode::SWITCHING_PROTOCOLS);
+        let (slot, deadline) = (self.slot.take(), self.deadline);
+        Ok(response.map(|body| InstanceBody::new(body, slot, connection, deadline)))
     }
 }
 
@@ -215,35 +218,55 @@ impl Drop for Exchange {
         };
         let (slot, deadline) = (self.slot.take(), self.deadline);
         spawn_detached(async move {
-            if let Ok(Ok(response)) = tokio::time::timeout_at(deadline, future).await {
-                drain(response.into_body(), deadline).await;
+            if let Ok(Ok((response, connection))) = tokio::time::timeout_at(deadline, future).await
+            {
+                let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                let connection = connection.filter(|_| !upgraded);
+                drain(response.into_body(), connection, deadline).await;
             }
             drop(slot);
         });
     }
 }
 
-/// An instance's response body on its way to the client; holds the instance slot until done.
+/// An instance's response body on its way to the client; holds the instance slot until done,
+/// and gives its pooled connection back then.
 pub struct InstanceBody {
     inner: Option<Incoming>,
     slot: Option<InstanceSlot>,
+    connection: Option<PooledConnection>,
     deadline: Instant,
 }
 
 impl InstanceBody {
-    fn new(inner: Incoming, slot: Option<InstanceSlot>, deadline: Instant) -> Self {
+    fn new(
+        inner: Incoming,
+        slot: Option<InstanceSlot>,
+        connection: Option<PooledConnection>,
+        deadline: Instant,
+    ) -> Self {
         Self {
             inner: Some(inner),
             slot,
+            connection,
             deadline,
         }
     }
-}
 
-impl InstanceBody {
     /// The instance slot, for a connection that outlives this body (an upgrade).
     pub fn take_slot(&mut self) -> Option<InstanceSlot> {
         self.slot.take()
+    }
+
+    /// The body is over: the slot is freed, and the connection goes back to the pool if the
+    /// answer was read to its end (`complete`), else closes.
+    fn finish(&mut self, complete: bool) {
+        self.inner = None;
+        self.slot = None;
+        match self.connection.take() {
+            Some(connection) if complete => connection.release(),
+            _ => {}
+        }
     }
 }
 
@@ -259,9 +282,10 @@ impl Body for InstanceBody {
             return Poll::Ready(None);
         };
         let polled = Pin::new(inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            self.inner = None;
-            self.slot = None;
+        match polled {
+            Poll::Ready(None) => self.finish(true),
+            Poll::Ready(Some(Err(_))) => self.finish(false),
+            _ => {}
         }
         polled
     }
@@ -283,28 +307,40 @@ impl Drop for InstanceBody {
             return;
         };
         if inner.is_end_stream() {
+            // Read to its end (hyper's server stops polling once a sized body is complete).
+            self.inner = Some(inner);
+            self.finish(true);
             return;
         }
-        let (slot, deadline) = (self.slot.take(), self.deadline);
+        let (slot, connection, deadline) =
+            (self.slot.take(), self.connection.take(), self.deadline);
         spawn_detached(async move {
-            drain(inner, deadline).await;
+            drain(inner, connection, deadline).await;
             drop(slot);
         });
     }
 }
 
-/// Reads and discards what is left of an answer, within `deadline` and [`DRAIN_LIMIT`].
-async fn drain(mut body: Incoming, deadline: Instant) {
+/// Reads and discards what is left of an answer, within `deadline` and [`DRAIN_LIMIT`]; a
+/// pooled connection drained to the answer's end goes back to the pool.
+async fn drain(mut body: Incoming, connection: Option<PooledConnection>, deadline: Instant) {
     let mut read = 0usize;
-    let _ = tokio::time::timeout_at(deadline, async {
-        while let Some(Ok(frame)) = body.frame().await {
-            read += frame.data_ref().map_or(0, Bytes::len);
+    let drained = tokio::time::timeout_at(deadline, async {
+        loop {
+            match body.frame().await {
+                None => return true,
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
+                Some(Err(_)) => return false,
+            }
             if read > DRAIN_LIMIT {
-                break;
+                return false;
             }
         }
     })
     .await;
+    if let (Ok(true), Some(connection)) = (drained, connection) {
+        connection.release();
+    }
 }
 
 /// Spawns on the current runtime; outside one (process exit) the work is dropped.

@@ -2,12 +2,21 @@
 //! TCP (shared by every service, for the gateway's life), and one per distinct TLS setting for
 //! `https` and `h2` services, built with the routes: a reload re-reads their CA and client
 //! certificate files (rotation) and starts their pools afresh.
+//!
+//! Plain `http1` instances, the common case, go through the per-worker [`pool`](super::pool)
+//! instead of hyper-util's pooled client; h2c and TLS instances keep the latter. [`Sent`] and
+//! [`TryError`] are the one seam between the two.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::Request;
+use hyper::body::Incoming;
+use hyper::http::uri::Authority;
+use hyper::{Request, Response};
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
@@ -15,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::ServerName;
 
 use super::body::UpstreamBody;
+use super::pool::{self, PoolError, PoolSettings, PooledConnection};
 use crate::config::{ServiceConfig, UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig};
 use crate::tls::client::{client_config, ClientTls};
 use crate::tls::TlsError;
@@ -28,30 +38,94 @@ pub type TlsClients = HashMap<String, Arc<TlsClient>>;
 /// The plain clients of one gateway.
 pub struct Clients {
     config: UpstreamConfig,
-    http1: PlainClient,
+    /// The per-worker HTTP/1.1 pool's settings (the pool itself is thread-local).
+    http1: PoolSettings,
     h2c: PlainClient,
+}
+
+/// One try's answer, with its pooled HTTP/1.1 connection to give back once the answer's body
+/// is read (`None` from hyper-util's client, which pools on its own).
+pub type Answer = (Response<Incoming>, Option<PooledConnection>);
+
+/// Why a try got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum TryError {
+    #[error(transparent)]
+    Pool(PoolError),
+    #[error(transparent)]
+    Client(hyper_util::client::legacy::Error),
+}
+
+impl TryError {
+    /// Nothing reached the instance (connect refused, reset or timed out).
+    pub fn is_connect(&self) -> bool {
+        match self {
+            TryError::Pool(error) => error.is_connect(),
+            TryError::Client(error) => error.is_connect(),
+        }
+    }
+}
+
+/// A try on its way: the pool's (one boxed future: it must be movable into a task of its
+/// own when the client goes away mid-exchange, see `body::Exchange`) or hyper-util's.
+pub enum Sent {
+    Pooled(Pin<Box<dyn Future<Output = Result<Answer, TryError>> + Send>>),
+    Client(ResponseFuture),
+}
+
+impl Future for Sent {
+    type Output = Result<Answer, TryError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Sent::Pooled(future) => future.as_mut().poll(cx),
+            Sent::Client(future) => Pin::new(future)
+                .poll(cx)
+                .map(|r| r.map(|response| (response, None)).map_err(TryError::Client)),
+        }
+    }
 }
 
 impl Clients {
     pub fn new(config: &UpstreamConfig) -> Self {
         Self {
             config: *config,
-            http1: builder(config, false).build(connector(config)),
+            http1: PoolSettings {
+                connect_timeout: config.connect_timeout,
+                idle_timeout: config.pool_idle_timeout,
+                max_idle: config.pool_max_idle_per_host,
+            },
             h2c: builder(config, true).build(connector(config)),
         }
     }
 
-    /// Sends `request` over the plain client of `protocol`, or over `tls` for TLS services.
+    /// Whether `protocol` goes through the per-worker pool, which takes origin-form targets
+    /// (hyper-util's client takes absolute ones and picks its pool by them).
+    pub fn is_pooled(protocol: UpstreamProtocol, tls: bool) -> bool {
+        protocol == UpstreamProtocol::Http1 && !tls
+    }
+
+    /// Sends `request` to `instance`: over the per-worker pool for plain HTTP/1.1, the h2c
+    /// client for h2c, `tls` for TLS services.
     pub fn request(
         &self,
         protocol: UpstreamProtocol,
         tls: Option<&TlsClient>,
+        instance: &Authority,
         request: Request<UpstreamBody>,
-    ) -> ResponseFuture {
+    ) -> Sent {
         match (protocol, tls) {
-            (_, Some(tls)) => tls.request(request),
-            (UpstreamProtocol::H2c | UpstreamProtocol::H2, None) => self.h2c.request(request),
-            _ => self.http1.request(request),
+            (_, Some(tls)) => Sent::Client(tls.request(request)),
+            (UpstreamProtocol::H2c | UpstreamProtocol::H2, None) => {
+                Sent::Client(self.h2c.request(request))
+            }
+            _ => {
+                let send = pool::send(self.http1, instance.clone(), request);
+                Sent::Pooled(Box::pin(async move {
+                    let (response, connection) = send.await.map_err(TryError::Pool)?;
+                    Ok((response, Some(connection)))
+                }))
+            }
         }
     }
 
