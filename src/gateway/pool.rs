@@ -257,7 +257,7 @@ async fn drive(
             }
             () = &mut timer => {
                 let now = uses.load(Ordering::Relaxed);
-                if now % 2 == 0 && now == seen {
+                if now.is_multiple_of(2) && now == seen {
                     debug!("upstream connection idle for pool_idle_timeout: closed");
                     return;
                 }
