@@ -1,7 +1,8 @@
 //! The admin listener: `/metrics` (Prometheus text format), `/healthz` (the process is up),
 //! `/readyz` (every service has had a successful discovery answer), `/routes` (JSON: each
-//! service, its routes with their origin (file, tag, KV), balancer, instances, discovery
-//! index, sync age and request totals, plus the route tags and commands skipped, and why) and
+//! service, its source, its routes with their origin (file, tag, KV), balancer, instances,
+//! discovery index, sync age and request totals, plus the route tags and commands skipped,
+//! and why) and
 //! `/`, a status page for people (`status.html`: one self-contained file that polls `/routes`
 //! and `/metrics` and computes rates and p99 in the browser, so the gateway keeps no history).
 //!
@@ -37,7 +38,7 @@ pub struct Admin {
     pub upstreams: arc_swap::ArcSwap<Upstreams>,
     /// Routes from tags and KV; swapped when they change.
     pub dynamic: arc_swap::ArcSwap<DynamicRoutes>,
-    /// `/readyz` fails once a service's Consul queries have failed for this long.
+    /// `/readyz` fails once a service's discovery (any source) has failed for this long.
     pub stale_after: Duration,
 }
 
@@ -80,19 +81,25 @@ impl Admin {
         }
     }
 
-    /// Ready when every service has had a Consul answer and none has been failing for longer
-    /// than `stale_after`. A stale gateway still serves its tables; readiness tells a load
-    /// balancer in front to prefer a replica that sees Consul.
+    /// Ready when every service has had an answer from its source and none has been failing
+    /// for longer than `stale_after` (`consul.stale_after`, for every source). A stale gateway
+    /// still serves its tables; readiness tells a load balancer in front to prefer a replica
+    /// that sees its registries.
     fn readiness(&self) -> Response<Full<Bytes>> {
         let mut problems = Vec::new();
         for upstream in self.upstreams.load().iter() {
             if !upstream.sync.is_synced() {
-                problems.push(format!("{}: no Consul answer yet", upstream.name()));
+                problems.push(format!(
+                    "{}: no {} answer yet",
+                    upstream.name(),
+                    upstream.config.source.name()
+                ));
             } else if upstream.sync.is_stale(self.stale_after) {
                 let age = upstream.sync.failing_for().unwrap_or_default();
                 problems.push(format!(
-                    "{}: Consul failing for {:.0}s (limit {:.0}s)",
+                    "{}: {} failing for {:.0}s (limit {:.0}s)",
                     upstream.name(),
+                    upstream.config.source.name(),
                     age.as_secs_f64(),
                     self.stale_after.as_secs_f64()
                 ));
@@ -200,6 +207,7 @@ fn service_json(
             "strip_prefix": config.route.strip_prefix,
         })),
         "routes": routes,
+        "source": config.source.name(),
         "balance": config.balance.as_str(),
         "hash_on": config.hash_on,
         "split": config.split,

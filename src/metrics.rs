@@ -26,6 +26,9 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// The values of the `source` label (`services[].source`).
+pub const SOURCES: [&str; 5] = ["consul", "etcd", "zookeeper", "dns", "static"];
+
 /// The `service` label of requests that matched no route.
 pub const UNROUTED: &str = "unrouted";
 
@@ -38,7 +41,8 @@ const DURATION_BUCKETS: &[f64] = &[
 pub struct Metrics {
     registry: Registry,
     per_service: Arc<PerService>,
-    propagation: Histogram,
+    /// By `source` (consul, dns, ...): per source, not per service, so never removed.
+    propagation: HistogramVec,
     access_log_dropped: IntCounter,
     tls_handshakes: IntCounterVec,
     connections: ConnectionFamilies,
@@ -52,6 +56,8 @@ struct PerService {
     instances: IntGaugeVec,
     table_updates: IntCounterVec,
     consul_errors: IntCounterVec,
+    /// By service and source (every source, Consul too).
+    discovery_errors: IntCounterVec,
     consul_last_success: GaugeVec,
     consul_hung: IntCounterVec,
     consul_failing: GaugeVec,
@@ -80,6 +86,11 @@ impl PerService {
         let _ = self.upgraded.remove_label_values(&[service]);
         let _ = self.consul_last_success.remove_label_values(&[service]);
         let _ = self.consul_failing.remove_label_values(&[service]);
+        for source in SOURCES {
+            let _ = self
+                .discovery_errors
+                .remove_label_values(&[service, source]);
+        }
         for counter in [
             &self.retries,
             &self.table_updates,
@@ -188,6 +199,14 @@ impl Metrics {
         registry.register(Box::new(instances.clone()))?;
         registry.register(Box::new(table_updates.clone()))?;
         registry.register(Box::new(consul_errors.clone()))?;
+        let discovery_errors = IntCounterVec::new(
+            Opts::new(
+                "switchyard_discovery_errors_total",
+                "Failed discovery attempts (queries, lookups, watches), by service and source.",
+            ),
+            &["service", "source"],
+        )?;
+        registry.register(Box::new(discovery_errors.clone()))?;
         registry.register(Box::new(consul_last_success.clone()))?;
         let consul_hung = counter_vec(
             &registry,
@@ -220,12 +239,13 @@ impl Metrics {
             "switchyard_retry_budget_exhausted_total",
             "Retries refused because the retry budget was spent.",
         )?;
-        let propagation = Histogram::with_opts(
+        let propagation = HistogramVec::new(
             HistogramOpts::new(
                 "switchyard_propagation_seconds",
-                "Time from Consul reporting a change (a watch or change detector answering) to the new table being swapped in.",
+                "Time from a source reporting a change (a Consul watch or change detector answering, a DNS lookup, ...) to the new table being swapped in, by source.",
             )
             .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+            &["source"],
         )?;
         registry.register(Box::new(propagation.clone()))?;
         registry.register(Box::new(access_log_dropped.clone()))?;
@@ -259,6 +279,7 @@ impl Metrics {
                 instances,
                 table_updates,
                 consul_errors,
+                discovery_errors,
                 consul_last_success,
                 consul_hung,
                 consul_failing,
@@ -306,9 +327,14 @@ impl Metrics {
         RequestMetrics::new(&self.per_service, label, None)
     }
 
-    /// Resolves every handle one service needs. Call once per service (and again for a
-    /// service a reload changed); the series stay while any of the handles does.
+    /// [`Metrics::for_service_from`] for a Consul service (tag routes, tests).
     pub fn for_service(&self, service: &str) -> ServiceMetrics {
+        self.for_service_from(service, "consul")
+    }
+
+    /// Resolves every handle one service of `source` needs. Call once per service (and again
+    /// for a service a reload changed); the series stay while any of the handles does.
+    pub fn for_service_from(&self, service: &str, source: &str) -> ServiceMetrics {
         let families = &self.per_service;
         // Resolved under the lock, so a dying lease cannot remove series resolved here.
         let mut leases = families.leases();
@@ -329,14 +355,18 @@ impl Metrics {
             retries: families.retries.with_label_values(label),
             instances: families.instances.with_label_values(label),
             table_updates: families.table_updates.with_label_values(label),
-            consul_errors: families.consul_errors.with_label_values(label),
+            consul_errors: (source == "consul")
+                .then(|| families.consul_errors.with_label_values(label)),
+            discovery_errors: families
+                .discovery_errors
+                .with_label_values(&[service, source]),
             consul_last_success: families.consul_last_success.with_label_values(label),
             consul_hung: families.consul_hung.with_label_values(label),
             consul_failing: families.consul_failing.with_label_values(label),
             ejections: families.ejections.with_label_values(label),
             ejected: families.ejected.with_label_values(label),
             retry_budget_exhausted: families.retry_budget_exhausted.with_label_values(label),
-            propagation: self.propagation.clone(),
+            propagation: self.propagation.with_label_values(&[source]),
             upgraded: families.upgraded.with_label_values(label),
         }
     }
@@ -445,7 +475,9 @@ pub struct ServiceMetrics {
     retries: IntCounter,
     instances: IntGauge,
     table_updates: IntCounter,
-    consul_errors: IntCounter,
+    /// `Some` for a Consul service only: the Consul family keeps its meaning.
+    consul_errors: Option<IntCounter>,
+    discovery_errors: IntCounter,
     consul_last_success: Gauge,
     consul_hung: IntCounter,
     consul_failing: Gauge,
@@ -529,8 +561,12 @@ impl ServiceMetrics {
             .set(i64::try_from(instance_count).unwrap_or(i64::MAX));
     }
 
-    pub fn consul_error(&self) {
-        self.consul_errors.inc();
+    /// A failed discovery attempt of the service's source.
+    pub fn discovery_error(&self) {
+        self.discovery_errors.inc();
+        if let Some(consul) = &self.consul_errors {
+            consul.inc();
+        }
     }
 
     pub fn consul_hung(&self) {
@@ -615,7 +651,7 @@ mod tests {
             .observe_request(42, Duration::from_millis(1));
         service.inc_retries();
         service.table_replaced(2);
-        service.consul_error();
+        service.discovery_error();
         service.consul_hung();
         service.ejected();
         service.retry_budget_exhausted();

@@ -53,6 +53,10 @@ fn bad_config_exits_nonzero_naming_the_problem() {
             Some("services:\n  - name: hello\n    outlier: {base_ejection_time: 1m, max_ejection_time: 30s}\n"),
             "services[0].outlier.max_ejection_time",
         ),
+        (
+            Some("services:\n  - name: hello\n    source: static\n    instances: [\"10.0.0.1:80\", \"nope\"]\n"),
+            "services[0].instances[1]",
+        ),
         (None, "not found"),
     ];
     for (yaml, expected) in cases {

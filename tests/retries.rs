@@ -1,6 +1,7 @@
-//! Retry rules through the gateway, with a real Consul: dead instances are retried around,
-//! requests that may have reached an instance are retried only when idempotent, `retry.timeout`
-//! bounds all tries with a 504; and the path an instance gets (`strip_prefix`).
+//! Retry rules through the gateway (with a real Consul, or a static list where no registry is
+//! needed): dead instances are retried around, requests that may have reached an instance are
+//! retried only when idempotent, `retry.timeout` bounds all tries with a 504; and the path an
+//! instance gets (`strip_prefix`).
 
 mod common;
 
@@ -8,22 +9,27 @@ use std::time::{Duration, Instant};
 
 use common::{free_port, Backend, Behavior, Consul, Gateway};
 
+/// No registry needed: the instances are a static list (`source: static`), and Consul's
+/// address points nowhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_instance_costs_no_failed_request() {
-    let consul = Consul::start().await;
     let live = common::backends("web", 3).await;
-    for b in &live {
-        consul.register("web", &b.id, b.port, &[]).await;
-    }
-    // Registered, passing (no check), but nothing listens there.
-    consul.register("web", "web-dead", free_port(), &[]).await;
-    let gateway = Gateway::start(&consul, "services:\n  - name: web\n").await;
+    // Listed, but nothing listens there.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let mut instances: Vec<String> = live
+        .iter()
+        .map(|b| format!("127.0.0.1:{}", b.port))
+        .collect();
+    instances.push(dead.clone());
+    let services = format!(
+        "services:\n  - name: web\n    source: static\n    instances: [{}]\n",
+        instances.join(", ")
+    );
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let gateway = Gateway::start_with(&[nowhere], "", &services).await;
+    let ids: Vec<&str> = instances.iter().map(String::as_str).collect();
     assert!(gateway
-        .wait_for_instances(
-            "web",
-            &["web-1", "web-2", "web-3", "web-dead"],
-            Duration::from_secs(10)
-        )
+        .wait_for_instances("web", &ids, Duration::from_secs(10))
         .await
         .is_some());
 
@@ -58,7 +64,7 @@ async fn dead_instance_costs_no_failed_request() {
         .instance_entries("web")
         .await
         .into_iter()
-        .find(|i| i["id"] == "web-dead")
+        .find(|i| i["id"] == dead.as_str())
         .expect("the dead instance is still listed");
     assert!(
         dead["ejected_for_seconds"]

@@ -98,7 +98,12 @@ fn populate(candidates: &Candidates<'_>, size: usize) -> Box<[u32]> {
 }
 
 fn next_prime(from: usize) -> usize {
-    let is_prime = |n: usize| n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0);
+    let is_prime = |n: usize| {
+        n >= 2
+            && (2..)
+                .take_while(|d| d * d <= n)
+                .all(|d| !n.is_multiple_of(d))
+    };
     (from..).find(|&n| is_prime(n)).unwrap_or(from)
 }
 

@@ -1202,7 +1202,8 @@ impl Config {
 
     /// The keys changed in `next` that take effect only on restart (they shape listeners,
     /// the runtime or clients), by name, for the reload log; values are compared unmasked and
-    /// never returned. `services` and `watch_config` are applied on reload. Exhaustive
+    /// never returned. `services`, `watch_config`, `etcd`, `zookeeper` and `dns` are applied
+    /// on reload. Exhaustive
     /// destructuring: a new key does not compile until it is sorted into one or the other.
     pub fn restart_only_changes(&self, next: &Config) -> Vec<&'static str> {
         let Config {
@@ -1218,9 +1219,11 @@ impl Config {
             tag_routes,
             watch_config: _,
             tls,
-            etcd,
-            zookeeper,
-            dns,
+            // Applied on reload: the watch set rebuilds a registry's source when its section
+            // changes (`discovery::Sources::rebuild`).
+            etcd: _,
+            zookeeper: _,
+            dns: _,
         } = self;
         let mut changed = Vec::new();
         let mut check = |key, differs: bool| {
@@ -1237,9 +1240,6 @@ impl Config {
         check("access_log", *access_log != next.access_log);
         check("register", *register != next.register);
         check("tag_routes", *tag_routes != next.tag_routes);
-        check("etcd", *etcd != next.etcd);
-        check("zookeeper", *zookeeper != next.zookeeper);
-        check("dns", *dns != next.dns);
         // Certificates are re-read on every reload; the listener and the redirect are not.
         let listen_of = |tls: &Option<TlsConfig>| tls.as_ref().map(|t| t.listen);
         check("tls.listen", listen_of(tls) != listen_of(&next.tls));

@@ -10,6 +10,7 @@
 //! Discovery writes tables and never imports the gateway; the two meet at the tables.
 
 pub mod consul;
+pub mod dns;
 pub mod etcd;
 mod set;
 mod sources;

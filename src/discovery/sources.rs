@@ -53,37 +53,48 @@ pub struct Sources {
 impl Sources {
     /// Builds a source for each registry `settings.used` names.
     pub fn new(consul: Arc<ConsulClient>, settings: SourceSettings) -> Self {
-        let mut sources = Sources {
+        Sources {
             consul,
             static_: Arc::new(StaticSource),
-            dns: None,
-            etcd: None,
-            zookeeper: None,
-            settings: settings.clone(),
-        };
-        sources.dns = build("dns", &settings, || build_dns(&settings.dns));
-        sources.etcd = build("etcd", &settings, || build_etcd(&settings.etcd));
-        sources.zookeeper = build("zookeeper", &settings, || {
-            build_zookeeper(&settings.zookeeper)
-        });
-        sources
+            dns: build("dns", &settings, || build_dns(&settings.dns)),
+            etcd: build("etcd", &settings, || build_etcd(&settings.etcd)),
+            zookeeper: build("zookeeper", &settings, || {
+                build_zookeeper(&settings.zookeeper)
+            }),
+            settings,
+        }
     }
 
     /// The sources for a reloaded config: a registry whose section did not change (and that
-    /// was in use before) keeps its source, so its services keep their watches.
+    /// had a source) keeps it, so its services keep their watches; the others are built anew
+    /// (or dropped, when no service uses them any more).
     pub fn rebuild(&self, settings: SourceSettings) -> Sources {
-        let mut next = Sources::new(self.consul.clone(), settings.clone());
-        let was_used = |name| self.settings.used.contains(name);
-        if settings.dns == self.settings.dns && was_used("dns") {
-            next.dns = self.dns.clone();
+        let old = &self.settings;
+        let keep = |name, same: bool, source: &Option<Arc<dyn Source>>| {
+            (same && source.is_some() && settings.used.contains(name)).then(|| source.clone())
+        };
+        let dns = keep("dns", settings.dns == old.dns, &self.dns)
+            .unwrap_or_else(|| build("dns", &settings, || build_dns(&settings.dns)));
+        let etcd = keep("etcd", settings.etcd == old.etcd, &self.etcd)
+            .unwrap_or_else(|| build("etcd", &settings, || build_etcd(&settings.etcd)));
+        let zookeeper = keep(
+            "zookeeper",
+            settings.zookeeper == old.zookeeper,
+            &self.zookeeper,
+        )
+        .unwrap_or_else(|| {
+            build("zookeeper", &settings, || {
+                build_zookeeper(&settings.zookeeper)
+            })
+        });
+        Sources {
+            consul: self.consul.clone(),
+            static_: self.static_.clone(),
+            dns,
+            etcd,
+            zookeeper,
+            settings,
         }
-        if settings.etcd == self.settings.etcd && was_used("etcd") {
-            next.etcd = self.etcd.clone();
-        }
-        if settings.zookeeper == self.settings.zookeeper && was_used("zookeeper") {
-            next.zookeeper = self.zookeeper.clone();
-        }
-        next
     }
 
     /// The source that watches a service with `source`; `None` for Consul (watched by the
@@ -125,8 +136,7 @@ fn build(
 
 /// `source: dns`.
 fn build_dns(settings: &DnsConfig) -> Built {
-    let _ = settings;
-    Ok(None)
+    Ok(Some(Arc::new(super::dns::DnsSource::new(settings)?)))
 }
 
 /// `source: etcd`: one client for every etcd service, connected on first use.
@@ -141,4 +151,33 @@ fn build_zookeeper(settings: &ZookeeperConfig) -> Built {
     Ok(Some(Arc::new(super::zookeeper::ZookeeperSource::new(
         settings,
     ))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(yaml: &str) -> (Arc<ConsulClient>, SourceSettings) {
+        let config = Config::from_yaml(yaml, &Default::default()).unwrap();
+        let consul = ConsulClient::new(&config.consul).unwrap();
+        (Arc::new(consul), SourceSettings::from_config(&config))
+    }
+
+    const DNS: &str = "dns: {servers: [\"127.0.0.1:8600\"]}\nservices: [{name: a, source: dns}]\n";
+
+    #[test]
+    fn a_reload_keeps_an_unchanged_source_and_rebuilds_a_changed_one() {
+        let (consul, first) = settings(DNS);
+        let sources = Sources::new(consul, first);
+        let dns = sources.dns.clone().expect("a dns source");
+        assert!(sources.etcd.is_none(), "no service uses etcd");
+        let (_, same) = settings(DNS);
+        let kept = sources.rebuild(same);
+        assert!(Arc::ptr_eq(&dns, kept.dns.as_ref().unwrap()));
+        let (_, changed) = settings(&DNS.replace("8600", "8601"));
+        let rebuilt = kept.rebuild(changed);
+        assert!(!Arc::ptr_eq(&dns, rebuilt.dns.as_ref().unwrap()));
+        let (_, unused) = settings("services: [{name: a}]\n");
+        assert!(rebuilt.rebuild(unused).dns.is_none());
+    }
 }

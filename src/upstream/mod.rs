@@ -142,7 +142,7 @@ impl Upstream {
     /// Records a failed discovery query (the table is left as it is).
     pub fn record_discovery_error(&self) {
         self.sync.record_error();
-        self.metrics.consul_error();
+        self.metrics.discovery_error();
     }
 }
 
@@ -159,7 +159,7 @@ impl Upstreams {
             .map(|config| {
                 Arc::new(Upstream::new(
                     config.clone(),
-                    metrics.for_service(&config.name),
+                    metrics.for_service_from(&config.name, config.source.name()),
                 ))
             })
             .collect();
@@ -177,8 +177,13 @@ impl Upstreams {
             .map(|config| match self.get(&config.name) {
                 Some(old) if old.config == *config => old.clone(),
                 Some(old) => {
-                    let fresh = Upstream::new(config.clone(), metrics.for_service(&config.name));
-                    if old.config.tags == config.tags {
+                    let fresh = Upstream::new(
+                        config.clone(),
+                        metrics.for_service_from(&config.name, config.source.name()),
+                    );
+                    // Seeded only from the same source and tags: another source's set is not
+                    // this one's.
+                    if old.config.tags == config.tags && old.config.source == config.source {
                         fresh.replace_instances(old.table().instances().to_vec());
                         if old.sync.is_synced() {
                             fresh.record_sync(old.sync.index());
@@ -188,7 +193,7 @@ impl Upstreams {
                 }
                 None => Arc::new(Upstream::new(
                     config.clone(),
-                    metrics.for_service(&config.name),
+                    metrics.for_service_from(&config.name, config.source.name()),
                 )),
             })
             .collect();
@@ -420,7 +425,7 @@ mod tests {
         while round < 2000
             || (picks.load(Ordering::Relaxed) < 1000 && !readers.iter().any(|r| r.is_finished()))
         {
-            let count = if round % 2 == 0 { 5 } else { 3 };
+            let count = if round.is_multiple_of(2) { 5 } else { 3 };
             assert!(upstream.replace_instances((0..count).map(instance).collect()));
             round += 1;
         }

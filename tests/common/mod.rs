@@ -101,6 +101,8 @@ pub struct Consul {
     child: Option<Child>,
     ports: [u16; 4],
     pub http_port: u16,
+    /// Consul's DNS interface (UDP and TCP), which answers SRV for `<name>.service.consul`.
+    pub dns_port: u16,
     log: PathBuf,
     client: reqwest::Client,
     /// Extra agent configuration (JSON; `{https_port}` is replaced), e.g. TLS.
@@ -144,6 +146,7 @@ impl Consul {
                 child: None,
                 ports: [free_port(), free_port(), free_port(), free_port()],
                 http_port,
+                dns_port: free_port(),
                 log: std::env::temp_dir().join(format!("switchyard-test-consul-{http_port}.log")),
                 client: http_client(),
                 extra_config: extra_config.clone(),
@@ -191,7 +194,7 @@ impl Consul {
                 "127.0.0.1",
             ])
             .args(["-http-port", &self.http_port.to_string()])
-            .args(["-dns-port", "-1", "-grpc-port", "-1"])
+            .args(["-dns-port", &self.dns_port.to_string(), "-grpc-port", "-1"])
             .args(["-serf-lan-port", &serf_lan.to_string()])
             .args(["-serf-wan-port", &serf_wan.to_string()])
             .args(["-server-port", &server.to_string()])
@@ -237,6 +240,11 @@ impl Consul {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// The DNS interface's address, as `dns.servers` takes it.
+    pub fn dns_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.dns_port)
     }
 
     /// Kills the agent (a crash, not a clean leave).
