@@ -82,7 +82,7 @@ pub use tokio_util::sync::CancellationToken as Shutdown;
 
 use crate::admin::Admin;
 use crate::discovery::consul::tag_routes::TagRouteWatch;
-use crate::discovery::consul::ConsulClient;
+use crate::discovery::consul::{ConnectionBudget, ConsulClient};
 use crate::discovery::{SourceSettings, Sources, WatchSet};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
@@ -147,6 +147,7 @@ fn tag_route_watch(
     config: &Config,
     discovery: &Arc<ConsulClient>,
     (files, reloaded): (&Arc<ArcSwap<Upstreams>>, &Arc<Notify>),
+    budget: &Arc<ConnectionBudget>,
     metrics: &Arc<Metrics>,
     gateway: Arc<Gateway>,
     admin: Arc<Admin>,
@@ -155,6 +156,7 @@ fn tag_route_watch(
         discovery: discovery.clone(),
         settings: config.tag_routes.clone(),
         consul: config.consul.clone(),
+        budget: budget.clone(),
         files: files.clone(),
         reloaded: reloaded.clone(),
         metrics: metrics.clone(),
@@ -406,7 +408,14 @@ pub async fn run_listeners(
     // Watchers outlive the listeners' drain so retries during it still see fresh tables.
     let stop_watchers = CancellationToken::new();
     let sources = Sources::new(discovery.clone(), SourceSettings::from_config(&config));
-    let watches = WatchSet::start(sources, &config.consul, &upstreams);
+    // One Consul connection budget for the file's watches and the tag-route watcher's, whose
+    // catalog and KV long-polls come off the top.
+    let tag_route_polls = match &config.tag_routes {
+        t if !t.enabled => 0,
+        t => 1 + usize::from(t.kv_path.is_some()),
+    };
+    let budget = ConnectionBudget::new(&config.consul, tag_route_polls);
+    let watches = WatchSet::start(sources, &config.consul, budget.clone(), &upstreams);
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
         upstreams: ArcSwap::from_pointee(upstreams.clone()),
@@ -447,7 +456,9 @@ pub async fn run_listeners(
     let tag_routes = config.tag_routes.enabled.then(|| {
         let inputs = (&files, &reloaded);
         let (gateway, admin) = (gateway.clone(), admin.clone());
-        let watch = tag_route_watch(&config, &discovery, inputs, &metrics, gateway, admin);
+        let watch = tag_route_watch(
+            &config, &discovery, inputs, &budget, &metrics, gateway, admin,
+        );
         tokio::spawn(watch.run(stop_watchers.clone()))
     });
     let builder = server::http_builder(&config.server);

@@ -70,6 +70,32 @@ async fn srv_records_are_routed_and_follow_deregistration() {
     );
     assert!(gone.is_some(), "the deregistered instance stayed");
 
+    // Propagation over repeated changes: a poll, so each change waits for the next refresh.
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        let started = Instant::now();
+        consul
+            .register("web", &backends[0].id, backends[0].port, &[])
+            .await;
+        let ok = common::wait_until(WAIT, || async { ports(&gateway, "web").await == both }).await;
+        assert!(ok.is_some());
+        added.push(started.elapsed());
+        let started = Instant::now();
+        consul.deregister(&backends[0].id).await;
+        let ok = common::wait_until(WAIT, || async {
+            ports(&gateway, "web").await == [backends[1].port]
+        })
+        .await;
+        assert!(ok.is_some());
+        removed.push(started.elapsed());
+    }
+    added.sort();
+    removed.sort();
+    println!(
+        "DNS SRV, 10 changes each (dns.refresh 200ms): add p50 {:?} max {:?}; remove p50 {:?} max {:?}",
+        added[5], added[9], removed[5], removed[9]
+    );
+
     // NXDOMAIN is an answer: an empty table, 503 at once, and the service counts as synced.
     let response = gateway.get("/ghost/x").await;
     assert_eq!(response.status(), 503);
@@ -121,4 +147,39 @@ async fn a_dns_outage_keeps_the_last_set_and_turns_readiness_off() {
     let metrics = gateway.admin_get("/metrics").await;
     let errors = r#"switchyard_discovery_errors_total{service="web",source="dns"}"#;
     assert!(common::metric(&metrics, errors) >= 2.0, "{metrics}");
+}
+
+/// `dns` applies on reload: a gateway pointed at a dead resolver follows the reloaded one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_dns_section_takes_effect_without_a_restart() {
+    let consul = Consul::start().await;
+    let backends = common::backends("web", 1).await;
+    consul.register("web", "web-1", backends[0].port, &[]).await;
+    let dead = format!("127.0.0.1:{}", common::free_port());
+    let yaml = |server: &str| {
+        format!(
+            "consul:\n  address: [{}]\ndns:\n  servers: [\"{server}\"]\n  refresh: 200ms\n  timeout: 300ms\nservices:\n  - name: web\n    source: dns\n",
+            consul.url()
+        )
+    };
+    let config = |server: &str| {
+        switchyard::Config::from_yaml(&yaml(server), &Default::default()).expect("valid")
+    };
+    let gateway = Gateway::start_config(config(&dead)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(ports(&gateway, "web").await.is_empty());
+    assert!(gateway
+        .admin_get("/readyz")
+        .await
+        .contains("web: no dns answer yet"));
+    gateway
+        .reload
+        .send(config(&consul.dns_addr()))
+        .await
+        .unwrap();
+    let found = common::wait_until(WAIT, || async {
+        ports(&gateway, "web").await == [backends[0].port]
+    })
+    .await;
+    assert!(found.is_some(), "the reloaded dns.servers were not used");
 }

@@ -1,7 +1,8 @@
 //! `source: dns`: the SRV records of `dns_name` (default `<name>.service.consul`, which
 //! Consul's own DNS interface answers), looked up with `hickory-resolver`.
 //!
-//! Each SRV answer is one instance, `target:port` (the target's trailing dot dropped); the
+//! Each SRV answer of the lowest priority (RFC 2782: higher ones are fallbacks) is one
+//! instance, `target:port` (the target's trailing dot dropped), weighted by its SRV weight; the
 //! target is resolved to an address from the A/AAAA records of the answer's additional
 //! section when present (Consul sends them), else looked up. The set is looked up again when
 //! the records' TTL runs out, but never more often than `dns.refresh` (Consul answers TTL 0
@@ -84,26 +85,19 @@ impl DnsSource {
             Err(error) => return Err(SourceError::new("dns", describe(&error))),
         };
         let glue = addresses(lookup.additionals());
+        let (targets, ttl) = srv_targets(lookup.answers());
         let mut instances = Vec::new();
-        let mut ttl: Option<u32> = None;
-        for record in lookup.answers() {
-            let RData::SRV(srv) = &record.data else {
-                continue;
-            };
-            ttl = Some(ttl.map_or(record.ttl, |t| t.min(record.ttl)));
-            let target = srv.target.to_ascii();
-            let target = target.trim_end_matches('.');
-            if target.is_empty() {
-                continue; // "." means: decidedly not available here
-            }
-            let address = match glue.get(target) {
+        for target in targets {
+            let address = match glue.get(&target.host) {
                 Some(ip) => *ip,
-                None => match self.resolve(target).await {
+                None => match self.resolve(&target.host).await {
                     Some(ip) => ip,
                     None => continue,
                 },
             };
-            instances.extend(instance(target, address, srv.port));
+            instances.extend(
+                instance(&target.host, address, target.port).map(|i| i.with_weight(target.weight)),
+            );
         }
         Ok(Found {
             instances,
@@ -200,6 +194,46 @@ fn explicit_servers(servers: &[SocketAddr]) -> ResolverConfig {
     ResolverConfig::from_parts(None, Vec::new(), name_servers)
 }
 
+/// One SRV answer: where, and its share of traffic.
+#[derive(Debug, PartialEq)]
+struct Target {
+    /// The target's name without the trailing dot.
+    host: String,
+    port: u16,
+    /// SRV weight as the instance's weight (0, "no preference", counts as 1).
+    weight: u32,
+}
+
+/// The targets of the SRV `answers` of the lowest priority (RFC 2782: higher priorities are
+/// fallbacks, used only when none of a lower one is listed), and the smallest TTL of all.
+fn srv_targets(answers: &[Record]) -> (Vec<Target>, Option<u32>) {
+    let srvs: Vec<_> = answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::SRV(srv) => Some((srv, r.ttl)),
+            _ => None,
+        })
+        .collect();
+    let ttl = srvs.iter().map(|(_, ttl)| *ttl).min();
+    let Some(lowest) = srvs.iter().map(|(srv, _)| srv.priority).min() else {
+        return (Vec::new(), ttl);
+    };
+    let targets = srvs
+        .iter()
+        .filter(|(srv, _)| srv.priority == lowest)
+        .filter_map(|(srv, _)| {
+            let host = srv.target.to_ascii().trim_end_matches('.').to_owned();
+            // A target of "." means: decidedly not available here.
+            (!host.is_empty()).then(|| Target {
+                host,
+                port: srv.port,
+                weight: u32::from(srv.weight).max(1),
+            })
+        })
+        .collect();
+    (targets, ttl)
+}
+
 /// Host name (no trailing dot) -> address, from A/AAAA records (the additional section).
 fn addresses(records: &[Record]) -> HashMap<String, IpAddr> {
     records
@@ -263,6 +297,34 @@ mod tests {
             glue["7f000001.addr.dc1.consul"],
             "127.0.0.1".parse::<IpAddr>().unwrap()
         );
+    }
+
+    fn srv(priority: u16, weight: u16, port: u16, target: &str, ttl: u32) -> Record {
+        let name = Name::from_ascii("web.service.consul.").unwrap();
+        let target = Name::from_ascii(target).unwrap();
+        Record::from_rdata(
+            name,
+            ttl,
+            RData::SRV(SRV::new(priority, weight, port, target)),
+        )
+    }
+
+    #[test]
+    fn lowest_priority_targets_with_their_weights_and_the_smallest_ttl() {
+        let answers = [
+            srv(1, 3, 80, "a.node.consul.", 30),
+            srv(1, 0, 81, "b.node.consul.", 10),
+            srv(2, 1, 82, "fallback.node.consul.", 5),
+            srv(1, 1, 83, ".", 30),
+        ];
+        let (targets, ttl) = srv_targets(&answers);
+        let found: Vec<_> = targets
+            .iter()
+            .map(|t| (t.host.as_str(), t.port, t.weight))
+            .collect();
+        assert_eq!(found, [("a.node.consul", 80, 3), ("b.node.consul", 81, 1)]);
+        assert_eq!(ttl, Some(5));
+        assert_eq!(srv_targets(&[]), (Vec::new(), None));
     }
 
     #[test]

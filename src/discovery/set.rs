@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use super::consul::ConsulWatches;
+use super::consul::{Claim, ConnectionBudget, ConsulWatches};
 use super::sources::{SourceSettings, Sources};
 use super::{follow, Source};
 use crate::config::{ConsulConfig, SourceConfig};
@@ -51,11 +51,18 @@ pub struct WatchSet {
 }
 
 impl WatchSet {
-    /// Starts watching `upstreams`, each through its source.
-    pub fn start(sources: Sources, consul: &ConsulConfig, upstreams: &Upstreams) -> Self {
+    /// Starts watching `upstreams`, each through its source; the Consul ones first within
+    /// `budget` (shared with the tag-route watcher).
+    pub fn start(
+        sources: Sources,
+        consul: &ConsulConfig,
+        budget: Arc<ConnectionBudget>,
+        upstreams: &Upstreams,
+    ) -> Self {
         let none = Upstreams::from_list(Vec::new());
+        let claim = (budget, Claim::First);
         let mut set = WatchSet {
-            consul: ConsulWatches::start(sources.consul.clone(), consul, &none),
+            consul: ConsulWatches::start(sources.consul.clone(), consul, claim, &none),
             sources,
             others: HashMap::new(),
         };

@@ -1,8 +1,9 @@
 //! `source: static`: a fixed list of instances from the config, for services outside any
 //! registry and for tests that need no registry. The set is sent once and never changes
-//! until a reload gives the service a new list.
+//! until a reload gives the service a new list; it is confirmed every minute.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::warn;
@@ -10,6 +11,9 @@ use tracing::warn;
 use super::{Source, Update, Updates, WatchFuture};
 use crate::config::{ServiceConfig, SourceConfig};
 use crate::upstream::Instance;
+
+/// How often the static source confirms its set (well inside the 900 s stale alert).
+const STILL_CURRENT: Duration = Duration::from_secs(60);
 
 /// The static source: instances are `host:port` texts of the config.
 #[derive(Debug, Default)]
@@ -34,8 +38,20 @@ impl Source for StaticSource {
                     observed: Instant::now(),
                 })
                 .await;
-            if sent {
-                updates.closed().await;
+            if !sent {
+                return;
+            }
+            // A fixed list is always current: say so now and then, so the last-success
+            // timestamp (and `SwitchyardConsulSyncStale`, at 900 s) does not take a silent
+            // source for a stale one.
+            loop {
+                tokio::select! {
+                    _ = updates.closed() => return,
+                    _ = tokio::time::sleep(STILL_CURRENT) => {}
+                }
+                if !updates.send(Update::Unchanged).await {
+                    return;
+                }
             }
         })
     }
@@ -82,6 +98,22 @@ pub fn parse_instance(text: &str) -> Option<Instance> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_set_is_sent_once_then_confirmed_every_minute() {
+        let yaml = "services: [{name: s, source: static, instances: [\"127.0.0.1:80\"]}]\n";
+        let config = crate::config::Config::from_yaml(yaml, &Default::default()).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let service = config.services[0].clone();
+        tokio::spawn(Arc::new(StaticSource).watch(service, Updates { tx }));
+        let first = rx.recv().await;
+        assert!(
+            matches!(first, Some(Update::Instances { ref instances, .. }) if instances.len() == 1)
+        );
+        let started = tokio::time::Instant::now();
+        assert!(matches!(rx.recv().await, Some(Update::Unchanged)));
+        assert_eq!(started.elapsed(), STILL_CURRENT);
+    }
 
     #[test]
     fn parses_addresses_and_skips_others() {

@@ -28,7 +28,7 @@ pub mod tag_routes;
 mod watch;
 
 pub use catalog::watch_catalog;
-pub use set::{per_service_share, ConsulWatches};
+pub use set::{per_service_share, Claim, ConnectionBudget, ConsulWatches};
 pub use watch::{watch_service, Backoff, ConsulSource, IndexStep, TokenBucket, WatchPacing};
 
 use crate::config::{ConsulConfig, ServiceConfig};
@@ -117,16 +117,18 @@ pub fn consul_headers(config: &ConsulConfig) -> Result<HeaderMap, DiscoveryError
     Ok(headers)
 }
 
-/// One answer of a discovery source for one service.
+/// One answer of Consul's health endpoint for one service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
-    /// The source's change index (Consul's `X-Consul-Index`).
+    /// Consul's change index (`X-Consul-Index`).
     pub index: u64,
     /// Healthy instances carrying every configured tag.
     pub instances: Vec<Instance>,
 }
 
-/// A source of healthy instances that supports blocking ("wake me on change") queries.
+/// Consul's blocking ("wake me on change") health query, as a trait so the watch loop runs
+/// against a scripted fake in tests (`tests/fake_consul.rs`). Index-based and Consul's own:
+/// other registries implement [`Source`](super::Source) instead.
 pub trait Discovery: Send + Sync + 'static {
     /// Returns the healthy instances of `service`, blocking until the source's index moves
     /// past `index` (or its wait elapses). `index == 0` returns at once.

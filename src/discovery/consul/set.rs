@@ -6,7 +6,10 @@
 //! their own ([`watch_service`]: Consul encodes only that service's answer, which arrives in
 //! ~2-6 ms), and the rest are watched together in catalog mode ([`watch_catalog`]). When
 //! every service fits, there is no catalog part; `per_service` and `catalog` force one way
-//! for all.
+//! for all. The budget is one for the gateway ([`ConnectionBudget`]): with tag routes on, the
+//! tag-route watcher's long-polls come off the top, the file's services are served first
+//! (leaving at least a catalog coordinator's four connections), and the services found by tags
+//! get the rest; before, the tag-route watcher's own set could open `max_connections` more.
 //!
 //! One table, one writer: a reload that moves a service from one watch to another stops the
 //! old watch first, and the new watches of that reload start only once every stopped watch
@@ -14,6 +17,7 @@
 //! watch got cannot overwrite a newer one of the new watch.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::task::JoinHandle;
@@ -34,18 +38,101 @@ const HYBRID_FETCH_SLOTS: usize = 8;
 /// keeps ([`idle_connections`], shared by every watch) come on top.
 const CATALOG_CONNECTIONS: usize = 3 + HYBRID_FETCH_SLOTS;
 
-/// How many of `services` services get a blocking query of their own.
+/// The fewest connections a catalog-mode coordinator runs on (two detectors, the checks
+/// table's query, one fetch): what the file's watches leave the tag-route watcher at least.
+const CATALOG_FLOOR: usize = 4;
+
+/// How many of `services` services get a blocking query of their own, with the whole budget.
 pub fn per_service_share(consul: &ConsulConfig, services: usize) -> usize {
     let idle = idle_connections(consul.max_connections);
-    match consul.watch {
+    share(consul.watch, consul.max_connections, idle, services)
+}
+
+/// How many of `services` get a query of their own within `limit` connections, `idle` of
+/// which the HTTP pool keeps.
+fn share(mode: WatchMode, limit: usize, idle: usize, services: usize) -> usize {
+    match mode {
         WatchMode::PerService => services,
         WatchMode::Catalog => 0,
         // One query in flight per service, plus the idle connections of the HTTP pool.
-        WatchMode::Auto if services + idle <= consul.max_connections => services,
-        WatchMode::Auto => consul
-            .max_connections
+        WatchMode::Auto if services + idle <= limit => services,
+        WatchMode::Auto => limit
             .saturating_sub(CATALOG_CONNECTIONS + idle)
             .min(services),
+    }
+}
+
+/// One Consul connection budget (`consul.max_connections`) for every Consul watch: the
+/// file's services are watched first ([`Claim::First`]); the tag-route watcher's services
+/// ([`Claim::Rest`]) get what those leave, less the tag-route watcher's own long-polls. Each
+/// set's share is computed when it reconciles; a reload that grows the file's share is
+/// followed by the tag-route watcher's reconcile (it is notified of every reload).
+#[derive(Debug)]
+pub struct ConnectionBudget {
+    total: usize,
+    /// Long-polls outside any watch set (the tag-route watcher's catalog and KV queries).
+    reserved: usize,
+    /// Kept free by the file's watches for the tag-route watcher's services (0 without it).
+    rest_floor: usize,
+    /// What the file's watches may use now.
+    first: AtomicUsize,
+}
+
+/// Which side of the [`ConnectionBudget`] a watch set is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The config file's services: first served.
+    First,
+    /// Services found by tags: what the file's leave.
+    Rest,
+}
+
+impl ConnectionBudget {
+    /// The budget of `consul`, with `tag_route_polls` long-polls of the tag-route watcher
+    /// (0 when tag routes are off).
+    pub fn new(consul: &ConsulConfig, tag_route_polls: usize) -> Arc<Self> {
+        let rest_floor = if tag_route_polls > 0 {
+            CATALOG_FLOOR
+        } else {
+            0
+        };
+        Arc::new(Self {
+            total: consul.max_connections,
+            reserved: tag_route_polls,
+            rest_floor,
+            first: AtomicUsize::new(0),
+        })
+    }
+
+    /// The connections a set of `claim` may use now.
+    fn limit(&self, claim: Claim) -> usize {
+        let free = self.total.saturating_sub(self.reserved);
+        match claim {
+            Claim::First => free.saturating_sub(self.rest_floor),
+            Claim::Rest => free.saturating_sub(self.first.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// How many of `services` of `claim` get a query of their own, and how many connections
+    /// the set may use; the file's side records what it takes.
+    fn plan(&self, claim: Claim, mode: WatchMode, services: usize) -> (usize, usize) {
+        let limit = self.limit(claim);
+        let idle = self.idle(claim);
+        let own = share(mode, limit, idle, services);
+        if claim == Claim::First {
+            // A catalog coordinator may use whatever the per-service watches leave.
+            let used = if own == services { own + idle } else { limit };
+            self.first.store(used, Ordering::Relaxed);
+        }
+        (own, limit)
+    }
+
+    /// The idle connections of the shared HTTP pool, counted once (by the file's side).
+    fn idle(&self, claim: Claim) -> usize {
+        match claim {
+            Claim::First => idle_connections(self.total),
+            Claim::Rest => 0,
+        }
     }
 }
 
@@ -54,6 +141,8 @@ pub struct ConsulWatches {
     discovery: Arc<ConsulClient>,
     pacing: WatchPacing,
     consul: ConsulConfig,
+    budget: Arc<ConnectionBudget>,
+    claim: Claim,
     /// Services with a blocking query of their own: their upstream and its watch.
     per_service: HashMap<String, (Arc<Upstream>, Running)>,
     /// The catalog-mode coordinator, with the services it watches.
@@ -64,12 +153,15 @@ impl ConsulWatches {
     pub fn start(
         discovery: Arc<ConsulClient>,
         consul: &ConsulConfig,
+        (budget, claim): (Arc<ConnectionBudget>, Claim),
         upstreams: &Upstreams,
     ) -> Self {
         let mut set = ConsulWatches {
             discovery,
             pacing: WatchPacing::from(consul),
             consul: consul.clone(),
+            budget,
+            claim,
             per_service: HashMap::new(),
             catalog: None,
         };
@@ -82,7 +174,7 @@ impl ConsulWatches {
     /// this call stopped have finished; watches of services no longer listed stop.
     pub fn reconcile(&mut self, upstreams: &Upstreams) {
         let all: Vec<Arc<Upstream>> = upstreams.iter().cloned().collect();
-        let share = per_service_share(&self.consul, all.len());
+        let (share, limit) = self.budget.plan(self.claim, self.consul.watch, all.len());
         let (own, shared) = all.split_at(share);
         let mut stopped = Vec::new();
         let mut kept = HashMap::new();
@@ -114,13 +206,15 @@ impl ConsulWatches {
                 .insert(upstream.name().to_owned(), (upstream, running));
         }
         if !catalog_unchanged && !shared.is_empty() {
-            let running = self.spawn_catalog(shared, ready);
+            let running = self.spawn_catalog(shared, limit, ready);
             self.catalog = Some((shared.to_vec(), running));
         }
         info!(
             per_service = own.len(),
             catalog = shared.len(),
+            connections = limit,
             max_connections = self.consul.max_connections,
+            watches = ?self.claim,
             "watching Consul"
         );
     }
@@ -134,12 +228,14 @@ impl ConsulWatches {
         }
     }
 
-    fn spawn_catalog(&self, shared: &[Arc<Upstream>], ready: CancellationToken) -> Running {
+    fn spawn_catalog(
+        &self,
+        shared: &[Arc<Upstream>],
+        limit: usize,
+        ready: CancellationToken,
+    ) -> Running {
         let stop = CancellationToken::new();
-        let budget = self
-            .consul
-            .max_connections
-            .saturating_sub(self.per_service.len());
+        let budget = limit.saturating_sub(self.per_service.len());
         let watch = watch_catalog(
             self.discovery.clone(),
             Upstreams::from_list(shared.to_vec()),
@@ -187,6 +283,39 @@ mod tests {
         assert_eq!(per_service_share(&consul("auto", 64), 63), 51);
         assert_eq!(per_service_share(&consul("auto", 64), 1000), 51);
         assert_eq!(per_service_share(&consul("auto", 4), 10), 0);
+    }
+
+    /// What a set of `services` in `auto` mode holds: its own queries, plus a catalog
+    /// coordinator's budget when some services are left over.
+    fn held(budget: &ConnectionBudget, claim: Claim, services: usize) -> usize {
+        let (own, limit) = budget.plan(claim, WatchMode::Auto, services);
+        let idle = budget.idle(claim);
+        if own == services {
+            own + idle
+        } else {
+            // The coordinator gets what the per-service watches leave, and uses at least 4.
+            own + (limit - own).max(CATALOG_FLOOR)
+        }
+    }
+
+    #[test]
+    fn tag_routes_share_the_budget_with_the_file_services() {
+        let config = consul("auto", 64);
+        for (file, tagged) in [(10, 30), (10, 100), (62, 10), (100, 100), (0, 200)] {
+            let budget = ConnectionBudget::new(&config, 2);
+            let total = held(&budget, Claim::First, file) + held(&budget, Claim::Rest, tagged) + 2;
+            assert!(
+                total <= 64,
+                "{file} file + {tagged} tagged services: {total} connections"
+            );
+        }
+        // Few services: everyone gets a query of their own.
+        let budget = ConnectionBudget::new(&config, 2);
+        assert_eq!(budget.plan(Claim::First, WatchMode::Auto, 10).0, 10);
+        assert_eq!(budget.plan(Claim::Rest, WatchMode::Auto, 30).0, 30);
+        // Without tag routes the file's services keep the whole budget, as before.
+        let alone = ConnectionBudget::new(&config, 0);
+        assert_eq!(alone.plan(Claim::First, WatchMode::Auto, 62).0, 62);
     }
 
     #[test]

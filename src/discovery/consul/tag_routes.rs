@@ -19,7 +19,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Backoff, ConsulClient, ConsulWatches, IndexStep, TokenBucket, WatchPacing};
+use super::{Backoff, Claim, ConnectionBudget, ConsulClient, ConsulWatches, IndexStep};
+use super::{TokenBucket, WatchPacing};
 use super::{RATE_BURST, RATE_INTERVAL};
 use crate::config::{ConsulConfig, ServiceConfig, TagRoutesConfig, UpstreamProtocol};
 use crate::metrics::Metrics;
@@ -32,6 +33,8 @@ pub struct TagRouteWatch {
     pub discovery: Arc<ConsulClient>,
     pub settings: TagRoutesConfig,
     pub consul: ConsulConfig,
+    /// The Consul connection budget shared with the file's watches (this side gets the rest).
+    pub budget: Arc<ConnectionBudget>,
     /// The config file's services, swapped on reload (`reloaded` is notified then).
     pub files: Arc<ArcSwap<Upstreams>>,
     pub reloaded: Arc<Notify>,
@@ -88,6 +91,7 @@ impl TagRouteWatch {
         let mut watches = ConsulWatches::start(
             self.discovery.clone(),
             &self.consul,
+            (self.budget.clone(), Claim::Rest),
             &Upstreams::from_list(Vec::new()),
         );
         loop {
