@@ -29,6 +29,9 @@ use crate::config::{ServiceConfig, SourceConfig, ZookeeperConfig};
 use crate::upstream::Instance;
 
 const SOURCE: &str = "zookeeper";
+/// A quiet children watch on a live session is a current set: confirmed this often, so the
+/// last-success timestamp (and the 900 s stale alert) does not take silence for staleness.
+const STILL_CURRENT: Duration = Duration::from_secs(60);
 
 /// What the ZooKeeper source needs to know: the ensemble and its pacing.
 #[derive(Debug, Clone)]
@@ -289,8 +292,8 @@ impl PathWatch<'_> {
 }
 
 /// Waits for `watcher` to fire or the connection to come back (list again: `Ok(true)`);
-/// a lost connection is reported on the way. `Ok(false)` when nobody follows; an ended
-/// session is an error.
+/// a lost connection is reported on the way, and while connected the set is confirmed every
+/// [`STILL_CURRENT`]. `Ok(false)` when nobody follows; an ended session is an error.
 async fn wait(
     watcher: zk::OneshotWatcher,
     state: &mut zk::StateWatcher,
@@ -298,11 +301,22 @@ async fn wait(
 ) -> Result<bool, ZookeeperError> {
     let fired = watcher.changed();
     tokio::pin!(fired);
+    let mut confirm = tokio::time::interval_at(Instant::now() + STILL_CURRENT, STILL_CURRENT);
     loop {
         let now = tokio::select! {
             _ = updates.closed() => return Ok(false),
             _ = &mut fired => return Ok(true),
             now = state.changed() => now,
+            _ = confirm.tick() => {
+                let connected = matches!(
+                    state.peek_state(),
+                    zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly
+                );
+                if connected && !updates.send(Update::Unchanged).await {
+                    return Ok(false);
+                }
+                continue;
+            }
         };
         match now {
             zk::SessionState::Disconnected => {
