@@ -216,30 +216,36 @@ impl PathWatch<'_> {
     /// The current set and the watch that fires on its next change: a children watch, or an
     /// exists watch while the path is missing (an empty set).
     async fn list(&mut self) -> Result<(Update, zk::OneshotWatcher), ZookeeperError> {
-        let listed = self.client.get_and_watch_children(self.path);
-        match bounded("list", self.timeout, listed).await? {
-            Ok((names, stat, watcher)) => {
-                self.read_new(&names).await?;
-                let version = u64::try_from(stat.cversion).unwrap_or(0);
-                Ok((self.update(version), watcher))
-            }
-            Err(zk::Error::NoNode) => {
-                let exists = self.client.check_and_watch_stat(self.path);
-                let (stat, watcher) = bounded("exists", self.timeout, exists)
-                    .await?
-                    .map_err(|source| self.error("exists", source))?;
-                if stat.is_none() {
+        loop {
+            let listed = self.client.get_and_watch_children(self.path);
+            match bounded("list", self.timeout, listed).await? {
+                Ok((names, stat, watcher)) => {
+                    self.read_new(&names).await?;
+                    let version = u64::try_from(stat.cversion).unwrap_or(0);
+                    return Ok((self.update(version), watcher));
+                }
+                Err(zk::Error::NoNode) => {
+                    let exists = self.client.check_and_watch_stat(self.path);
+                    let (stat, watcher) = bounded("exists", self.timeout, exists)
+                        .await?
+                        .map_err(|source| self.error("exists", source))?;
+                    // Created between the two calls: list it. (An exists watch on a node
+                    // that exists fires on its data or deletion, never on new children; a
+                    // run under load waited on one for good before this.)
+                    if stat.is_some() {
+                        continue;
+                    }
+                    let service = self.service;
                     debug!(
-                        service = self.service,
+                        service,
                         path = self.path,
                         "zookeeper path missing; waiting for it"
                     );
                     self.children.by_name.clear();
+                    return Ok((self.update(0), watcher));
                 }
-                // Created meanwhile: the watch fires at once and the next round lists it.
-                Ok((self.update(0), watcher))
+                Err(source) => return Err(self.error("list", source)),
             }
-            Err(source) => Err(self.error("list", source)),
         }
     }
 
