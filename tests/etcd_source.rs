@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::etcd::EtcdCluster;
-use common::follow::discovery_errors;
+use common::sources::discovery_errors;
 use common::{free_port, Backend, Gateway, Load};
 
 const WAIT: Duration = Duration::from_secs(15);

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::follow::discovery_errors;
+use common::sources::discovery_errors;
 use common::zookeeper::{register, ZookeeperEnsemble};
 use common::{free_port, Backend, Gateway, Load};
 

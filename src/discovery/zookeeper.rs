@@ -29,6 +29,9 @@ use crate::config::{ServiceConfig, SourceConfig, ZookeeperConfig};
 use crate::upstream::Instance;
 
 const SOURCE: &str = "zookeeper";
+/// A quiet children watch on a live session is a current set: confirmed this often, so the
+/// last-success timestamp (and the 900 s stale alert) does not take silence for staleness.
+const STILL_CURRENT: Duration = Duration::from_secs(60);
 
 /// What the ZooKeeper source needs to know: the ensemble and its pacing.
 #[derive(Debug, Clone)]
@@ -213,30 +216,36 @@ impl PathWatch<'_> {
     /// The current set and the watch that fires on its next change: a children watch, or an
     /// exists watch while the path is missing (an empty set).
     async fn list(&mut self) -> Result<(Update, zk::OneshotWatcher), ZookeeperError> {
-        let listed = self.client.get_and_watch_children(self.path);
-        match bounded("list", self.timeout, listed).await? {
-            Ok((names, stat, watcher)) => {
-                self.read_new(&names).await?;
-                let version = u64::try_from(stat.cversion).unwrap_or(0);
-                Ok((self.update(version), watcher))
-            }
-            Err(zk::Error::NoNode) => {
-                let exists = self.client.check_and_watch_stat(self.path);
-                let (stat, watcher) = bounded("exists", self.timeout, exists)
-                    .await?
-                    .map_err(|source| self.error("exists", source))?;
-                if stat.is_none() {
+        loop {
+            let listed = self.client.get_and_watch_children(self.path);
+            match bounded("list", self.timeout, listed).await? {
+                Ok((names, stat, watcher)) => {
+                    self.read_new(&names).await?;
+                    let version = u64::try_from(stat.cversion).unwrap_or(0);
+                    return Ok((self.update(version), watcher));
+                }
+                Err(zk::Error::NoNode) => {
+                    let exists = self.client.check_and_watch_stat(self.path);
+                    let (stat, watcher) = bounded("exists", self.timeout, exists)
+                        .await?
+                        .map_err(|source| self.error("exists", source))?;
+                    // Created between the two calls: list it. (An exists watch on a node
+                    // that exists fires on its data or deletion, never on new children; a
+                    // run under load waited on one for good before this.)
+                    if stat.is_some() {
+                        continue;
+                    }
+                    let service = self.service;
                     debug!(
-                        service = self.service,
+                        service,
                         path = self.path,
                         "zookeeper path missing; waiting for it"
                     );
                     self.children.by_name.clear();
+                    return Ok((self.update(0), watcher));
                 }
-                // Created meanwhile: the watch fires at once and the next round lists it.
-                Ok((self.update(0), watcher))
+                Err(source) => return Err(self.error("list", source)),
             }
-            Err(source) => Err(self.error("list", source)),
         }
     }
 
@@ -289,8 +298,8 @@ impl PathWatch<'_> {
 }
 
 /// Waits for `watcher` to fire or the connection to come back (list again: `Ok(true)`);
-/// a lost connection is reported on the way. `Ok(false)` when nobody follows; an ended
-/// session is an error.
+/// a lost connection is reported on the way, and while connected the set is confirmed every
+/// [`STILL_CURRENT`]. `Ok(false)` when nobody follows; an ended session is an error.
 async fn wait(
     watcher: zk::OneshotWatcher,
     state: &mut zk::StateWatcher,
@@ -298,11 +307,22 @@ async fn wait(
 ) -> Result<bool, ZookeeperError> {
     let fired = watcher.changed();
     tokio::pin!(fired);
+    let mut confirm = tokio::time::interval_at(Instant::now() + STILL_CURRENT, STILL_CURRENT);
     loop {
         let now = tokio::select! {
             _ = updates.closed() => return Ok(false),
             _ = &mut fired => return Ok(true),
             now = state.changed() => now,
+            _ = confirm.tick() => {
+                let connected = matches!(
+                    state.peek_state(),
+                    zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly
+                );
+                if connected && !updates.send(Update::Unchanged).await {
+                    return Ok(false);
+                }
+                continue;
+            }
         };
         match now {
             zk::SessionState::Disconnected => {

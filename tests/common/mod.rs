@@ -30,9 +30,9 @@ use switchyard::config::{CertificateConfig, Config, ConsulEnv};
 use switchyard::Shutdown;
 
 pub mod etcd;
-pub mod follow;
 pub mod pki;
 pub mod raw;
+pub mod sources;
 pub mod zookeeper;
 
 /// A port nothing listens on right now.
