@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Discovery sources side by side (issue 12's comparison), run by loadtest/sources.sh.
+"""Discovery sources side by side (issue 12's comparison), part 2 of loadtest/sources.sh.
 
 For each source (consul, etcd, zookeeper, dns) this starts the registry here on 127.0.0.1
 (etcd and ZooKeeper as 3-node clusters), a few HTTP instances and the gateway, then measures:
@@ -12,7 +12,8 @@ For each source (consul, etcd, zookeeper, dns) this starts the registry here on 
   propagation of the first change made after the kill;
 - connections: TCP connections from the gateway to the registry with 100 services.
 
-It prints one JSON line per source and writes the markdown table to the path given.
+It prints one JSON line per source and writes the markdown table to the path given;
+sources.sh appends it to docs/discovery-sources.md.
 """
 
 import base64

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# The discovery-source comparison of issue 12, measured: runs tests/sources_comparison.rs
-# (ignored in CI) for etcd (3 members) and ZooKeeper (3 servers) on loopback ports and writes
-# docs/discovery-sources.md. Consul's column is quoted from the existing benches
-# (loadtest/RESULTS.md, `cargo bench --bench propagation`; tests/drills.rs).
+# The discovery-source comparison of issue 12, measured, in two parts written to
+# docs/discovery-sources.md:
+# 1. tests/sources_comparison.rs (ignored in CI): etcd (3 members) and ZooKeeper (3 servers)
+#    with an in-process gateway, the recovery times broken down (election, first write
+#    accepted, routed); Consul's column quoted from the existing benches.
+# 2. loadtest/sources.py: all four sources (consul, etcd, zookeeper, dns) through the release
+#    binary as its own process, one harness for all (propagation, outage, leader kill,
+#    connections per 100 services).
 #
-# Knobs: CHANGES (adds and removes each, default 50), OUTAGE_S (default 30), OUT (the file).
+# Knobs: CHANGES (adds and removes each, default 50), OUTAGE_S (default 30), OUT (the file),
+# SWITCHYARD_BIN (part 2's binary; default: a release build), DNS_REFRESH (1s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,7 +51,7 @@ table = [
     ("leader kill → a write accepted, ms", "leader_kill_to_write_accepted_ms", "—"),
     ("leader kill → that change routed, ms", "leader_kill_to_change_routed_ms", "—"),
     ("connections held per 100 services", "connections_per_100_services",
-     "54 (51 blocking queries + catalog mode, `max_connections: 64`)"),
+     "102 (100 blocking queries + 2 idle, `max_connections: 128`; README, Performance)"),
 ]
 lines = [
     "# Discovery sources, measured side by side",
@@ -88,3 +93,35 @@ lines += [
 open(out, "w").write("\n".join(lines))
 print(f"sources.sh: wrote {out}")
 EOF
+
+# Part 2: the release binary, every source, one harness.
+if [[ -z ${SWITCHYARD_BIN:-} ]]; then
+  cargo build --release --locked --quiet --bin switchyard
+  export SWITCHYARD_BIN=target/release/switchyard
+fi
+/usr/bin/python3 -c 'import kazoo' 2>/dev/null \
+  || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-kazoo >/dev/null
+table="$(mktemp)"
+trap 'rm -f "$log" "$table"' EXIT
+load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+/usr/bin/python3 loadtest/sources.py "$table"
+load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
+{
+  echo "## All four sources through the release binary (loadtest/sources.py)"
+  echo
+  echo "The gateway as its own process (\`$SWITCHYARD_BIN\`, \`workers: 1\`), one service \`bench\`"
+  echo "with 3 steady instances; load average $load_before before, $load_after after."
+  echo
+  echo "- **add / remove**: $CHANGES of each, from the registry call returning (Consul agent API;"
+  echo "  etcd's JSON gateway; a kazoo session) to \`/routes\` showing it, polled every 2 ms. DNS:"
+  echo "  Consul answers SRV with TTL 0, so \`dns.refresh\` (${DNS_REFRESH:-1s} here) paces it; each change"
+  echo "  is made right after a lookup, so it waits a whole refresh: the figure is that floor."
+  echo "- **outage**: every node stopped for $OUTAGE_S s under ~100 requests/s; *resync*: restart to a"
+  echo "  new instance routed. The Consul dev agent keeps nothing: its instances register again."
+  echo "- **leader killed** (etcd, ZooKeeper): under the same load; the first change after the"
+  echo "  kill (the write retried until accepted), routed this long after the call returned."
+  echo "- **connections**: established TCP connections to the registry with 100 services."
+  echo
+  cat "$table"
+} >>"$OUT"
+echo "sources.sh: appended part 2 to $OUT"
