@@ -204,7 +204,11 @@ class ZooKeeper:
             self.configure(i)
             self.start(i)
         hosts = ",".join(f"127.0.0.1:{n['client']}" for n in self.nodes)
-        self.client = KazooClient(hosts=hosts, timeout=10)
+        # The registrar's session must outlive the outage drill: kazoo's reconnect delay
+        # grows to a minute by default, and a session that expired (10 s) took the steady
+        # instances' ephemeral nodes with it (175 failed requests, the registry doing its job).
+        self.client = KazooClient(hosts=hosts, timeout=60,
+                                  connection_retry={"max_tries": -1, "max_delay": 1})
         self.client.start(timeout=60)
 
     def configure(self, i):
@@ -217,7 +221,8 @@ class ZooKeeper:
         with open(os.path.join(data, "zoo.cfg"), "w") as f:
             f.write(f"tickTime=500\ninitLimit=20\nsyncLimit=10\ndataDir={data}\n"
                     f"clientPort={self.nodes[i]['client']}\nclientPortAddress=127.0.0.1\n"
-                    f"admin.enableServer=false\n4lw.commands.whitelist=*\n{servers}\n")
+                    f"admin.enableServer=false\n4lw.commands.whitelist=*\n"
+                    f"maxSessionTimeout=120000\n{servers}\n")
 
     def start(self, i):
         cfg = os.path.join(WORK, f"zk{i}", "zoo.cfg")
