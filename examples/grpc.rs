@@ -73,24 +73,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(address) = &args.call {
         return call(address, &args.name, args.count).await;
     }
-    let registration = &args.registration;
-    let listener = TcpListener::bind((registration.address.as_str(), registration.port))
-        .await
-        .with_context(|| format!("binding {}:{}", registration.address, registration.port))?;
-    let local = listener.local_addr()?;
-    let id = registration
-        .id
-        .clone()
-        .unwrap_or_else(|| format!("{}-{}", args.name, local.port()));
-    // Serve before registering so Consul's first check finds us up.
-    let server = tokio::spawn(serve(listener, id));
-    let registered = registration.register(&args.name, local).await?;
-    println!("listening on {local} as {}", registered.id);
-
-    consul::wait_for_signal().await;
-    registered.deregister().await;
-    server.abort();
-    Ok(())
+    args.registration.run(&args.name, serve).await
 }
 
 /// The `Greeter.SayHello` implementation, in the shape tonic's generated code calls.

@@ -10,6 +10,10 @@
 #                                # HTTPS request, 4 gRPC calls and 1,000 WebSocket echoes
 #   DEMO_KEEP=1 ./scripts/demo.sh  # keep everything running until Ctrl-C
 #   DEMO_NO_OHA=1 ./scripts/demo.sh  # skip installing oha (no load phase then)
+#   DEMO_REGISTRY=etcd ./scripts/demo.sh       # the hello instances register in etcd
+#   DEMO_REGISTRY=zookeeper ./scripts/demo.sh  # ... or in ZooKeeper (one local server each;
+#                                # the gateway routes them with `source: etcd|zookeeper`;
+#                                # the canary and tag routes are Consul's, so not shown then)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +22,13 @@ need() { command -v "$1" >/dev/null 2>&1 || { as_root apt-get update -qq && as_r
 need curl curl
 need openssl openssl
 bash scripts/install-consul.sh
+REGISTRY="${DEMO_REGISTRY:-consul}"
+case "$REGISTRY" in
+  consul) ;;
+  etcd) bash scripts/install-etcd.sh ;;
+  zookeeper) bash scripts/install-zookeeper.sh ;;
+  *) echo "DEMO_REGISTRY must be consul, etcd or zookeeper, not $REGISTRY" >&2; exit 2 ;;
+esac
 if ! command -v oha >/dev/null 2>&1 && [[ -z "${DEMO_NO_OHA:-}" ]]; then
   echo "== installing oha, the load generator (cargo install oha --locked; once, a few minutes)"
   cargo install oha --locked --quiet
@@ -59,21 +70,56 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 
+# etcd or ZooKeeper for the hello instances when DEMO_REGISTRY asks for one (one server).
+HELLO_REGISTRY=()
+HELLO_SOURCE=""
+if [[ $REGISTRY == etcd ]]; then
+  ETCD_CLIENT=$(free_port); ETCD_PEER=$(free_port)
+  echo "== etcd on 127.0.0.1:$ETCD_CLIENT (the hello instances register there)"
+  etcd --name demo --data-dir "$WORK/etcd" --listen-client-urls "http://127.0.0.1:$ETCD_CLIENT" \
+    --advertise-client-urls "http://127.0.0.1:$ETCD_CLIENT" --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
+    --initial-cluster "demo=http://127.0.0.1:$ETCD_PEER" >"$WORK/etcd.log" 2>&1 &
+  PIDS+=($!); REGISTRY_PIDS=($!)
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ETCD_CLIENT/health" >/dev/null && break; sleep 0.1; done
+  HELLO_REGISTRY=(--registry etcd --etcd "http://127.0.0.1:$ETCD_CLIENT")
+  HELLO_SOURCE="    source: etcd"
+  REGISTRY_YAML="etcd: {endpoints: [\"http://127.0.0.1:$ETCD_CLIENT\"]}"
+elif [[ $REGISTRY == zookeeper ]]; then
+  ZK=$(free_port)
+  echo "== ZooKeeper on 127.0.0.1:$ZK (the hello instances register there)"
+  mkdir -p "$WORK/zk"
+  printf 'tickTime=500\ndataDir=%s\nclientPort=%s\nclientPortAddress=127.0.0.1\nadmin.enableServer=false\n' \
+    "$WORK/zk" "$ZK" >"$WORK/zk/zoo.cfg"
+  ZOO_LOG_DIR="$WORK/zk" /usr/share/zookeeper/bin/zkServer.sh start-foreground "$WORK/zk/zoo.cfg" >"$WORK/zk.log" 2>&1 &
+  PIDS+=($!); REGISTRY_PIDS=($!)
+  for _ in $(seq 200); do [[ "$(echo ruok | timeout 1 bash -c "cat >/dev/tcp/127.0.0.1/$ZK" 2>/dev/null; echo $?)" == 0 ]] && break; sleep 0.1; done
+  HELLO_REGISTRY=(--registry zookeeper --zookeeper "127.0.0.1:$ZK")
+  HELLO_SOURCE="    source: zookeeper"
+  REGISTRY_YAML="zookeeper: {servers: [\"127.0.0.1:$ZK\"]}"
+fi
+
 # Instances: 3 hello (HTTP), 2 greeter (gRPC, examples/grpc.rs), 1 ws (examples/websocket.rs).
 HELLO_PIDS=()
 INSTANCE_PIDS=()
 start_instance() { # example id [more arguments of the example]
   ./target/release/examples/"$1" --consul "$CONSUL" --id "$2" "${@:3}" >"$WORK/$2.log" 2>&1 &
   INSTANCE_PIDS+=($!)
-  PIDS=("${INSTANCE_PIDS[@]}" "$CONSUL_PID")
+  PIDS=("${INSTANCE_PIDS[@]}" "${REGISTRY_PIDS[@]:-}" "$CONSUL_PID")
 }
-for i in 1 2 3; do start_instance hello "hello-$i"; HELLO_PIDS+=("${INSTANCE_PIDS[-1]}"); done
-# The canary: another service on the same route, a fifth of its traffic (fabio's weight=).
-start_instance hello hello-v2-1 --name hello-v2 --tags "demo,urlprefix-/hello weight=0.2"
+for i in 1 2 3; do
+  start_instance hello "hello-$i" "${HELLO_REGISTRY[@]}"; HELLO_PIDS+=("${INSTANCE_PIDS[-1]}")
+done
+HELLO_IDS="hello-1 hello-2 hello-3"
+if [[ $REGISTRY == consul ]]; then
+  # The canary: another service on the same route, a fifth of its traffic (fabio's weight=).
+  start_instance hello hello-v2-1 --name hello-v2 --tags "demo,urlprefix-/hello weight=0.2"
+  HELLO_IDS+=" hello-v2-1"
+fi
 start_instance grpc greeter-1
 start_instance grpc greeter-2
 start_instance websocket ws-1
-for id in hello-1 hello-2 hello-3 hello-v2-1 greeter-1 greeter-2 ws-1; do
+for id in $HELLO_IDS greeter-1 greeter-2 ws-1; do
   for _ in $(seq 100); do grep -q listening "$WORK/$id.log" && break; sleep 0.1; done
   echo "   $(cat "$WORK/$id.log")"
 done
@@ -94,8 +140,13 @@ tls:
   listen: "127.0.0.1:$TLS"
   certificates:
     - {cert_file: "$WORK/tls.pem", key_file: "$WORK/tls.key"}
-tag_routes: {enabled: true}          # hello and hello-v2 are routed by their urlprefix- tags
+$(if [[ $REGISTRY == consul ]]; then
+  echo "tag_routes: {enabled: true}          # hello and hello-v2 are routed by their urlprefix- tags"
+else
+  echo "$REGISTRY_YAML"
+fi)
 services:
+$(if [[ $REGISTRY != consul ]]; then printf '  - name: hello\n%s\n' "$HELLO_SOURCE"; fi)
   - name: greeter                     # gRPC: HTTP/2 without TLS to the instances
     protocol: h2c
     route: {path_prefix: /helloworld.Greeter/}
@@ -105,13 +156,13 @@ EOF
 echo "== switchyard on 127.0.0.1:$GW, TLS on 127.0.0.1:$TLS (admin 127.0.0.1:$ADMIN)"
 ./target/release/switchyard --config "$WORK/gateway.yaml" >"$WORK/switchyard.log" 2>&1 &
 GW_PID=$!
-PIDS=("${INSTANCE_PIDS[@]}" "$GW_PID" "$CONSUL_PID")
+PIDS=("${INSTANCE_PIDS[@]}" "$GW_PID" "${REGISTRY_PIDS[@]:-}" "$CONSUL_PID")
 for _ in $(seq 100); do
   [[ "$(curl -s "http://127.0.0.1:$ADMIN/readyz" || true)" == ready* ]] && break
   sleep 0.1
 done
 for _ in $(seq 100); do
-  [[ $(curl -s "http://127.0.0.1:$ADMIN/routes" | grep -c '"id"') -ge 7 ]] && break
+  [[ $(curl -s "http://127.0.0.1:$ADMIN/routes" | grep -c '"id"') -ge $(($(wc -w <<<"$HELLO_IDS") + 3)) ]] && break
   sleep 0.1
 done
 echo "   /readyz: $(curl -s "http://127.0.0.1:$ADMIN/readyz")"
@@ -123,7 +174,11 @@ spread() {
   curl -s "${urls[@]}" | sort | uniq -c | sed 's/^/   /'
 }
 
-echo "== 300 requests to http://127.0.0.1:$GW/hello (tag routes: hello-v2 weight=0.2, the rest round robin over hello's 3)"
+if [[ $REGISTRY == consul ]]; then
+  echo "== 300 requests to http://127.0.0.1:$GW/hello (tag routes: hello-v2 weight=0.2, the rest round robin over hello's 3)"
+else
+  echo "== 300 requests to http://127.0.0.1:$GW/hello (source: $REGISTRY, round robin over 3 instances)"
+fi
 spread 300
 
 echo "== hello-3 stops (deregisters on SIGTERM); 300 more requests"

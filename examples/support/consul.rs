@@ -1,12 +1,15 @@
 //! What the `grpc` and `websocket` examples share with `hello`: the Consul flags, registration
-//! with an HTTP check on `/health`, deregistration on Ctrl-C or SIGTERM. Included with
+//! with an HTTP check on `/health`, deregistration on Ctrl-C or SIGTERM, and the instance's
+//! life around them ([`Registration::run`]). Included with
 //! `#[path = "support/consul.rs"] mod consul;` (a folder without `main.rs` is no example).
 
+use std::future::Future;
 use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
+use tokio::net::TcpListener;
 
 /// How an example registers itself in Consul.
 #[derive(Debug, Args)]
@@ -43,6 +46,31 @@ pub struct Registered {
 }
 
 impl Registration {
+    /// Binds the address, serves with `serve(listener, id)` in a task of its own, registers
+    /// `name` (after serving starts, so Consul's first check finds the instance up), then waits
+    /// for Ctrl-C or SIGTERM and deregisters.
+    pub async fn run<F, Fut>(&self, name: &str, serve: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(TcpListener, String) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind((self.address.as_str(), self.port))
+            .await
+            .with_context(|| format!("binding {}:{}", self.address, self.port))?;
+        let local = listener.local_addr()?;
+        let id = self
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("{name}-{}", local.port()));
+        let server = tokio::spawn(serve(listener, id));
+        let registered = self.register(name, local).await?;
+        println!("listening on {local} as {}", registered.id);
+        wait_for_signal().await;
+        registered.deregister().await;
+        server.abort();
+        Ok(())
+    }
+
     /// Registers `name` at `local` (serve before calling this, so the first check finds it).
     pub async fn register(&self, name: &str, local: SocketAddr) -> anyhow::Result<Registered> {
         let id = self
