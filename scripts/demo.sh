@@ -43,6 +43,8 @@ free_port() {
 
 echo "== building switchyard and the hello, grpc and websocket examples (release)"
 cargo build --release --quiet --bin switchyard --example hello --example grpc --example websocket
+# Where cargo put them: CARGO_TARGET_DIR when set (a shared build cache), else ./target.
+RELEASE="${CARGO_TARGET_DIR:-target}/release"
 
 WORK="$(mktemp -d -t switchyard-demo.XXXXXX)"
 PIDS=()
@@ -103,7 +105,7 @@ fi
 HELLO_PIDS=()
 INSTANCE_PIDS=()
 start_instance() { # example id [more arguments of the example]
-  ./target/release/examples/"$1" --consul "$CONSUL" --id "$2" "${@:3}" >"$WORK/$2.log" 2>&1 &
+  "$RELEASE"/examples/"$1" --consul "$CONSUL" --id "$2" "${@:3}" >"$WORK/$2.log" 2>&1 &
   INSTANCE_PIDS+=($!)
   PIDS=("${INSTANCE_PIDS[@]}" "${REGISTRY_PIDS[@]:-}" "$CONSUL_PID")
 }
@@ -154,7 +156,7 @@ $(if [[ $REGISTRY != consul ]]; then printf '  - name: hello\n%s\n' "$HELLO_SOUR
     route: {path_prefix: /ws}
 EOF
 echo "== switchyard on 127.0.0.1:$GW, TLS on 127.0.0.1:$TLS (admin 127.0.0.1:$ADMIN)"
-./target/release/switchyard --config "$WORK/gateway.yaml" >"$WORK/switchyard.log" 2>&1 &
+"$RELEASE"/switchyard --config "$WORK/gateway.yaml" >"$WORK/switchyard.log" 2>&1 &
 GW_PID=$!
 PIDS=("${INSTANCE_PIDS[@]}" "$GW_PID" "${REGISTRY_PIDS[@]:-}" "$CONSUL_PID")
 for _ in $(seq 100); do
@@ -190,10 +192,10 @@ curl -sv --cacert "$WORK/tls.pem" --resolve "localhost:$TLS:127.0.0.1" "https://
   | grep -E '^\* SSL connection|^\* ALPN: server accepted|^< HTTP|^hello' | sed 's/^/   /'
 
 echo "== gRPC: 4 calls of helloworld.Greeter/SayHello through the gateway (the tonic example's client)"
-./target/release/examples/grpc --call "127.0.0.1:$GW" --count 4 --name demo | sort | uniq -c | sed 's/^/   /'
+"$RELEASE"/examples/grpc --call "127.0.0.1:$GW" --count 4 --name demo | sort | uniq -c | sed 's/^/   /'
 
 echo "== WebSocket: 1,000 messages through the gateway to the echo example"
-./target/release/examples/websocket --call "ws://127.0.0.1:$GW/ws" --count 1000 | sed 's/^/   /'
+"$RELEASE"/examples/websocket --call "ws://127.0.0.1:$GW/ws" --count 1000 | sed 's/^/   /'
 
 if command -v oha >/dev/null 2>&1; then
   echo "== oha: 5 s of load, 50 connections"
