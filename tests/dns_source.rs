@@ -166,7 +166,13 @@ async fn a_reloaded_dns_section_takes_effect_without_a_restart() {
         switchyard::Config::from_yaml(&yaml(server), &Default::default()).expect("valid")
     };
     let gateway = Gateway::start_config(config(&dead)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The dead resolver has been asked (and failed) before anything is checked.
+    let errors = r#"switchyard_discovery_errors_total{service="web",source="dns"}"#;
+    let failed = common::wait_until(WAIT, || async {
+        common::metric(&gateway.admin_get("/metrics").await, errors) >= 1.0
+    })
+    .await;
+    assert!(failed.is_some(), "no lookup of the dead resolver failed");
     assert!(ports(&gateway, "web").await.is_empty());
     assert!(gateway
         .admin_get("/readyz")

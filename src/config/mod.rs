@@ -14,7 +14,10 @@ use std::time::Duration;
 
 mod sources;
 
-pub use sources::{is_host_port, DnsConfig, EtcdConfig, SourceConfig, ZookeeperConfig};
+pub use sources::{default_dns_name, default_etcd_prefix, default_zookeeper_path};
+pub use sources::{
+    is_host_port, split_host_port, DnsConfig, EtcdConfig, SourceConfig, ZookeeperConfig,
+};
 use sources::{RawDns, RawEtcd, RawServiceSource, RawZookeeper};
 
 use ipnet::IpNet;

@@ -94,9 +94,24 @@ impl RawServiceSource {
     }
 }
 
+/// `etcd_prefix` when the file leaves it empty (go-kit's layout).
+pub fn default_etcd_prefix(name: &str) -> String {
+    format!("/services/{name}/")
+}
+
+/// `zookeeper_path` when the file leaves it empty (go-kit's layout).
+pub fn default_zookeeper_path(name: &str) -> String {
+    format!("/services/{name}")
+}
+
+/// `dns_name` when the file leaves it empty: what Consul's DNS interface answers.
+pub fn default_dns_name(name: &str) -> String {
+    format!("{name}.service.consul")
+}
+
 fn etcd_prefix(key: &str, name: &str, text: String) -> Result<String, ConfigError> {
     let prefix = match text.trim() {
-        "" => format!("/services/{name}/"),
+        "" => default_etcd_prefix(name),
         text => text.to_owned(),
     };
     if !prefix.starts_with('/') {
@@ -110,7 +125,7 @@ fn etcd_prefix(key: &str, name: &str, text: String) -> Result<String, ConfigErro
 
 fn zookeeper_path(key: &str, name: &str, text: String) -> Result<String, ConfigError> {
     let path = match text.trim() {
-        "" => format!("/services/{name}"),
+        "" => default_zookeeper_path(name),
         text => text.trim_end_matches('/').to_owned(),
     };
     if !path.starts_with('/') || path.len() < 2 || path.contains("//") {
@@ -124,7 +139,7 @@ fn zookeeper_path(key: &str, name: &str, text: String) -> Result<String, ConfigE
 
 fn dns_name(key: &str, name: &str, text: String) -> Result<String, ConfigError> {
     let dns = match text.trim() {
-        "" => format!("{name}.service.consul"),
+        "" => default_dns_name(name),
         text => text.trim_end_matches('.').to_owned(),
     };
     let valid = dns.split('.').all(|label| {
@@ -163,18 +178,22 @@ fn static_instances(key: &str, texts: Vec<String>) -> Result<Vec<String>, Config
 
 /// `host:port` or `http://host:port` (IPv6 in brackets), with a port 1-65535.
 pub fn is_host_port(text: &str) -> bool {
+    split_host_port(text).is_some()
+}
+
+/// The host (IPv6 without brackets) and port of a [`is_host_port`] text; the one parser of
+/// instance addresses written as text (static lists, etcd values, ZooKeeper data).
+pub fn split_host_port(text: &str) -> Option<(&str, u16)> {
     let bare = text.trim();
     let bare = bare
         .strip_prefix("http://")
         .unwrap_or(bare)
         .trim_end_matches('/');
-    let Some((host, port)) = bare.rsplit_once(':') else {
-        return false;
-    };
+    let (host, port) = bare.rsplit_once(':')?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    matches!(port.parse::<u16>(), Ok(p) if p != 0)
-        && !host.is_empty()
-        && !host.contains(['/', '@', ' ', '?', '#'])
+    let port = port.parse::<u16>().ok().filter(|&p| p != 0)?;
+    let valid = !host.is_empty() && !host.contains(['/', '@', ' ', '?', '#']);
+    valid.then_some((host, port))
 }
 
 /// `etcd`: the cluster's client endpoints.

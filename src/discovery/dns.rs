@@ -132,7 +132,7 @@ impl Source for DnsSource {
         Box::pin(async move {
             let name = match &service.source {
                 SourceConfig::Dns { name } => name.clone(),
-                _ => format!("{}.service.consul", service.name),
+                _ => crate::config::default_dns_name(&service.name),
             };
             self.refresh_loop(&name, &updates).await
         })
@@ -152,12 +152,8 @@ impl DnsSource {
                 }
                 Err(error) => (Update::Failed(error), self.settings.refresh),
             };
-            if !updates.send(update).await {
+            if !updates.send_then_wait(update, wait).await {
                 return;
-            }
-            tokio::select! {
-                _ = updates.closed() => return,
-                _ = tokio::time::sleep(wait) => {}
             }
         }
     }

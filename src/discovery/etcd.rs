@@ -163,15 +163,9 @@ impl EtcdSource {
                 }
                 Err(error) => error,
             };
-            if !updates
-                .send(Update::Failed(SourceError::new(SOURCE, &error)))
-                .await
-            {
+            let failed = Update::Failed(SourceError::new(SOURCE, &error));
+            if !updates.send_then_wait(failed, backoff.next_delay()).await {
                 return;
-            }
-            tokio::select! {
-                _ = updates.closed() => return,
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
         }
     }
@@ -211,7 +205,7 @@ impl Source for EtcdSource {
     fn watch(self: Arc<Self>, service: ServiceConfig, updates: Updates) -> WatchFuture {
         let prefix = match &service.source {
             SourceConfig::Etcd { prefix } => prefix.clone(),
-            _ => format!("/services/{}/", service.name),
+            _ => crate::config::default_etcd_prefix(&service.name),
         };
         Box::pin(self.run(service.name, prefix, updates))
     }

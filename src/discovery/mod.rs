@@ -23,6 +23,7 @@ pub use sources::{SourceSettings, Sources};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -93,6 +94,18 @@ impl Updates {
     /// Completes when nobody follows the watch any more.
     pub async fn closed(&self) {
         self.tx.closed().await
+    }
+
+    /// Sends `update`, then waits `delay` (the next refresh, a backoff) before the source's
+    /// next attempt; `false` when nobody follows any more (the source stops).
+    pub async fn send_then_wait(&self, update: Update, delay: Duration) -> bool {
+        if !self.send(update).await {
+            return false;
+        }
+        tokio::select! {
+            _ = self.closed() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::{Source, Update, Updates, WatchFuture};
-use crate::config::{ServiceConfig, SourceConfig};
+use crate::config::{split_host_port, ServiceConfig, SourceConfig};
 use crate::upstream::Instance;
 
 /// How often the static source confirms its set (well inside the 900 s stale alert).
@@ -75,16 +75,7 @@ pub fn parse_instances(service: &str, texts: &[String]) -> Vec<Instance> {
 
 /// One `host:port` (or `http://host:port`) text as an instance with that text as its id.
 pub fn parse_instance(text: &str) -> Option<Instance> {
-    let bare = text
-        .strip_prefix("http://")
-        .unwrap_or(text)
-        .trim_end_matches('/');
-    let (host, port) = bare.rsplit_once(':')?;
-    let port: u16 = port.parse().ok()?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() || host.contains(['/', '@', ' ']) {
-        return None;
-    }
+    let (host, port) = split_host_port(text)?;
     Instance::new(
         text.to_owned(),
         host.to_owned(),

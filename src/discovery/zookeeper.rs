@@ -138,15 +138,9 @@ impl ZookeeperSource {
                 Ok(()) => return,
                 Err(error) => error,
             };
-            if !updates
-                .send(Update::Failed(SourceError::new(SOURCE, &error)))
-                .await
-            {
+            let failed = Update::Failed(SourceError::new(SOURCE, &error));
+            if !updates.send_then_wait(failed, backoff.next_delay()).await {
                 return;
-            }
-            tokio::select! {
-                _ = updates.closed() => return,
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
         }
     }
@@ -160,7 +154,7 @@ impl Source for ZookeeperSource {
     fn watch(self: Arc<Self>, service: ServiceConfig, updates: Updates) -> WatchFuture {
         let path = match &service.source {
             SourceConfig::Zookeeper { path } => path.clone(),
-            _ => format!("/services/{}", service.name),
+            _ => crate::config::default_zookeeper_path(&service.name),
         };
         Box::pin(self.run(service.name, path, updates))
     }

@@ -168,22 +168,12 @@ impl EtcdCluster {
     }
 
     pub async fn wait_for_leader(&self, timeout: Duration) -> Option<usize> {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if let Some(leader) = self.leader().await {
-                return Some(leader);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        None
+        super::poll_some(timeout, || self.leader()).await
     }
 
     /// Kills member `i` at once (SIGKILL), as a crash.
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.members[i].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        super::kill_child(&mut self.members[i].child);
     }
 
     /// Starts member `i` again on its ports and data (it rejoins with its state).

@@ -43,6 +43,30 @@ pub fn free_port() -> u16 {
         .expect("binding an ephemeral port")
 }
 
+/// Polls `find` every 50 ms until it finds something (a cluster's leader), or `timeout` passes.
+pub async fn poll_some<T, F, Fut>(timeout: Duration, mut find: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if let Some(found) = find().await {
+            return Some(found);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// Kills a test's server process at once (SIGKILL, a crash) and reaps it.
+pub fn kill_child(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// Polls `condition` every 10 ms until it holds or `timeout` passes. Returns the time it
 /// took, or `None` on timeout. For waiting on another process, where no event can be awaited.
 pub async fn wait_until<F, Fut>(timeout: Duration, mut condition: F) -> Option<Duration>
@@ -973,21 +997,11 @@ impl ConsulCluster {
     }
 
     pub async fn wait_for_leader(&self, timeout: Duration) -> Option<usize> {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if let Some(leader) = self.leader().await {
-                return Some(leader);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        None
+        poll_some(timeout, || self.leader()).await
     }
 
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.servers[i].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_child(&mut self.servers[i].child);
     }
 
     /// Starts server `i` again with its data directory (its state survives).

@@ -191,22 +191,12 @@ impl ZookeeperEnsemble {
     }
 
     pub async fn wait_for_leader(&self, timeout: Duration) -> Option<usize> {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if let Some(leader) = self.leader().await {
-                return Some(leader);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        None
+        super::poll_some(timeout, || self.leader()).await
     }
 
     /// Kills server `i` at once (SIGKILL), as a crash.
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.servers[i].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        super::kill_child(&mut self.servers[i].child);
     }
 
     /// Starts server `i` again on its ports and data.

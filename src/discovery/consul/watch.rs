@@ -238,15 +238,9 @@ async fn watch_loop<D: Discovery>(
                 let delay = backoff.next_delay();
                 debug!(service = %name, retry_in = ?delay, "Consul query failed; backing off");
                 let hung = matches!(error, DiscoveryError::Hung(_));
-                if !updates
-                    .send(Update::Failed(source_error(error, hung)))
-                    .await
-                {
+                let failed = Update::Failed(source_error(error, hung));
+                if !updates.send_then_wait(failed, delay).await {
                     return;
-                }
-                tokio::select! {
-                    _ = updates.closed() => return,
-                    _ = tokio::time::sleep(delay) => {}
                 }
                 continue;
             }
