@@ -22,6 +22,7 @@ need() { command -v "$1" >/dev/null 2>&1 || { as_root apt-get update -qq && as_r
 need curl curl
 need openssl openssl
 bash scripts/install-consul.sh
+bash scripts/install-protoc.sh   # the build needs it (etcd-client compiles etcd's protos)
 REGISTRY="${DEMO_REGISTRY:-consul}"
 case "$REGISTRY" in
   consul) ;;

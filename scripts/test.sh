@@ -16,14 +16,8 @@ as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 bash scripts/install-consul.sh
 bash scripts/install-etcd.sh
 bash scripts/install-zookeeper.sh
-# Before any cargo build: etcd-client's build script runs protoc on etcd's .proto files, which
-# import protobuf's well-known types (descriptor.proto, struct.proto: libprotobuf-dev).
-if ! command -v protoc >/dev/null 2>&1 || [[ ! -f /usr/include/google/protobuf/descriptor.proto ]]; then
-  echo "test.sh: installing protoc and protobuf's .proto files (Debian protobuf-compiler, libprotobuf-dev)"
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    protobuf-compiler libprotobuf-dev >/dev/null
-fi
+# Before any cargo build: etcd-client's build script runs protoc (scripts/install-protoc.sh).
+bash scripts/install-protoc.sh
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
   echo "test.sh: installing promtool and prometheus (Debian package prometheus)"
   as_root apt-get update -qq
