@@ -154,13 +154,19 @@ async fn bad_gateway_statuses_are_retried_only_when_idempotent() {
     assert_eq!(total_hits(&backends), 1);
 
     let response = client
-        .put(gateway.url("/flaky"))
+        .put(gateway.url("/flaky?q=1"))
         .body("x")
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 503);
     assert_eq!(total_hits(&backends), 1 + 3, "PUT is idempotent: retried");
+    // The last try's head is rebuilt from the lines kept after the first went out
+    // (gateway/head.rs): the same method, target, Host and forwarded headers.
+    let echo = common::header_or(response.headers(), "x-echo", "");
+    let host = gateway.url("").trim_start_matches("http://").to_owned();
+    let expected = format!("PUT /flaky?q=1 host={host} xff=127.0.0.1 proto=http");
+    assert_eq!(echo, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
