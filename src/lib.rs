@@ -325,6 +325,7 @@ fn spawn_workers(
                     Err(error) => return error!(worker, %error, "worker runtime failed to start"),
                 };
                 runtime.block_on(async move {
+                    tokio::spawn(server::timer_heartbeat(shutdown.clone()));
                     let listener = match TcpListener::from_std(socket) {
                         Ok(listener) => listener,
                         Err(error) => return error!(worker, %error, "worker socket unusable"),
@@ -526,6 +527,7 @@ pub async fn run_listeners(
             gateway.upgrades().drain(grace).await;
         }
     });
+    tokio::spawn(server::timer_heartbeat(shutdown.clone()));
     let extra_workers = spawn_workers(
         workers,
         &gateway,

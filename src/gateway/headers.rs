@@ -43,27 +43,55 @@ static FORWARDED_FAMILY: [HeaderName; 4] = [
     HeaderName::from_static("forwarded"),
 ];
 
-/// Which of `names` (at most 32) `headers` carries, as a bit set: one pass over the
-/// message's names instead of one hashed lookup per listed name. Most messages carry none of
-/// the hop-by-hop and forwarded names, and the lookups cost ~1,500 instructions per request
-/// (callgrind, `HeaderMap::remove` in `remove_hop_by_hop` and `forward_headers`).
-fn present(headers: &HeaderMap, names: &[HeaderName]) -> u32 {
-    let mut found = 0;
-    for name in headers.keys() {
-        if let Some(i) = names.iter().position(|listed| listed == name) {
-            found |= 1 << i;
-        }
-    }
-    found
+/// Where `name` is in [`HOP_BY_HOP`] (0–8), or 9 + where it is in [`FORWARDED_FAMILY`]: one
+/// `match` on the name's text, which compiles to a switch on its length and a compare or two.
+/// Comparing each of a message's names with the 13 listed `HeaderName`s instead cost ~1,000
+/// instructions per request (callgrind, `present` in `remove_hop_by_hop`, once per direction).
+fn listed(name: &HeaderName) -> Option<u32> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        "x-forwarded-proto" => 9,
+        "x-forwarded-host" => 10,
+        "x-real-ip" => 11,
+        "forwarded" => 12,
+        _ => return None,
+    })
 }
+
+/// Bit `listed(name)` of every listed name `headers` carries: one pass over the message's
+/// names instead of a hashed lookup per listed name (most messages carry none of them).
+fn present(headers: &HeaderMap) -> u32 {
+    headers
+        .keys()
+        .filter_map(listed)
+        .fold(0, |found, i| found | 1 << i)
+}
+
+const CONNECTION_BIT: u32 = 1;
+const TE_BIT: u32 = 1 << 5;
+/// The bits of [`FORWARDED_FAMILY`] in [`present`]'s set.
+const FAMILY_SHIFT: u32 = HOP_BY_HOP.len() as u32;
 
 /// Removes hop-by-hop headers: the static list, `Upgrade`, and every header that
 /// `Connection` names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let mut found = present(headers, &HOP_BY_HOP);
-    if found & 1 != 0 {
+    let found = present(headers);
+    remove_found_hop_by_hop(headers, found);
+}
+
+/// [`remove_hop_by_hop`] with the names [`present`] found.
+fn remove_found_hop_by_hop(headers: &mut HeaderMap, mut found: u32) {
+    if found & CONNECTION_BIT != 0 {
         remove_connection_named(headers);
-        found &= !1;
+        found &= !CONNECTION_BIT;
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if found & (1 << i) != 0 {
@@ -186,12 +214,14 @@ pub struct Hop {
 /// Prepares the client's headers for an instance: hop-by-hop removed, HTTP/2 cookies
 /// joined, `Host` set to the request's authority, and the forwarded family set by this hop.
 pub fn forward_headers(parts: &mut Parts, authority: Option<HeaderValue>, hop: &Hop) {
+    let found = present(&parts.headers);
     // `TE: trailers` is the one TE an HTTP/2 hop may carry, and gRPC needs it end to end.
-    let te_trailers = parts
-        .headers
-        .get(header::TE)
-        .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    remove_hop_by_hop(&mut parts.headers);
+    let te_trailers = found & TE_BIT != 0
+        && parts
+            .headers
+            .get(header::TE)
+            .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    remove_found_hop_by_hop(&mut parts.headers, found);
     if te_trailers {
         parts
             .headers
@@ -202,9 +232,9 @@ pub fn forward_headers(parts: &mut Parts, authority: Option<HeaderValue>, hop: &
     }
     let headers = &mut parts.headers;
     if !hop.trusted {
-        let found = present(headers, &FORWARDED_FAMILY);
+        // A name `Connection` listed may be gone already; removing it again is a no-op.
         for (i, name) in FORWARDED_FAMILY.iter().enumerate() {
-            if found & (1 << i) != 0 {
+            if found & (1 << (FAMILY_SHIFT + i as u32)) != 0 {
                 headers.remove(name);
             }
         }
@@ -276,6 +306,18 @@ mod tests {
             trusted,
             secure: false,
         }
+    }
+
+    #[test]
+    fn listed_knows_every_name_of_both_lists_by_position() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(listed(name), Some(i as u32), "{name}");
+        }
+        for (i, name) in FORWARDED_FAMILY.iter().enumerate() {
+            assert_eq!(listed(name), Some(FAMILY_SHIFT + i as u32), "{name}");
+        }
+        assert_eq!(listed(&header::HOST), None);
+        assert_eq!(listed(&HeaderName::from_static("x-forwarded-for")), None);
     }
 
     #[test]

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# System calls per proxied request and the user/system split of CPU per request, switchyard
+# (workers: 1) against nginx as a reverse proxy (1 worker, upstream keepalive), both in front
+# of the same nginx backend: where the CPU gap between them is, kernel or user space.
+#
+#   bash loadtest/syscalls.sh [BINARY]        # default target/release/switchyard
+#   N=20000 bash loadtest/syscalls.sh         # requests counted under strace (c=1)
+#
+# Part 1: `strace -c -f` attached to each proxy during N keep-alive GETs at c=1 (oha).
+# Part 2: utime/stime from /proc/<pid>/stat over `wrk -t1 -c50 -d8s`, two rounds each; these
+# are wall-clock figures, as noisy as the machine (run it quiet).
+# Uses ports 18280-18283, 18600 and 18400-18402 on 127.0.0.1; files go to loadtest/out/syscalls.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+BIN="$(realpath "${1:-$ROOT/target/release/switchyard}")"
+N="${N:-5000}"
+D="$ROOT/loadtest/out/syscalls"; mkdir -p "$D"; cd "$D"
+GPORT=18280; BPORT=18281; APORT=18282; NPORT=18283; CPORT=18600
+for tool in strace nginx consul oha wrk curl; do
+  command -v "$tool" >/dev/null || { echo "syscalls.sh: $tool is missing" >&2; exit 1; }
+done
+cat > backend.conf <<NG
+worker_processes 1; daemon off; pid $D/backend.pid; error_log $D/backend.err;
+events { worker_connections 1024; }
+http { access_log off; server { listen 127.0.0.1:$BPORT; keepalive_requests 1000000;
+  location / { return 200 "hello from the backend\n"; } } }
+NG
+cat > proxy.conf <<NG
+worker_processes 1; daemon off; master_process off; pid $D/proxy.pid; error_log $D/proxy.err;
+events { worker_connections 1024; }
+http { access_log off; upstream b { server 127.0.0.1:$BPORT; keepalive 64; }
+  server { listen 127.0.0.1:$NPORT; keepalive_requests 1000000;
+    location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+NG
+cat > gateway.yaml <<GW
+listen: "127.0.0.1:$GPORT"
+admin_listen: "127.0.0.1:$APORT"
+workers: 1
+consul:
+  address: "http://127.0.0.1:$CPORT"
+services:
+  - name: web
+    route:
+      path_prefix: "/"
+GW
+PIDS=()
+trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
+nginx -c "$D/backend.conf" & PIDS+=($!)
+nginx -c "$D/proxy.conf" & NGPID=$!; PIDS+=($NGPID)
+rm -rf consul-data
+consul agent -dev -bind 127.0.0.1 -http-port $CPORT -dns-port -1 -grpc-port -1 -server-port 18400 \
+  -serf-lan-port 18401 -serf-wan-port 18402 -data-dir "$D/consul-data" > consul.log 2>&1 & PIDS+=($!)
+for _ in $(seq 1 60); do curl -sf http://127.0.0.1:$CPORT/v1/status/leader | grep -q : && break; sleep 0.5; done
+curl -sf -X PUT -d "{\"Name\":\"web\",\"ID\":\"web-1\",\"Address\":\"127.0.0.1\",\"Port\":$BPORT}" \
+  http://127.0.0.1:$CPORT/v1/agent/service/register
+"$BIN" --config gateway.yaml > gateway.log 2>&1 & GWPID=$!; PIDS+=($GWPID)
+for _ in $(seq 1 120); do curl -sf -o /dev/null http://127.0.0.1:$GPORT/ && break; sleep 0.5; done
+TARGETS=("switchyard $GWPID $GPORT" "nginx $NGPID $NPORT")
+
+echo "## System calls per request (strace -c, $N keep-alive GETs at c=1)"
+for target in "${TARGETS[@]}"; do
+  read -r name pid port <<< "$target"
+  oha --no-tui -n 500 -c 1 "http://127.0.0.1:$port/" > /dev/null
+  strace -c -f -p "$pid" -o "$D/strace.$name" 2> /dev/null & SPID=$!
+  sleep 1  # strace attached
+  summary="$(oha --no-tui -n "$N" -c 1 "http://127.0.0.1:$port/")"
+  grep -q "Success rate:.*100.00%" <<< "$summary" \
+    || echo "syscalls.sh: $name answered some requests with errors" >&2
+  kill -INT $SPID; wait $SPID || true
+  awk -v n="$N" -v name="$name" 'NR > 2 && $NF != "total" && $4 + 0 >= n / 100 { per[$NF] = $4 / n; sum += $4 / n }
+    END { printf "%-10s %.2f:", name, sum; for (s in per) printf " %s %.2f", s, per[s]; print "" }' "$D/strace.$name"
+done
+
+echo "## CPU per request, user and system (wrk -t1 -c50 -d8s, /proc/<pid>/stat)"
+ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+for round in 1 2; do
+  for target in "${TARGETS[@]}"; do
+    read -r name pid port <<< "$target"
+    wrk -t1 -c50 -d2s "http://127.0.0.1:$port/" > /dev/null
+    read -r u0 s0 < <(ticks "$pid")
+    requests=$(wrk -t1 -c50 -d8s "http://127.0.0.1:$port/" | awk '/requests in/ {print $1}')
+    read -r u1 s1 < <(ticks "$pid")
+    awk -v n="$requests" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v name="$name" -v r="$round" -v hz="$(getconf CLK_TCK)" \
+      'BEGIN { printf "%-10s round %d: %d requests, user %.1f us, system %.1f us, total %.1f us per request\n", name, r, n, u * 1e6 / hz / n, s * 1e6 / hz / n, (u + s) * 1e6 / hz / n }'
+  done
+done
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
