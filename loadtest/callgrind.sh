@@ -15,6 +15,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="$(realpath "${1:-$ROOT/target/release/switchyard}")"
 N="${N:-2000}"; WORKERS="${WORKERS:-1}"; C="${C:-1}"
+# CLOSE=1: a new connection per request (oha --disable-keepalive), for the per-connection cost.
+OHA_ARGS=(--no-tui); [[ "${CLOSE:-0}" == 1 ]] && OHA_ARGS+=(--disable-keepalive)
 D="$ROOT/loadtest/out/callgrind"; mkdir -p "$D"; cd "$D"
 BPORT=18181; GPORT=18180; APORT=18182; CPORT=18500
 for tool in valgrind callgrind_control nginx consul oha curl; do
@@ -49,9 +51,9 @@ curl -sf -X PUT -d "{\"Name\":\"web\",\"ID\":\"web-1\",\"Address\":\"127.0.0.1\"
 valgrind --tool=callgrind --callgrind-out-file="$D/callgrind.%p" "$BIN" --config gateway.yaml > gateway.log 2>&1 &
 VPID=$!; PIDS+=($VPID)
 for _ in $(seq 1 120); do curl -sf -o /dev/null http://127.0.0.1:$GPORT/ && break; sleep 0.5; done
-oha --no-tui -n 500 -c "$C" http://127.0.0.1:$GPORT/ > /dev/null
+oha "${OHA_ARGS[@]}" -n 500 -c "$C" http://127.0.0.1:$GPORT/ > /dev/null
 callgrind_control -z $VPID > /dev/null
-oha --no-tui -n "$N" -c "$C" http://127.0.0.1:$GPORT/ | grep -E "Success rate|\[200\]"
+oha "${OHA_ARGS[@]}" -n "$N" -c "$C" http://127.0.0.1:$GPORT/ | grep -E "Success rate|\[200\]"
 callgrind_control -d $VPID > /dev/null
 sleep 1
 OUT="$(ls -t "$D"/callgrind.$VPID.* | head -1)"
