@@ -16,7 +16,9 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="$(realpath "${1:-$ROOT/target/release/switchyard}")"
 N="${N:-2000}"; WORKERS="${WORKERS:-1}"; C="${C:-1}"
 # CLOSE=1: a new connection per request (oha --disable-keepalive), for the per-connection cost.
+# TLS=1: the requests go to the TLS listener (ECDSA P-256 certificate made by openssl here).
 OHA_ARGS=(--no-tui); [[ "${CLOSE:-0}" == 1 ]] && OHA_ARGS+=(--disable-keepalive)
+TLS="${TLS:-0}"
 D="$ROOT/loadtest/out/callgrind"; mkdir -p "$D"; cd "$D"
 BPORT=18181; GPORT=18180; APORT=18182; CPORT=18500
 for tool in valgrind callgrind_control nginx consul oha curl; do
@@ -34,11 +36,20 @@ admin_listen: "127.0.0.1:$APORT"
 workers: $WORKERS
 consul:
   address: "http://127.0.0.1:$CPORT"
+$( [[ $TLS == 1 ]] && printf 'tls:\n  listen: "127.0.0.1:18183"\n  certificates:\n    - {cert_file: %s/cert.pem, key_file: %s/key.pem}\n' "$D" "$D" )
 services:
   - name: web
     route:
       path_prefix: "/"
 GW
+if [[ $TLS == 1 ]]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout key.pem -out cert.pem 2> /dev/null
+  chmod 600 key.pem
+  URL=https://127.0.0.1:18183/; OHA_ARGS+=(--insecure)
+else
+  URL=http://127.0.0.1:$GPORT/
+fi
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
 nginx -c "$D/nginx.conf" & PIDS+=($!)
@@ -51,9 +62,9 @@ curl -sf -X PUT -d "{\"Name\":\"web\",\"ID\":\"web-1\",\"Address\":\"127.0.0.1\"
 valgrind --tool=callgrind --callgrind-out-file="$D/callgrind.%p" "$BIN" --config gateway.yaml > gateway.log 2>&1 &
 VPID=$!; PIDS+=($VPID)
 for _ in $(seq 1 120); do curl -sf -o /dev/null http://127.0.0.1:$GPORT/ && break; sleep 0.5; done
-oha "${OHA_ARGS[@]}" -n 500 -c "$C" http://127.0.0.1:$GPORT/ > /dev/null
+oha "${OHA_ARGS[@]}" -n 500 -c "$C" "$URL" > /dev/null
 callgrind_control -z $VPID > /dev/null
-oha "${OHA_ARGS[@]}" -n "$N" -c "$C" http://127.0.0.1:$GPORT/ | grep -E "Success rate|\[200\]"
+oha "${OHA_ARGS[@]}" -n "$N" -c "$C" "$URL" | grep -E "Success rate|\[200\]"
 callgrind_control -d $VPID > /dev/null
 sleep 1
 OUT="$(ls -t "$D"/callgrind.$VPID.* | head -1)"

@@ -118,25 +118,67 @@ async fn https_get(pki: &Pki, tls: SocketAddr, name: &str, version: &str) -> (St
 
 /// The subject of the certificate the TLS listener presents for `sni` (None: no SNI).
 async fn served_subject(tls: SocketAddr, sni: Option<&str>) -> String {
-    let connect = tls.to_string();
-    let mut command = Command::new("openssl");
-    command.args(["s_client", "-connect", &connect]);
-    match sni {
-        Some(name) => command.args(["-servername", name]),
-        None => command.arg("-noservername"),
+    let args = match sni {
+        Some(name) => vec!["-servername", name],
+        None => vec!["-noservername"],
     };
-    let output = command
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .expect("running openssl s_client");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = s_client(tls, &args).await;
     stdout
         .lines()
         .find_map(|l| l.strip_prefix("subject="))
         .unwrap_or_else(|| panic!("no subject from s_client: {stdout}"))
         .trim()
         .to_owned()
+}
+
+/// What `openssl s_client` prints for one handshake with the TLS listener.
+async fn s_client(tls: SocketAddr, args: &[&str]) -> String {
+    let connect = tls.to_string();
+    let output = Command::new("openssl")
+        .args(["s_client", "-connect", &connect])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("running openssl s_client");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The TLS 1.3 suite a handshake settled on.
+async fn negotiated_suite(tls: SocketAddr, client_suites: &str) -> String {
+    let stdout = s_client(tls, &["-tls1_3", "-ciphersuites", client_suites]).await;
+    stdout
+        .lines()
+        .find_map(|l| {
+            l.split_once("Cipher is ")
+                .map(|(_, suite)| suite.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no cipher from s_client: {stdout}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_prefers_aes_128_gcm_sha256_whatever_the_client_lists_first() {
+    let pki = Pki::new("suites");
+    let site = pki.leaf("site", "site.test", &["site.test", "127.0.0.1"]);
+    let consul = Consul::start().await;
+    let (_backend, gateway) = start(&consul, config(&consul, &tls_yaml(&[site], false), "")).await;
+    let tls = gateway.tls.expect("a TLS listener");
+    // OpenSSL's own order: AES-256-GCM-SHA384 first (its key schedule hashes with SHA-384).
+    let openssl_order =
+        "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256";
+    assert_eq!(
+        negotiated_suite(tls, openssl_order).await,
+        "TLS_AES_128_GCM_SHA256"
+    );
+    // A client offering only the others still gets one of them.
+    assert_eq!(
+        negotiated_suite(tls, "TLS_AES_256_GCM_SHA384").await,
+        "TLS_AES_256_GCM_SHA384"
+    );
+    assert_eq!(
+        negotiated_suite(tls, "TLS_CHACHA20_POLY1305_SHA256").await,
+        "TLS_CHACHA20_POLY1305_SHA256"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
