@@ -483,7 +483,7 @@ pub async fn run_listeners(
                 transport: Transport::Tls(terminator),
                 clients: clients.clone(),
             },
-            builder.clone(),
+            server::tls_http_builder(&config.server),
             move |connection, request| {
                 let gateway = gateway.clone();
                 async move { gateway.handle(connection, request).await }
