@@ -11,8 +11,11 @@
 //!
 //! Knobs: `SIZES=1,100` (services), `CHANGES=40` (rounds), `GAP_MS=100` (pause before each
 //! measured change), `BENCH_CONSUL=watch: catalog,max_connections: 16` (extra `consul:` keys),
-//! `BENCH_RUST_LOG` and `BENCH_LOG_FILE` (keep the gateway's log, one file per size),
-//! `SWITCHYARD_BIN` (measure that binary instead of building the release one).
+//! `BENCH_CONSUL_HCL='limits { http_max_conns_per_client = 4096 }'` (extra configuration of
+//! the Consul agent, passed as `consul agent -hcl`; by default Consul refuses more than 200
+//! connections per client address), `BENCH_RUST_LOG` and `BENCH_LOG_FILE` (keep the
+//! gateway's log, one file per size), `SWITCHYARD_BIN` (measure that binary instead of
+//! building the release one).
 //! Targets (issue 10): p99 < 10 ms at 100 services, < 50 ms at 1,000; at most
 //! `consul.max_connections` (128) connections to Consul; RSS < 64 MiB.
 
@@ -232,7 +235,10 @@ fn next_update(gateway: &Gateway, name: &str) -> Option<Instant> {
 }
 
 async fn run(size: usize, changes: usize) -> String {
-    let consul = common::Consul::start().await;
+    // BENCH_CONSUL_HCL: extra agent configuration, e.g. a raised connection limit.
+    let consul =
+        common::Consul::start_with_hcl(&std::env::var("BENCH_CONSUL_HCL").unwrap_or_default())
+            .await;
     let url = consul.url();
     let client = common::http_client();
     let started = Instant::now();

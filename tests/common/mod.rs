@@ -131,6 +131,8 @@ pub struct Consul {
     client: reqwest::Client,
     /// Extra agent configuration (JSON; `{https_port}` is replaced), e.g. TLS.
     extra_config: Option<String>,
+    /// Extra agent configuration in HCL, passed as `-hcl` (e.g. raised `limits`).
+    hcl: Option<String>,
 }
 
 impl Consul {
@@ -138,7 +140,14 @@ impl Consul {
     /// agent or an outgoing connection) before consul binds it; then consul exits at once, and
     /// the start is retried on new ports.
     pub async fn start() -> Consul {
-        Self::start_with_config(None).await
+        Self::start_with_config(None, None).await
+    }
+
+    /// Starts an agent with extra configuration in HCL (`consul agent -hcl`), e.g.
+    /// `limits { http_max_conns_per_client = 4096 }`; an empty `hcl` adds nothing.
+    pub async fn start_with_hcl(hcl: &str) -> Consul {
+        let hcl = Some(hcl.trim().to_owned()).filter(|h| !h.is_empty());
+        Self::start_with_config(None, hcl).await
     }
 
     /// Starts an agent that also serves HTTPS (at [`Consul::https_url`]) with `cert`, and
@@ -155,14 +164,14 @@ impl Consul {
         let text = config
             .to_string()
             .replace("\"{https_port}\"", "{https_port}");
-        Self::start_with_config(Some(text)).await
+        Self::start_with_config(Some(text), None).await
     }
 
     pub fn https_url(&self) -> String {
         format!("https://127.0.0.1:{}", self.ports[3])
     }
 
-    async fn start_with_config(extra_config: Option<String>) -> Consul {
+    async fn start_with_config(extra_config: Option<String>, hcl: Option<String>) -> Consul {
         let mut last_log = String::new();
         for _ in 0..3 {
             let http_port = free_port();
@@ -174,6 +183,7 @@ impl Consul {
                 log: std::env::temp_dir().join(format!("switchyard-test-consul-{http_port}.log")),
                 client: http_client(),
                 extra_config: extra_config.clone(),
+                hcl: hcl.clone(),
             };
             if consul.try_spawn().await {
                 return consul;
@@ -207,6 +217,9 @@ impl Consul {
             let text = config.replace("{https_port}", &https.to_string());
             std::fs::write(&path, text).expect("writing the consul config");
             extra = vec!["-config-file".to_owned(), path.display().to_string()];
+        }
+        if let Some(hcl) = &self.hcl {
+            extra.extend(["-hcl".to_owned(), hcl.clone()]);
         }
         let child = Command::new("consul")
             .args([

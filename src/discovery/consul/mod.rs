@@ -23,6 +23,7 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 mod catalog;
+pub mod limits;
 mod set;
 pub mod tag_routes;
 mod watch;

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use super::limits::check_agent_limit;
 use super::{idle_connections, watch_catalog, watch_service, ConsulClient, WatchPacing};
 use crate::config::{ConsulConfig, WatchMode};
 use crate::discovery::set::{after, start_when, Running};
@@ -147,6 +148,9 @@ pub struct ConsulWatches {
     per_service: HashMap<String, (Arc<Upstream>, Running)>,
     /// The catalog-mode coordinator, with the services it watches.
     catalog: Option<(Vec<Arc<Upstream>>, Running)>,
+    /// Whether the agent's connection limit has been checked against the budget (once, by
+    /// the file's side, when it first has services to watch).
+    limit_checked: bool,
 }
 
 impl ConsulWatches {
@@ -164,6 +168,7 @@ impl ConsulWatches {
             claim,
             per_service: HashMap::new(),
             catalog: None,
+            limit_checked: false,
         };
         set.reconcile(upstreams);
         set
@@ -174,6 +179,7 @@ impl ConsulWatches {
     /// this call stopped have finished; watches of services no longer listed stop.
     pub fn reconcile(&mut self, upstreams: &Upstreams) {
         let all: Vec<Arc<Upstream>> = upstreams.iter().cloned().collect();
+        self.check_agent_limit_once(all.len());
         let (share, limit) = self.budget.plan(self.claim, self.consul.watch, all.len());
         let (own, shared) = all.split_at(share);
         let mut stopped = Vec::new();
@@ -217,6 +223,17 @@ impl ConsulWatches {
             watches = ?self.claim,
             "watching Consul"
         );
+    }
+
+    /// Reads the agent's per-client connection limit in the background the first time the
+    /// file's services include Consul ones ([`check_agent_limit`]).
+    fn check_agent_limit_once(&mut self, services: usize) {
+        if self.limit_checked || self.claim != Claim::First || services == 0 {
+            return;
+        }
+        self.limit_checked = true;
+        let max_connections = self.consul.max_connections;
+        tokio::spawn(check_agent_limit(self.discovery.clone(), max_connections));
     }
 
     fn spawn_service(&self, upstream: Arc<Upstream>, ready: CancellationToken) -> Running {
