@@ -150,6 +150,8 @@ async fn index_going_backwards_resets_and_zero_is_never_sent_back() {
     let (url, mut queries) = fake_consul(vec![
         Step::Answer(10, &["a", "b"]),
         Step::Answer(5, &["a"]),
+        Step::Answer(5, &["a"]),
+        Step::Answer(0, &["a", "c"]),
         Step::Answer(0, &["a", "c"]),
         Step::Hang,
     ])
@@ -160,8 +162,12 @@ async fn index_going_backwards_resets_and_zero_is_never_sent_back() {
     assert_eq!(
         next(&mut queries).await,
         0,
-        "index went backwards: reset to 0"
+        "index went backwards: reset to 0, and asked again to confirm"
     );
+    assert_eq!(ids(&watch.upstream), ["a", "b"], "not applied unconfirmed");
+    assert_eq!(next(&mut queries).await, 5, "confirmed: blocks on it");
+    assert_eq!(ids(&watch.upstream), ["a"]);
+    assert_eq!(next(&mut queries).await, 0, "backwards again: confirming");
     assert_eq!(
         next(&mut queries).await,
         1,
@@ -183,12 +189,14 @@ async fn consul_errors_keep_the_last_table() {
         Step::Status(500),
         Step::Status(500),
         Step::Answer(11, &["a", "b", "c"]),
+        Step::Answer(11, &["a", "b", "c"]),
         Step::Hang,
     ])
     .await;
     let watch = start_watch(&url, None);
-    // After each error the watch resyncs with a non-blocking query (index 0).
-    for expected in [0, 10, 0, 0, 0] {
+    // After each error the watch resyncs with a non-blocking query (index 0), and the first
+    // answer after them is confirmed by a second non-blocking query.
+    for expected in [0, 10, 0, 0, 0, 0] {
         assert_eq!(next(&mut queries).await, expected);
     }
     // The fifth query arrived, so three 500s were handled; the table survived them.
@@ -221,6 +229,7 @@ async fn hung_long_poll_is_cut_and_retried() {
         Step::Answer(10, &["a"]),
         Step::Hang,
         Step::Answer(11, &["a", "b"]),
+        Step::Answer(11, &["a", "b"]),
         Step::Hang,
     ])
     .await;
@@ -235,6 +244,11 @@ async fn hung_long_poll_is_cut_and_retried() {
     );
     // Cut about 300 ms after it was sent (which was a little before we heard of it).
     assert!(hung_since.elapsed() >= Duration::from_millis(250));
+    assert_eq!(
+        next(&mut queries).await,
+        0,
+        "the answer after it is confirmed"
+    );
     assert_eq!(next(&mut queries).await, 11);
     assert_eq!(ids(&watch.upstream), ["a", "b"]);
     let metrics = String::from_utf8(watch.metrics.encode().unwrap()).unwrap();

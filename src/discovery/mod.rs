@@ -96,16 +96,18 @@ impl Updates {
         self.tx.closed().await
     }
 
-    /// Sends `update`, then waits `delay` (the next refresh, a backoff) before the source's
-    /// next attempt; `false` when nobody follows any more (the source stops).
-    pub async fn send_then_wait(&self, update: Update, delay: Duration) -> bool {
-        if !self.send(update).await {
-            return false;
-        }
+    /// Waits `delay` before the source's next attempt; `false` when nobody follows any more.
+    pub async fn wait(&self, delay: Duration) -> bool {
         tokio::select! {
             _ = self.closed() => false,
             _ = tokio::time::sleep(delay) => true,
         }
+    }
+
+    /// Sends `update`, then waits `delay` (the next refresh, a backoff) before the source's
+    /// next attempt; `false` when nobody follows any more (the source stops).
+    pub async fn send_then_wait(&self, update: Update, delay: Duration) -> bool {
+        self.send(update).await && self.wait(delay).await
     }
 }
 

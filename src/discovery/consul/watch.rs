@@ -2,7 +2,8 @@
 //! which return the moment the healthy set changes (or after `wait`), as a [`Source`].
 //!
 //! The loop follows Consul's rules for blocking queries: send back `X-Consul-Index`, reset
-//! when it goes backwards, never send an index below 1 after the first answer, treat an
+//! when it goes backwards (and apply the next answer only once a second confirms it, as after
+//! an outage: see `Resync`), never send an index below 1 after the first answer, treat an
 //! unchanged index as "no change", cut a long-poll that hangs past `wait * 17/16` plus slack,
 //! rate-limit the loop with a token bucket, and back off with jitter on errors. It reports
 //! what it learned as [`Update`]s (the index is their version); [`follow`] applies them, so
@@ -30,8 +31,9 @@ pub enum IndexStep {
     Advanced { next: u64 },
     /// Same index as last time: nothing changed, do not rebuild.
     Unchanged { next: u64 },
-    /// The index went backwards (e.g. a Consul server restarted with less state): the data is
-    /// current, but the next query starts over from 0 so it does not block on a stale index.
+    /// The index went backwards (e.g. a Consul server restarted with less state): the next
+    /// query starts over from 0 so it does not block on a stale index, and the answer is
+    /// applied once a second one confirms it.
     Reset,
 }
 
@@ -56,6 +58,37 @@ impl IndexStep {
             IndexStep::Advanced { next } | IndexStep::Unchanged { next } => next,
             IndexStep::Reset => 0,
         }
+    }
+}
+
+/// After Consul was unreachable, or its index went backwards, the next answer may come from a
+/// server that restarted and is still replaying its log: it knows its leader, but serves an
+/// old state (the restart drill saw an empty set for 5 of 51,191 requests). Such an answer is
+/// applied only once a second query, made `backoff_base` later, answers the same index; until
+/// then the table keeps serving the last good set.
+#[derive(Debug, Default)]
+struct Resync {
+    needed: bool,
+    unconfirmed: Option<u64>,
+}
+
+impl Resync {
+    /// The next answers need a confirmation.
+    fn start(&mut self) {
+        *self = Resync {
+            needed: true,
+            unconfirmed: None,
+        };
+    }
+
+    /// Whether an answer at `answered` may be applied; if not, it awaits a second one.
+    fn confirms(&mut self, answered: u64) -> bool {
+        if !self.needed || self.unconfirmed == Some(answered) {
+            *self = Resync::default();
+            return true;
+        }
+        self.unconfirmed = Some(answered);
+        false
     }
 }
 
@@ -208,6 +241,7 @@ async fn watch_loop<D: Discovery>(
     let mut index = 0u64;
     let mut bucket = TokenBucket::new(RATE_BURST, RATE_INTERVAL);
     let mut backoff = Backoff::new(pacing.backoff_base, pacing.backoff_max);
+    let mut resync = Resync::default();
     loop {
         bucket.acquire().await;
         let update = match discovery.fetch(service, index).await {
@@ -219,6 +253,15 @@ async fn watch_loop<D: Discovery>(
                 let step = IndexStep::from_indexes(index, answer.index);
                 if step == IndexStep::Reset {
                     info!(service = %name, previous = index, answered = answer.index, "Consul index went backwards; resetting");
+                    resync.start();
+                }
+                if !resync.confirms(answer.index) {
+                    debug!(service = %name, index = answer.index, "first answer after a resync; asking again to confirm it");
+                    index = 0;
+                    if !updates.wait(pacing.backoff_base).await {
+                        return;
+                    }
+                    continue;
                 }
                 let unchanged = step == (IndexStep::Unchanged { next: index });
                 index = step.next_index();
@@ -235,6 +278,7 @@ async fn watch_loop<D: Discovery>(
                 // Resync with a non-blocking query: blocking on the old index would leave a
                 // Consul that came back unchanged unconfirmed (and us stale) for a whole `wait`.
                 index = 0;
+                resync.start();
                 let delay = backoff.next_delay();
                 debug!(service = %name, retry_in = ?delay, "Consul query failed; backing off");
                 let hung = matches!(error, DiscoveryError::Hung(_));
@@ -295,6 +339,17 @@ mod tests {
             IndexStep::from_indexes(0, 7),
             IndexStep::Advanced { next: 7 }
         );
+    }
+
+    #[test]
+    fn after_a_resync_an_answer_needs_a_second_at_the_same_index() {
+        let mut resync = Resync::default();
+        assert!(resync.confirms(7), "no resync: applied at once");
+        resync.start();
+        assert!(!resync.confirms(5), "the first answer after a resync waits");
+        assert!(!resync.confirms(9), "a different index starts over");
+        assert!(resync.confirms(9), "the same index twice is applied");
+        assert!(resync.confirms(10), "and the watch is back to normal");
     }
 
     #[test]
