@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tracing::{debug, warn};
 
-use super::{ConsulClient, DiscoveryError};
+use super::{status_error, ConsulClient, DiscoveryError};
 
 /// The check is one call to the agent; one that takes longer is cut.
 const AGENT_SELF_TIMEOUT: Duration = Duration::from_secs(5);
@@ -56,27 +56,12 @@ impl ConsulClient {
         let server = self.current.load(Ordering::Relaxed) % self.bases.len();
         let mut url = self.bases[server].clone();
         url.set_path("/v1/agent/self");
-        let send = async {
-            let response = self
-                .http
-                .get(url)
-                .send()
-                .await
-                .map_err(DiscoveryError::Transport)?;
-            let status = response.status();
-            let body = response.bytes().await.map_err(DiscoveryError::Transport)?;
-            if !status.is_success() {
-                let text = String::from_utf8_lossy(&body);
-                return Err(DiscoveryError::Status {
-                    status: status.as_u16(),
-                    body: text.trim().chars().take(200).collect(),
-                });
-            }
-            Ok(body)
-        };
-        let body = tokio::time::timeout(AGENT_SELF_TIMEOUT, send)
+        let (status, _, body) = tokio::time::timeout(AGENT_SELF_TIMEOUT, self.get_raw(url))
             .await
             .map_err(|_| DiscoveryError::Hung(AGENT_SELF_TIMEOUT))??;
+        if !status.is_success() {
+            return Err(status_error(status, &body));
+        }
         parse_agent_limit(&body)
     }
 }

@@ -78,6 +78,23 @@ pub enum DiscoveryError {
     NoLeader,
 }
 
+/// An answer as [`ConsulClient::get_raw`] returns it: status, headers, body.
+pub(super) type RawAnswer = (
+    reqwest::StatusCode,
+    reqwest::header::HeaderMap,
+    bytes::Bytes,
+);
+
+/// Consul's answer with an error `status` as a [`DiscoveryError::Status`] (the start of its
+/// body: Consul's error text).
+pub(super) fn status_error(status: reqwest::StatusCode, body: &[u8]) -> DiscoveryError {
+    let text = String::from_utf8_lossy(body);
+    DiscoveryError::Status {
+        status: status.as_u16(),
+        body: text.trim().chars().take(200).collect(),
+    }
+}
+
 /// Headers every Consul call carries: the ACL token, marked sensitive so it is never logged.
 /// An HTTP client builder for Consul: the token header and, when an address is `https://`,
 /// TLS from `consul.ca_file`, `cert_file`, `key_file`, `tls_server_name`. Shared by the
@@ -357,11 +374,8 @@ impl ConsulClient {
             if status.is_success() {
                 return Ok(());
             }
-            let text = response.text().await.unwrap_or_default();
-            Err(DiscoveryError::Status {
-                status: status.as_u16(),
-                body: text.trim().chars().take(200).collect(),
-            })
+            let body = response.bytes().await.unwrap_or_default();
+            Err(status_error(status, &body))
         };
         tokio::time::timeout(AGENT_CALL_TIMEOUT, send)
             .await
@@ -401,33 +415,30 @@ impl ConsulClient {
         result
     }
 
+    /// A GET of `url`: its status, headers and whole body, whatever the status.
+    pub(super) async fn get_raw(&self, url: reqwest::Url) -> Result<RawAnswer, DiscoveryError> {
+        let response = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(DiscoveryError::Transport)?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.map_err(DiscoveryError::Transport)?;
+        Ok((status, headers, body))
+    }
+
     async fn get_url(&self, url: reqwest::Url) -> Result<(u64, bytes::Bytes), DiscoveryError> {
-        let send = async {
-            let response = self
-                .http
-                .get(url)
-                .send()
-                .await
-                .map_err(DiscoveryError::Transport)?;
-            let status = response.status();
-            let headers = response.headers().clone();
-            let body = response.bytes().await.map_err(DiscoveryError::Transport)?;
-            Ok::<_, DiscoveryError>((status, headers, body))
-        };
         // The watchdog: a long-poll that outlives Consul's own bound plus slack is hung.
-        let (status, headers, body) = tokio::time::timeout(self.hung_after, send)
+        let (status, headers, body) = tokio::time::timeout(self.hung_after, self.get_raw(url))
             .await
             .map_err(|_| DiscoveryError::Hung(self.hung_after))??;
         // A missing KV key answers 404 with an index; blocking on it waits for its creation.
         let missing_key =
             status == reqwest::StatusCode::NOT_FOUND && parse_index(&headers).is_some();
         if !status.is_success() && !missing_key {
-            let text = String::from_utf8_lossy(&body);
-            let body: String = text.trim().chars().take(200).collect();
-            return Err(DiscoveryError::Status {
-                status: status.as_u16(),
-                body,
-            });
+            return Err(status_error(status, &body));
         }
         let index = parse_index(&headers).ok_or(DiscoveryError::MissingIndex)?;
         if headers
