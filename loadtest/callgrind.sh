@@ -21,47 +21,26 @@ OHA_ARGS=(--no-tui); [[ "${CLOSE:-0}" == 1 ]] && OHA_ARGS+=(--disable-keepalive)
 TLS="${TLS:-0}"
 D="$ROOT/loadtest/out/callgrind"; mkdir -p "$D"; cd "$D"
 BPORT=18181; GPORT=18180; APORT=18182; CPORT=18500
-for tool in valgrind callgrind_control nginx consul oha curl; do
-  command -v "$tool" >/dev/null || { echo "callgrind.sh: $tool is missing" >&2; exit 1; }
-done
-cat > nginx.conf <<NG
-worker_processes 1; daemon off; pid $D/nginx.pid; error_log $D/nginx.err;
-events { worker_connections 1024; }
-http { access_log off; server { listen 127.0.0.1:$BPORT; keepalive_requests 1000000;
-  location / { return 200 "hello from the backend\n"; } } }
-NG
-cat > gateway.yaml <<GW
-listen: "127.0.0.1:$GPORT"
-admin_listen: "127.0.0.1:$APORT"
-workers: $WORKERS
-consul:
-  address: "http://127.0.0.1:$CPORT"
-$( [[ $TLS == 1 ]] && printf 'tls:\n  listen: "127.0.0.1:18183"\n  certificates:\n    - {cert_file: %s/cert.pem, key_file: %s/key.pem}\n' "$D" "$D" )
-services:
-  - name: web
-    route:
-      path_prefix: "/"
-GW
+# shellcheck source=loadtest/bench-lib.sh
+source "$ROOT/loadtest/bench-lib.sh"
+require_tools valgrind callgrind_control nginx consul oha curl
+TLS_YAML=""
 if [[ $TLS == 1 ]]; then
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
     -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout key.pem -out cert.pem 2> /dev/null
   chmod 600 key.pem
+  TLS_YAML="$(printf 'tls:\n  listen: "127.0.0.1:18183"\n  certificates:\n    - {cert_file: %s/cert.pem, key_file: %s/key.pem}' "$D" "$D")"
   URL=https://127.0.0.1:18183/; OHA_ARGS+=(--insecure)
 else
   URL=http://127.0.0.1:$GPORT/
 fi
-PIDS=()
+gateway_config $GPORT $APORT "$WORKERS" $CPORT "$TLS_YAML" > gateway.yaml
 trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
-nginx -c "$D/nginx.conf" & PIDS+=($!)
-rm -rf consul-data
-consul agent -dev -bind 127.0.0.1 -http-port $CPORT -dns-port -1 -grpc-port -1 -server-port 18300 \
-  -serf-lan-port 18301 -serf-wan-port 18302 -data-dir "$D/consul-data" > consul.log 2>&1 & PIDS+=($!)
-for _ in $(seq 1 60); do curl -sf http://127.0.0.1:$CPORT/v1/status/leader | grep -q : && break; sleep 0.5; done
-curl -sf -X PUT -d "{\"Name\":\"web\",\"ID\":\"web-1\",\"Address\":\"127.0.0.1\",\"Port\":$BPORT}" \
-  http://127.0.0.1:$CPORT/v1/agent/service/register
+start_backend "$D" $BPORT
+start_consul_with_backend "$D" $CPORT 18300 $BPORT
 valgrind --tool=callgrind --callgrind-out-file="$D/callgrind.%p" "$BIN" --config gateway.yaml > gateway.log 2>&1 &
 VPID=$!; PIDS+=($VPID)
-for _ in $(seq 1 120); do curl -sf -o /dev/null http://127.0.0.1:$GPORT/ && break; sleep 0.5; done
+wait_http $GPORT
 oha "${OHA_ARGS[@]}" -n 500 -c "$C" "$URL" > /dev/null
 callgrind_control -z $VPID > /dev/null
 oha "${OHA_ARGS[@]}" -n "$N" -c "$C" "$URL" | grep -E "Success rate|\[200\]"

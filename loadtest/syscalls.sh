@@ -16,15 +16,9 @@ BIN="$(realpath "${1:-$ROOT/target/release/switchyard}")"
 N="${N:-5000}"
 D="$ROOT/loadtest/out/syscalls"; mkdir -p "$D"; cd "$D"
 GPORT=18280; BPORT=18281; APORT=18282; NPORT=18283; CPORT=18600
-for tool in strace nginx consul oha wrk curl; do
-  command -v "$tool" >/dev/null || { echo "syscalls.sh: $tool is missing" >&2; exit 1; }
-done
-cat > backend.conf <<NG
-worker_processes 1; daemon off; pid $D/backend.pid; error_log $D/backend.err;
-events { worker_connections 1024; }
-http { access_log off; server { listen 127.0.0.1:$BPORT; keepalive_requests 1000000;
-  location / { return 200 "hello from the backend\n"; } } }
-NG
+# shellcheck source=loadtest/bench-lib.sh
+source "$ROOT/loadtest/bench-lib.sh"
+require_tools strace nginx consul oha wrk curl
 cat > proxy.conf <<NG
 worker_processes 1; daemon off; master_process off; pid $D/proxy.pid; error_log $D/proxy.err;
 events { worker_connections 1024; }
@@ -32,29 +26,14 @@ http { access_log off; upstream b { server 127.0.0.1:$BPORT; keepalive 64; }
   server { listen 127.0.0.1:$NPORT; keepalive_requests 1000000;
     location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 NG
-cat > gateway.yaml <<GW
-listen: "127.0.0.1:$GPORT"
-admin_listen: "127.0.0.1:$APORT"
-workers: 1
-consul:
-  address: "http://127.0.0.1:$CPORT"
-services:
-  - name: web
-    route:
-      path_prefix: "/"
-GW
-PIDS=()
+gateway_config $GPORT $APORT 1 $CPORT > gateway.yaml
 trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
-nginx -c "$D/backend.conf" & PIDS+=($!)
+start_backend "$D" $BPORT
 nginx -c "$D/proxy.conf" & NGPID=$!; PIDS+=($NGPID)
-rm -rf consul-data
-consul agent -dev -bind 127.0.0.1 -http-port $CPORT -dns-port -1 -grpc-port -1 -server-port 18400 \
-  -serf-lan-port 18401 -serf-wan-port 18402 -data-dir "$D/consul-data" > consul.log 2>&1 & PIDS+=($!)
-for _ in $(seq 1 60); do curl -sf http://127.0.0.1:$CPORT/v1/status/leader | grep -q : && break; sleep 0.5; done
-curl -sf -X PUT -d "{\"Name\":\"web\",\"ID\":\"web-1\",\"Address\":\"127.0.0.1\",\"Port\":$BPORT}" \
-  http://127.0.0.1:$CPORT/v1/agent/service/register
+start_consul_with_backend "$D" $CPORT 18400 $BPORT
 "$BIN" --config gateway.yaml > gateway.log 2>&1 & GWPID=$!; PIDS+=($GWPID)
-for _ in $(seq 1 120); do curl -sf -o /dev/null http://127.0.0.1:$GPORT/ && break; sleep 0.5; done
+wait_http $GPORT
+wait_http $NPORT
 TARGETS=("switchyard $GWPID $GPORT" "nginx $NGPID $NPORT")
 
 echo "## System calls per request (strace -c, $N keep-alive GETs at c=1)"

@@ -16,24 +16,12 @@ BIN="$(realpath "${1:-$ROOT/target/release/switchyard}")"
 ROUNDS="${ROUNDS:-2}"; DURATION="${DURATION:-8}"
 D="$ROOT/loadtest/out/workers"; mkdir -p "$D"; cd "$D"
 BPORT=18381; CPORT=18650
-for tool in nginx consul wrk curl; do
-  command -v "$tool" >/dev/null || { echo "workers.sh: $tool is missing" >&2; exit 1; }
-done
-cat > backend.conf <<NG
-worker_processes 1; daemon off; pid $D/backend.pid; error_log $D/backend.err;
-events { worker_connections 1024; }
-http { access_log off; server { listen 127.0.0.1:$BPORT; keepalive_requests 1000000;
-  location / { return 200 "hello from the backend\n"; } } }
-NG
-PIDS=()
+# shellcheck source=loadtest/bench-lib.sh
+source "$ROOT/loadtest/bench-lib.sh"
+require_tools nginx consul wrk curl
 trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
-nginx -c "$D/backend.conf" & PIDS+=($!)
-rm -rf consul-data
-consul agent -dev -bind 127.0.0.1 -http-port $CPORT -dns-port -1 -grpc-port -1 -server-port 18450 \
-  -serf-lan-port 18451 -serf-wan-port 18452 -data-dir "$D/consul-data" > consul.log 2>&1 & PIDS+=($!)
-for _ in $(seq 1 60); do curl -sf http://127.0.0.1:$CPORT/v1/status/leader | grep -q : && break; sleep 0.5; done
-curl -sf -X PUT -d "{\"Name\":\"web\",\"ID\":\"web-1\",\"Address\":\"127.0.0.1\",\"Port\":$BPORT}" \
-  http://127.0.0.1:$CPORT/v1/agent/service/register
+start_backend "$D" $BPORT
+start_consul_with_backend "$D" $CPORT 18450 $BPORT
 
 TARGETS=()
 start_nginx() { # workers port
@@ -48,17 +36,7 @@ NG
   TARGETS+=("nginx-$1 $! $2")
 }
 start_switchyard() { # workers port admin-port
-  cat > "switchyard-$1.yaml" <<GW
-listen: "127.0.0.1:$2"
-admin_listen: "127.0.0.1:$3"
-workers: $1
-consul:
-  address: "http://127.0.0.1:$CPORT"
-services:
-  - name: web
-    route:
-      path_prefix: "/"
-GW
+  gateway_config "$2" "$3" "$1" $CPORT > "switchyard-$1.yaml"
   "$BIN" --config "switchyard-$1.yaml" > "switchyard-$1.log" 2>&1 & PIDS+=($!)
   TARGETS+=("switchyard-$1 $! $2")
 }
@@ -68,7 +46,7 @@ start_nginx 1 18385
 start_nginx 2 18386
 for target in "${TARGETS[@]}"; do
   read -r _ _ port <<< "$target"
-  for _ in $(seq 1 120); do curl -sf -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.5; done
+  wait_http "$port"
 done
 
 # utime+stime of a process and its children (nginx's master and workers), in clock ticks.

@@ -1,0 +1,63 @@
+# Shared set-up of the single-machine measurement scripts (callgrind.sh, syscalls.sh,
+# workers.sh): one nginx backend answering a fixed 200, a dev Consul agent with the backend
+# registered as service `web`, and a gateway config routing `/` to it. Sourced, not run.
+# Every process started is added to PIDS; the caller's EXIT trap stops them.
+
+PIDS=()
+
+# Exits naming the first of the given commands that is missing.
+require_tools() {
+  local tool
+  for tool in "$@"; do
+    command -v "$tool" > /dev/null || { echo "$(basename "$0"): $tool is missing" >&2; exit 1; }
+  done
+}
+
+# Starts an nginx (1 worker) on 127.0.0.1:$2 that answers every request with a fixed 200;
+# its config and logs go to directory $1.
+start_backend() {
+  cat > "$1/backend.conf" <<NG
+worker_processes 1; daemon off; pid $1/backend.pid; error_log $1/backend.err;
+events { worker_connections 1024; }
+http { access_log off; server { listen 127.0.0.1:$2; keepalive_requests 1000000;
+  location / { return 200 "hello from the backend\n"; } } }
+NG
+  nginx -c "$1/backend.conf" & PIDS+=($!)
+}
+
+# Starts `consul agent -dev` in directory $1 with its HTTP API on $2 and its server and serf
+# ports on $3, $3+1 and $3+2, waits for its leader, and registers the backend on port $4 as
+# service `web` (instance `web-1`).
+start_consul_with_backend() {
+  rm -rf "$1/consul-data"
+  consul agent -dev -bind 127.0.0.1 -http-port "$2" -dns-port -1 -grpc-port -1 -server-port "$3" \
+    -serf-lan-port $(($3 + 1)) -serf-wan-port $(($3 + 2)) -data-dir "$1/consul-data" \
+    > "$1/consul.log" 2>&1 & PIDS+=($!)
+  for _ in $(seq 1 60); do curl -sf "http://127.0.0.1:$2/v1/status/leader" | grep -q : && break; sleep 0.5; done
+  curl -sf -X PUT -d "{\"Name\":\"web\",\"ID\":\"web-1\",\"Address\":\"127.0.0.1\",\"Port\":$4}" \
+    "http://127.0.0.1:$2/v1/agent/service/register"
+}
+
+# Prints a gateway config: listen on $1, admin on $2, `workers: $3`, Consul at port $4, the
+# service `web` on `/`; extra top-level YAML (e.g. a `tls:` section) from $5.
+gateway_config() {
+  cat <<GW
+listen: "127.0.0.1:$1"
+admin_listen: "127.0.0.1:$2"
+workers: $3
+consul:
+  address: "http://127.0.0.1:$4"
+${5:-}
+services:
+  - name: web
+    route:
+      path_prefix: "/"
+GW
+}
+
+# Waits (up to a minute) until http://127.0.0.1:$1/ answers.
+wait_http() {
+  for _ in $(seq 1 120); do curl -sf -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.5; done
+  echo "$(basename "$0"): nothing answers on 127.0.0.1:$1" >&2
+  return 1
+}
