@@ -8,24 +8,29 @@ mod common;
 use std::time::Duration;
 
 use common::etcd::EtcdCluster;
-use common::sources::discovery_errors;
-use common::{free_port, Backend, Gateway, Load};
+use common::sources::{discovery_errors, gateway_without_consul, quoted};
+use common::{Backend, Gateway, Load};
 
 const WAIT: Duration = Duration::from_secs(15);
 
 /// A gateway routing `/web` to the etcd service `web` (prefix `/services/web/`); its Consul
 /// address is a port nothing listens on (no service uses Consul).
 async fn gateway(cluster: &EtcdCluster) -> Gateway {
-    let endpoints: Vec<String> = cluster
-        .endpoints()
-        .iter()
-        .map(|e| format!("\"{e}\""))
-        .collect();
     let rest = format!(
         "etcd:\n  endpoints: [{}]\n  timeout: 1s\nservices:\n  - name: web\n    source: etcd\n    route: {{path_prefix: /web}}\n",
-        endpoints.join(", ")
+        quoted(&cluster.endpoints())
     );
-    Gateway::start_with(&[format!("http://127.0.0.1:{}", free_port())], "", &rest).await
+    gateway_without_consul(&rest).await
+}
+
+/// A 3-member cluster, two backends with the first registered, and a gateway serving it.
+async fn serving_web_1() -> (EtcdCluster, Vec<Backend>, Gateway) {
+    let cluster = EtcdCluster::start(3).await;
+    let backends = common::backends("web", 2).await;
+    put(&cluster, &backends[0]).await;
+    let gateway = gateway(&cluster).await;
+    assert!(wait_for(&gateway, &["web-1"]).await.is_some());
+    (cluster, backends, gateway)
 }
 
 fn key(id: &str) -> String {
@@ -99,11 +104,7 @@ async fn puts_deletes_expired_leases_and_garbage_reach_the_gateway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_outage_keeps_serving_the_last_set_and_resyncs() {
-    let mut cluster = EtcdCluster::start(3).await;
-    let backends = common::backends("web", 2).await;
-    put(&cluster, &backends[0]).await;
-    let gateway = gateway(&cluster).await;
-    assert!(wait_for(&gateway, &["web-1"]).await.is_some());
+    let (mut cluster, backends, gateway) = serving_web_1().await;
 
     let load = Load::start(gateway.url("/web/x"), 2);
     for i in 0..3 {
@@ -136,11 +137,7 @@ async fn full_outage_keeps_serving_the_last_set_and_resyncs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_leader_costs_no_request_and_later_changes_arrive() {
-    let mut cluster = EtcdCluster::start(3).await;
-    let backends = common::backends("web", 2).await;
-    put(&cluster, &backends[0]).await;
-    let gateway = gateway(&cluster).await;
-    assert!(wait_for(&gateway, &["web-1"]).await.is_some());
+    let (mut cluster, backends, gateway) = serving_web_1().await;
 
     let load = Load::start(gateway.url("/web/x"), 2);
     let leader = cluster.leader().await.expect("a leader");

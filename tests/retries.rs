@@ -25,8 +25,7 @@ async fn dead_instance_costs_no_failed_request() {
         "services:\n  - name: web\n    source: static\n    instances: [{}]\n",
         instances.join(", ")
     );
-    let nowhere = format!("http://127.0.0.1:{}", free_port());
-    let gateway = Gateway::start_with(&[nowhere], "", &services).await;
+    let gateway = common::sources::gateway_without_consul(&services).await;
     let ids: Vec<&str> = instances.iter().map(String::as_str).collect();
     assert!(gateway
         .wait_for_instances("web", &ids, Duration::from_secs(10))

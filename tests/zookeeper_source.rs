@@ -8,9 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::sources::discovery_errors;
+use common::sources::{discovery_errors, gateway_without_consul, quoted};
 use common::zookeeper::{register, ZookeeperEnsemble};
-use common::{free_port, Backend, Gateway, Load};
+use common::{Backend, Gateway, Load};
 
 const PATH: &str = "/services/web";
 const WAIT: Duration = Duration::from_secs(15);
@@ -20,16 +20,28 @@ const SESSION: Duration = Duration::from_secs(2);
 /// A gateway routing `/web` to the ZooKeeper service `web` (path `/services/web`); its
 /// Consul address is a port nothing listens on (no service uses Consul).
 async fn gateway(ensemble: &ZookeeperEnsemble) -> Gateway {
-    let servers: Vec<String> = ensemble
-        .servers()
-        .iter()
-        .map(|s| format!("\"{s}\""))
-        .collect();
     let rest = format!(
         "zookeeper:\n  servers: [{}]\n  session_timeout: 2s\nservices:\n  - name: web\n    source: zookeeper\n    route: {{path_prefix: /web}}\n",
-        servers.join(", ")
+        quoted(&ensemble.servers())
     );
-    Gateway::start_with(&[format!("http://127.0.0.1:{}", free_port())], "", &rest).await
+    gateway_without_consul(&rest).await
+}
+
+/// A 3-server ensemble, two backends with the first registered by a registrar whose 30 s
+/// session outlives the drills (returned to keep it open), and a gateway serving it.
+async fn serving_the_first() -> (
+    ZookeeperEnsemble,
+    Vec<Backend>,
+    zookeeper_client::Client,
+    Gateway,
+) {
+    let ensemble = ZookeeperEnsemble::start(3).await;
+    let backends = common::backends("web", 2).await;
+    let registrar = ensemble.session(Duration::from_secs(30)).await;
+    register(&registrar, PATH, &address(&backends[0])).await;
+    let gateway = gateway(&ensemble).await;
+    assert!(wait_for(&gateway, &[&backends[0]]).await.is_some());
+    (ensemble, backends, registrar, gateway)
 }
 
 fn address(backend: &Backend) -> String {
@@ -119,12 +131,7 @@ async fn children_sessions_and_garbage_reach_the_gateway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_outage_keeps_serving_the_last_set_and_resyncs() {
-    let mut ensemble = ZookeeperEnsemble::start(3).await;
-    let backends = common::backends("web", 2).await;
-    let registrar = ensemble.session(Duration::from_secs(30)).await;
-    register(&registrar, PATH, &address(&backends[0])).await;
-    let gateway = gateway(&ensemble).await;
-    assert!(wait_for(&gateway, &[&backends[0]]).await.is_some());
+    let (mut ensemble, backends, _registrar, gateway) = serving_the_first().await;
 
     let load = Load::start(gateway.url("/web/x"), 2);
     for i in 0..3 {
@@ -162,12 +169,7 @@ async fn full_outage_keeps_serving_the_last_set_and_resyncs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_leader_costs_no_request_and_later_changes_arrive() {
-    let mut ensemble = ZookeeperEnsemble::start(3).await;
-    let backends = common::backends("web", 2).await;
-    let registrar = ensemble.session(Duration::from_secs(30)).await;
-    register(&registrar, PATH, &address(&backends[0])).await;
-    let gateway = gateway(&ensemble).await;
-    assert!(wait_for(&gateway, &[&backends[0]]).await.is_some());
+    let (mut ensemble, backends, _registrar, gateway) = serving_the_first().await;
 
     let load = Load::start(gateway.url("/web/x"), 2);
     let leader = ensemble.leader().await.expect("a leader");

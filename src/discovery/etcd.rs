@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use super::consul::Backoff;
 use super::static_::parse_instance;
-use super::{Source, SourceError, Update, Updates, WatchFuture};
+use super::{bounded, Source, SourceError, TimedOut, Update, Updates, WatchFuture};
 use crate::config::{EtcdConfig, ServiceConfig, SourceConfig};
 use crate::upstream::Instance;
 
@@ -69,11 +69,8 @@ pub enum EtcdError {
         endpoints: String,
         source: etcd_client::Error,
     },
-    #[error("{what} took longer than {timeout:?}")]
-    Timeout {
-        what: &'static str,
-        timeout: Duration,
-    },
+    #[error(transparent)]
+    Timeout(#[from] TimedOut),
     #[error("{what}: {source}")]
     Rpc {
         what: &'static str,
@@ -211,17 +208,6 @@ impl Source for EtcdSource {
     }
 }
 
-/// Runs `future` for at most `timeout`.
-async fn bounded<T>(
-    what: &'static str,
-    timeout: Duration,
-    future: impl std::future::Future<Output = T>,
-) -> Result<T, EtcdError> {
-    tokio::time::timeout(timeout, future)
-        .await
-        .map_err(|_| EtcdError::Timeout { what, timeout })
-}
-
 /// Lists `prefix` and opens its watch from the next revision, each bounded by `timeout`.
 async fn start(
     client: &mut Client,
@@ -281,7 +267,7 @@ async fn follow_watch(
             _ = ticks.tick() => {
                 if asked.is_some_and(|at| at.elapsed() >= timeout) {
                     let what = "a watch progress report";
-                    return Err(EtcdError::Timeout { what, timeout });
+                    return Err(TimedOut { what, timeout }.into());
                 }
                 if asked.is_none() {
                     stream.request_progress().await.map_err(|source| {

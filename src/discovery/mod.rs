@@ -111,6 +111,25 @@ impl Updates {
     }
 }
 
+/// A registry call that took longer than its bound (the etcd and ZooKeeper sources').
+#[derive(Debug, thiserror::Error)]
+#[error("{what} took longer than {timeout:?}")]
+pub struct TimedOut {
+    pub what: &'static str,
+    pub timeout: Duration,
+}
+
+/// Runs `future` for at most `timeout`; `what` names the call in the error.
+pub async fn bounded<T>(
+    what: &'static str,
+    timeout: Duration,
+    future: impl Future<Output = T>,
+) -> Result<T, TimedOut> {
+    tokio::time::timeout(timeout, future)
+        .await
+        .map_err(|_| TimedOut { what, timeout })
+}
+
 /// A boxed watch future, so sources can be stored as `Arc<dyn Source>`.
 pub type WatchFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 

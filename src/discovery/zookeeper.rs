@@ -24,7 +24,7 @@ use zookeeper_client as zk;
 
 use super::consul::Backoff;
 use super::static_::parse_instance;
-use super::{Source, SourceError, Update, Updates, WatchFuture};
+use super::{bounded, Source, SourceError, TimedOut, Update, Updates, WatchFuture};
 use crate::config::{ServiceConfig, SourceConfig, ZookeeperConfig};
 use crate::upstream::Instance;
 
@@ -68,11 +68,8 @@ pub enum ZookeeperError {
         path: String,
         source: zk::Error,
     },
-    #[error("{what} took longer than {timeout:?}")]
-    Timeout {
-        what: &'static str,
-        timeout: Duration,
-    },
+    #[error(transparent)]
+    Timeout(#[from] TimedOut),
     #[error("disconnected from the ensemble (the client reconnects within the session)")]
     Disconnected,
     #[error("the session ended ({0}); a new one lists again")]
@@ -158,17 +155,6 @@ impl Source for ZookeeperSource {
         };
         Box::pin(self.run(service.name, path, updates))
     }
-}
-
-/// Runs `future` for at most `timeout`.
-async fn bounded<T>(
-    what: &'static str,
-    timeout: Duration,
-    future: impl std::future::Future<Output = T>,
-) -> Result<T, ZookeeperError> {
-    tokio::time::timeout(timeout, future)
-        .await
-        .map_err(|_| ZookeeperError::Timeout { what, timeout })
 }
 
 /// What one watch knows: each child's instance (`None`: its data is not an address).
