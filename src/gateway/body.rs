@@ -16,12 +16,12 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header;
 use hyper::http::request::Parts;
-use hyper::{header, StatusCode};
 use tokio::time::Instant;
 
-use super::clients::{Sent, TryError};
-use super::pool::PooledConnection;
+use super::clients::{AnswerBody, Sent, TryError};
+use super::h1::body::Upgraded;
 use super::GatewayError;
 use crate::upstream::InstanceSlot;
 
@@ -197,17 +197,14 @@ impl Exchange {
         }
     }
 
-    /// The answer, or the client error; the slot (and a pooled connection, except after a
-    /// 101: an upgraded connection is the splice's) moves into the answer's body.
+    /// The answer, or the client error; the slot moves into the answer's body.
     pub async fn send(mut self) -> Result<hyper::Response<InstanceBody>, TryError> {
         let future = self.future.as_mut().expect("an exchange is sent once");
         let result = future.await;
         self.future = None;
-        let (response, connection) = result?;
-        let connection =
-            connection.filter(|_| response.status() != StatusCode::SWITCHING_PROTOCOLS);
+        let response = result?;
         let (slot, deadline) = (self.slot.take(), self.deadline);
-        Ok(response.map(|body| InstanceBody::new(body, slot, connection, deadline)))
+        Ok(response.map(|body| InstanceBody::new(body, slot, deadline)))
     }
 }
 
@@ -218,37 +215,28 @@ impl Drop for Exchange {
         };
         let (slot, deadline) = (self.slot.take(), self.deadline);
         spawn_detached(async move {
-            if let Ok(Ok((response, connection))) = tokio::time::timeout_at(deadline, future).await
-            {
-                let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-                let connection = connection.filter(|_| !upgraded);
-                drain(response.into_body(), connection, deadline).await;
+            if let Ok(Ok(response)) = tokio::time::timeout_at(deadline, future).await {
+                // A 101's connection just closes (its body is empty).
+                drain(response.into_body(), deadline).await;
             }
             drop(slot);
         });
     }
 }
 
-/// An instance's response body on its way to the client; holds the instance slot until done,
-/// and gives its pooled connection back then.
+/// An instance's response body on its way to the client; holds the instance slot until done.
+/// A pooled connection goes back to its pool when the body's end is read.
 pub struct InstanceBody {
-    inner: Option<Incoming>,
+    inner: Option<AnswerBody>,
     slot: Option<InstanceSlot>,
-    connection: Option<PooledConnection>,
     deadline: Instant,
 }
 
 impl InstanceBody {
-    fn new(
-        inner: Incoming,
-        slot: Option<InstanceSlot>,
-        connection: Option<PooledConnection>,
-        deadline: Instant,
-    ) -> Self {
+    fn new(inner: AnswerBody, slot: Option<InstanceSlot>, deadline: Instant) -> Self {
         Self {
             inner: Some(inner),
             slot,
-            connection,
             deadline,
         }
     }
@@ -258,34 +246,32 @@ impl InstanceBody {
         self.slot.take()
     }
 
-    /// The body is over: the slot is freed, and the connection goes back to the pool if the
-    /// answer was read to its end (`complete`), else closes.
-    fn finish(&mut self, complete: bool) {
+    /// A 101's connection from the HTTP/1.1 client.
+    pub fn take_upgraded(&mut self) -> Option<Upgraded> {
+        self.inner.as_mut().and_then(AnswerBody::take_upgraded)
+    }
+
+    /// The body is over: the slot is freed.
+    fn finish(&mut self) {
         self.inner = None;
         self.slot = None;
-        match self.connection.take() {
-            Some(connection) if complete => connection.release(),
-            _ => {}
-        }
     }
 }
 
 impl Body for InstanceBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(None);
         };
         let polled = Pin::new(inner).poll_frame(cx);
-        match polled {
-            Poll::Ready(None) => self.finish(true),
-            Poll::Ready(Some(Err(_))) => self.finish(false),
-            _ => {}
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            self.finish();
         }
         polled
     }
@@ -308,39 +294,30 @@ impl Drop for InstanceBody {
         };
         if inner.is_end_stream() {
             // Read to its end (hyper's server stops polling once a sized body is complete).
-            self.inner = Some(inner);
-            self.finish(true);
             return;
         }
-        let (slot, connection, deadline) =
-            (self.slot.take(), self.connection.take(), self.deadline);
+        let (slot, deadline) = (self.slot.take(), self.deadline);
         spawn_detached(async move {
-            drain(inner, connection, deadline).await;
+            drain(inner, deadline).await;
             drop(slot);
         });
     }
 }
 
 /// Reads and discards what is left of an answer, within `deadline` and [`DRAIN_LIMIT`]; a
-/// pooled connection drained to the answer's end goes back to the pool.
-async fn drain(mut body: Incoming, connection: Option<PooledConnection>, deadline: Instant) {
+/// pooled connection drained to the answer's end goes back to its pool (the body gives it
+/// back itself; one cut short closes).
+async fn drain(mut body: AnswerBody, deadline: Instant) {
     let mut read = 0usize;
-    let drained = tokio::time::timeout_at(deadline, async {
-        loop {
-            match body.frame().await {
-                None => return true,
-                Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
-                Some(Err(_)) => return false,
-            }
+    let _ = tokio::time::timeout_at(deadline, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, Bytes::len);
             if read > DRAIN_LIMIT {
-                return false;
+                return;
             }
         }
     })
     .await;
-    if let (Ok(true), Some(connection)) = (drained, connection) {
-        connection.release();
-    }
 }
 
 /// Spawns on the current runtime; outside one (process exit) the work is dropped.

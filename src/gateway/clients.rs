@@ -3,18 +3,21 @@
 //! `https` and `h2` services, built with the routes: a reload re-reads their CA and client
 //! certificate files (rotation) and starts their pools afresh.
 //!
-//! Plain `http1` instances, the common case, go through the per-worker [`pool`](super::pool)
-//! instead of hyper-util's pooled client; h2c and TLS instances keep the latter. [`Sent`] and
-//! [`TryError`] are the one seam between the two.
+//! Plain `http1` instances, the common case, go through the gateway's own HTTP/1.1 client
+//! ([`h1`](super::h1), per-worker pools) instead of hyper-util's pooled client; h2c and TLS
+//! instances keep the latter. [`Sent`], [`AnswerBody`] and [`TryError`] are the one seam
+//! between the two.
 
 use std::collections::HashMap;
+use std::error::Error;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::body::Incoming;
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::http::uri::Authority;
 use hyper::{Request, Response};
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
@@ -24,7 +27,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::ServerName;
 
 use super::body::UpstreamBody;
-use super::pool::{self, PoolError, PoolSettings, PooledConnection};
+use super::h1::body::{ResponseBody, Upgraded};
+use super::h1::{self, H1Error, PoolSettings};
 use crate::config::{ServiceConfig, UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig};
 use crate::tls::client::{client_config, ClientTls};
 use crate::tls::TlsError;
@@ -43,15 +47,61 @@ pub struct Clients {
     h2c: PlainClient,
 }
 
-/// One try's answer, with its pooled HTTP/1.1 connection to give back once the answer's body
-/// is read (`None` from hyper-util's client, which pools on its own).
-pub type Answer = (Response<Incoming>, Option<PooledConnection>);
+/// One try's answer.
+pub type Answer = Response<AnswerBody>;
+
+/// An answer's body from either client.
+pub enum AnswerBody {
+    /// From the HTTP/1.1 client: holds its connection until read.
+    H1(ResponseBody),
+    /// From hyper-util's client, which pools on its own.
+    Pooled(Incoming),
+}
+
+impl AnswerBody {
+    /// A 101's connection, from the HTTP/1.1 client (hyper's come through `hyper::upgrade`).
+    pub fn take_upgraded(&mut self) -> Option<Upgraded> {
+        match self {
+            AnswerBody::H1(body) => body.take_upgraded(),
+            AnswerBody::Pooled(_) => None,
+        }
+    }
+}
+
+impl Body for AnswerBody {
+    type Data = Bytes;
+    type Error = Box<dyn Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            AnswerBody::H1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            AnswerBody::Pooled(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            AnswerBody::H1(body) => body.is_end_stream(),
+            AnswerBody::Pooled(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            AnswerBody::H1(body) => body.size_hint(),
+            AnswerBody::Pooled(body) => body.size_hint(),
+        }
+    }
+}
 
 /// Why a try got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum TryError {
     #[error(transparent)]
-    Pool(PoolError),
+    H1(H1Error),
     #[error(transparent)]
     Client(hyper_util::client::legacy::Error),
 }
@@ -60,13 +110,13 @@ impl TryError {
     /// Nothing reached the instance (connect refused, reset or timed out).
     pub fn is_connect(&self) -> bool {
         match self {
-            TryError::Pool(error) => error.is_connect(),
+            TryError::H1(error) => error.is_connect(),
             TryError::Client(error) => error.is_connect(),
         }
     }
 }
 
-/// A try on its way: the pool's (one boxed future: it must be movable into a task of its
+/// A try on its way: the HTTP/1.1 client's (one boxed future: it must be movable into a task of its
 /// own when the client goes away mid-exchange, see `body::Exchange`) or hyper-util's.
 pub enum Sent {
     Pooled(Pin<Box<dyn Future<Output = Result<Answer, TryError>> + Send>>),
@@ -79,9 +129,10 @@ impl Future for Sent {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {
             Sent::Pooled(future) => future.as_mut().poll(cx),
-            Sent::Client(future) => Pin::new(future)
-                .poll(cx)
-                .map(|r| r.map(|response| (response, None)).map_err(TryError::Client)),
+            Sent::Client(future) => Pin::new(future).poll(cx).map(|r| {
+                r.map(|response| response.map(AnswerBody::Pooled))
+                    .map_err(TryError::Client)
+            }),
         }
     }
 }
@@ -120,10 +171,10 @@ impl Clients {
                 Sent::Client(self.h2c.request(request))
             }
             _ => {
-                let send = pool::send(self.http1, instance.clone(), request);
+                let send = h1::send(self.http1, instance.clone(), request);
                 Sent::Pooled(Box::pin(async move {
-                    let (response, connection) = send.await.map_err(TryError::Pool)?;
-                    Ok((response, Some(connection)))
+                    let response = send.await.map_err(TryError::H1)?;
+                    Ok(response.map(AnswerBody::H1))
                 }))
             }
         }

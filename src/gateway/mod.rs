@@ -15,10 +15,10 @@ pub mod answers;
 pub mod body;
 pub mod clients;
 pub mod grpc;
+pub mod h1;
 pub mod head;
 pub mod headers;
 pub mod path;
-pub mod pool;
 pub mod redirect;
 pub mod retry;
 pub mod router;
@@ -56,7 +56,7 @@ use headers::{forward_headers, request_authority, Hop};
 pub use headers::{remove_hop_by_hop, strip_port};
 use retry::{is_bad_gateway_status, may_retry, TryFailure};
 pub use router::{Route, Router};
-use upgrade::Upgrades;
+use upgrade::{InstanceSide, Upgrades};
 
 /// Body of a response to the client: streamed from an instance, or made by the gateway.
 pub type ProxyBody = Either<InstanceBody, Full<Bytes>>;
@@ -537,7 +537,10 @@ impl Gateway {
         if let Some(client) = forwarding.upgrade.take() {
             if status == StatusCode::SWITCHING_PROTOCOLS {
                 let slot = response.body_mut().take_slot();
-                let instance_side = hyper::upgrade::on(&mut response);
+                let instance_side = match response.body_mut().take_upgraded() {
+                    Some(upgraded) => InstanceSide::Own(upgraded),
+                    None => InstanceSide::Hyper(hyper::upgrade::on(&mut response)),
+                };
                 let gauge = upstream.metrics.upgraded();
                 self.upgrades.splice(client, instance_side, gauge, slot);
             }

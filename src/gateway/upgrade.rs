@@ -14,11 +14,19 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Version};
 use hyper_util::rt::TokioIo;
 use prometheus::IntGauge;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use super::h1::body::Upgraded;
 use crate::upstream::InstanceSlot;
+
+/// The instance's side of an upgrade: from the HTTP/1.1 client, or from hyper's (TLS, h2c).
+pub enum InstanceSide {
+    Own(Upgraded),
+    Hyper(OnUpgrade),
+}
 
 /// The protocol a request asks to upgrade to: HTTP/1.1 with `Upgrade` and a `Connection`
 /// that names `upgrade` (RFC 9110 §7.8).
@@ -57,31 +65,26 @@ impl Upgrades {
     pub fn splice(
         &self,
         client: OnUpgrade,
-        instance: OnUpgrade,
+        instance: InstanceSide,
         gauge: IntGauge,
         slot: Option<InstanceSlot>,
     ) {
         let cut = self.cut.clone();
         self.tracker.spawn(async move {
-            let (client, instance) = match tokio::try_join!(client, instance) {
-                Ok(both) => both,
+            let client = match client.await {
+                Ok(client) => TokioIo::new(client),
                 Err(error) => {
                     debug!(%error, "upgrade did not complete");
                     return;
                 }
             };
-            gauge.inc();
-            let mut client = TokioIo::new(client);
-            let mut instance = TokioIo::new(instance);
-            tokio::select! {
-                copied = tokio::io::copy_bidirectional(&mut client, &mut instance) => {
-                    if let Err(error) = copied {
-                        debug!(%error, "upgraded connection ended with an error");
-                    }
-                }
-                _ = cut.cancelled() => debug!("upgraded connection cut at end of grace period"),
+            match instance {
+                InstanceSide::Own(instance) => copy(client, instance, &gauge, cut).await,
+                InstanceSide::Hyper(instance) => match instance.await {
+                    Ok(instance) => copy(client, TokioIo::new(instance), &gauge, cut).await,
+                    Err(error) => debug!(%error, "upgrade did not complete"),
+                },
             }
-            gauge.dec();
             drop(slot);
         });
     }
@@ -107,4 +110,23 @@ impl Upgrades {
             self.tracker.wait().await;
         }
     }
+}
+
+/// Copies both ways until either side closes or the grace period ends.
+async fn copy(
+    mut client: impl AsyncRead + AsyncWrite + Unpin,
+    mut instance: impl AsyncRead + AsyncWrite + Unpin,
+    gauge: &IntGauge,
+    cut: CancellationToken,
+) {
+    gauge.inc();
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut instance) => {
+            if let Err(error) = copied {
+                debug!(%error, "upgraded connection ended with an error");
+            }
+        }
+        _ = cut.cancelled() => debug!("upgraded connection cut at end of grace period"),
+    }
+    gauge.dec();
 }

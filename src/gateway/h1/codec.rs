@@ -1,0 +1,612 @@
+//! The HTTP/1.1 wire format of the upstream client: the request head written from the
+//! gateway's parts, the response head parsed with httparse into hyper's types, and the
+//! response body's framing (RFC 9112 §6.3) with its chunked decoder.
+//!
+//! Pure functions over buffers: no I/O here, so every rule is unit-tested on bytes.
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::response;
+use hyper::{Method, Response, StatusCode, Version};
+
+use super::H1Error;
+
+/// Largest response head accepted (nginx's `proxy_buffer_size` is 4–8 KiB; hyper's limit
+/// ~400 KiB). A longer one is a bad answer: 502.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most header lines in a response head (hyper's default).
+const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line (with extensions) and all trailer lines together.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 64 * 1024;
+
+/// How the request body goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFraming {
+    /// No body (and no `Content-Length` line unless the method expects a body).
+    Empty,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`: a streamed body of unknown length.
+    Chunked,
+}
+
+impl RequestFraming {
+    /// The framing of a body with `length` known (`None`: streamed), given the head's own
+    /// `Content-Length`, which wins when present (the client's, checked by the server side).
+    pub fn of(headers: &HeaderMap, length: Option<u64>) -> Result<Self, H1Error> {
+        match headers.get(header::CONTENT_LENGTH) {
+            Some(value) => parse_length(value.as_bytes()).map(RequestFraming::Length),
+            None => Ok(match length {
+                Some(0) => RequestFraming::Empty,
+                Some(n) => RequestFraming::Length(n),
+                None => RequestFraming::Chunked,
+            }),
+        }
+    }
+}
+
+/// Writes the request head: `path` is the origin-form target. A `Content-Length` or
+/// `Transfer-Encoding` line is added for the framing when the head has none.
+pub fn encode_head(
+    buf: &mut Vec<u8>,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    framing: RequestFraming,
+) {
+    buf.extend_from_slice(method.as_str().as_bytes());
+    buf.push(b' ');
+    buf.extend_from_slice(if path.is_empty() {
+        b"/"
+    } else {
+        path.as_bytes()
+    });
+    buf.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        buf.extend_from_slice(name.as_str().as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    let has_length = headers.contains_key(header::CONTENT_LENGTH);
+    match framing {
+        RequestFraming::Length(n) if !has_length => {
+            buf.extend_from_slice(b"content-length: ");
+            push_decimal(buf, n);
+            buf.extend_from_slice(b"\r\n");
+        }
+        // RFC 9110 §8.6: a request whose method expects content says its length, even 0.
+        RequestFraming::Empty if !has_length && expects_body(method) => {
+            buf.extend_from_slice(b"content-length: 0\r\n");
+        }
+        RequestFraming::Chunked => buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    buf.extend_from_slice(b"\r\n");
+}
+
+fn expects_body(method: &Method) -> bool {
+    matches!(*method, Method::POST | Method::PUT | Method::PATCH)
+}
+
+fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[at..]);
+}
+
+/// Writes a chunk's size line (`{hex}\r\n`) into `buf`.
+pub fn chunk_size_line(buf: &mut Vec<u8>, size: usize) {
+    buf.clear();
+    let mut digits = [0u8; 16];
+    let mut at = digits.len();
+    let mut n = size;
+    loop {
+        at -= 1;
+        digits[at] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[at..]);
+    buf.extend_from_slice(b"\r\n");
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Read until the instance closes (no length, no chunked): never reused.
+    UntilClose,
+    /// A 101: the connection now carries the upgraded protocol.
+    Upgrade,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub parts: response::Parts,
+    pub framing: Framing,
+    /// Whether the connection may carry another exchange after this one.
+    pub keep_alive: bool,
+}
+
+/// What the head's lines said about framing and the connection.
+#[derive(Default)]
+struct Seen {
+    length: Option<u64>,
+    chunked: Option<bool>,
+    close: bool,
+    keep_alive: bool,
+}
+
+/// Parses a response head off the front of `buf`: `None` until it is complete. 1xx
+/// answers other than 101 are the caller's to skip (their framing is `Empty`).
+pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>, H1Error> {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut lines);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+            return Err(H1Error::HeadTooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(error) => return Err(H1Error::Parse(error)),
+    };
+    if len > MAX_HEAD {
+        return Err(H1Error::HeadTooLarge);
+    }
+    let status = StatusCode::from_u16(parsed.code.unwrap_or(0)).map_err(|_| H1Error::Status)?;
+    let version = match parsed.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    // Where each line's name and value sit in the head, to slice them off it once frozen.
+    let base = buf.as_ptr() as usize;
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let count = parsed.headers.len();
+    for (span, line) in spans.iter_mut().zip(parsed.headers.iter()) {
+        let name = line.name.as_ptr() as usize - base;
+        let value = line.value.as_ptr() as usize - base;
+        *span = (
+            name as u32,
+            line.name.len() as u32,
+            value as u32,
+            line.value.len() as u32,
+        );
+    }
+    let head = buf.split_to(len).freeze();
+    // Room for the lines the way back adds (the server side grows a full map otherwise).
+    let mut headers = HeaderMap::with_capacity(count + 4);
+    let mut seen = Seen::default();
+    for &(name, name_len, value, value_len) in &spans[..count] {
+        let name = &head[name as usize..(name + name_len) as usize];
+        let name = HeaderName::from_bytes(name).map_err(|_| H1Error::HeaderName)?;
+        let value = head.slice(value as usize..(value + value_len) as usize);
+        let value = HeaderValue::from_maybe_shared(value).map_err(|_| H1Error::HeaderValue)?;
+        seen.note(&name, &value)?;
+        headers.append(name, value);
+    }
+    let (mut parts, ()) = Response::new(()).into_parts();
+    parts.status = status;
+    parts.version = version;
+    parts.headers = headers;
+    let framing = framing(status, method, &seen);
+    let keep_alive = !seen.close
+        && (version == Version::HTTP_11 || seen.keep_alive)
+        && !matches!(framing, Framing::UntilClose)
+        // Both lengths: a smuggling shape (RFC 9112 §6.3 item 3); read by chunks, then close.
+        && !(seen.length.is_some() && seen.chunked.is_some());
+    Ok(Some(ResponseHead {
+        parts,
+        framing,
+        keep_alive,
+    }))
+}
+
+impl Seen {
+    fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<(), H1Error> {
+        if name == header::CONTENT_LENGTH {
+            let length = parse_length(value.as_bytes())?;
+            if self.length.is_some_and(|seen| seen != length) {
+                return Err(H1Error::Length);
+            }
+            self.length = Some(length);
+        } else if name == header::TRANSFER_ENCODING {
+            // The last coding decides: chunked last is chunked, anything else reads to close.
+            let last = value
+                .as_bytes()
+                .rsplit(|&b| b == b',')
+                .next()
+                .unwrap_or(b"");
+            self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// RFC 9112 §6.3, in its order.
+fn framing(status: StatusCode, method: &Method, seen: &Seen) -> Framing {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Framing::Upgrade;
+    }
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Framing::Empty;
+    }
+    match (seen.chunked, seen.length) {
+        (Some(true), _) => Framing::Chunked,
+        (Some(false), _) => Framing::UntilClose,
+        (None, Some(0)) => Framing::Empty,
+        (None, Some(n)) => Framing::Length(n),
+        (None, None) => Framing::UntilClose,
+    }
+}
+
+/// A `Content-Length` value: digits only (no sign, no spaces inside), at most 19 of them.
+fn parse_length(value: &[u8]) -> Result<u64, H1Error> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return Err(H1Error::Length);
+    }
+    Ok(value
+        .iter()
+        .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+}
+
+/// What the chunked decoder got out of the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    /// The last chunk and the trailers (dropped) are read.
+    End,
+    /// More bytes are needed.
+    More,
+}
+
+/// The chunked transfer coding's reader (RFC 9112 §7.1), a state machine over the bytes as
+/// they arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunked {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers(usize),
+    Done,
+}
+
+impl Chunked {
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, H1Error> {
+        loop {
+            match *self {
+                Chunked::Size => {
+                    let Some(line) = take_line(buf, MAX_CHUNK_LINE)? else {
+                        return Ok(Decoded::More);
+                    };
+                    let size = chunk_size(&line)?;
+                    *self = if size == 0 {
+                        Chunked::Trailers(0)
+                    } else {
+                        Chunked::Data(size)
+                    };
+                }
+                Chunked::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let n = left.min(buf.len() as u64);
+                    let data = buf.split_to(n as usize).freeze();
+                    *self = match left - n {
+                        0 => Chunked::DataEnd,
+                        left => Chunked::Data(left),
+                    };
+                    return Ok(Decoded::Data(data));
+                }
+                Chunked::DataEnd => {
+                    // The CRLF after a chunk's data (a bare LF accepted).
+                    let ending = match buf.first() {
+                        None => return Ok(Decoded::More),
+                        Some(b'\n') => 1,
+                        Some(b'\r') if buf.len() < 2 => return Ok(Decoded::More),
+                        Some(b'\r') if buf[1] == b'\n' => 2,
+                        Some(_) => return Err(H1Error::Chunk),
+                    };
+                    buf.advance(ending);
+                    *self = Chunked::Size;
+                }
+                Chunked::Trailers(read) => {
+                    let Some(line) = take_line(buf, MAX_TRAILERS - read)? else {
+                        return Ok(Decoded::More);
+                    };
+                    if line.is_empty() {
+                        *self = Chunked::Done;
+                        return Ok(Decoded::End);
+                    }
+                    *self = Chunked::Trailers(read + line.len() + 2);
+                }
+                Chunked::Done => return Ok(Decoded::End),
+            }
+        }
+    }
+}
+
+/// The next line off `buf` without its CRLF (a bare LF is accepted, as hyper and nginx do);
+/// `None` until it is complete; an error once `limit` bytes pass without one.
+fn take_line(buf: &mut BytesMut, limit: usize) -> Result<Option<BytesMut>, H1Error> {
+    let Some(end) = buf.iter().take(limit + 1).position(|&b| b == b'\n') else {
+        return match buf.len() > limit {
+            true => Err(H1Error::Chunk),
+            false => Ok(None),
+        };
+    };
+    let mut line = buf.split_to(end + 1);
+    line.truncate(end);
+    if line.last() == Some(&b'\r') {
+        line.truncate(end - 1);
+    }
+    Ok(Some(line))
+}
+
+/// A chunk-size line's size: hex digits, then optional extensions after `;` (ignored).
+fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
+    let digits_end = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    let (digits, rest) = line.split_at(digits_end);
+    let rest = rest.trim_ascii_start();
+    if digits.is_empty() || digits.len() > 15 || !(rest.is_empty() || rest[0] == b';') {
+        return Err(H1Error::Chunk);
+    }
+    Ok(digits.iter().fold(0u64, |n, &d| {
+        n << 4 | u64::from((d as char).to_digit(16).unwrap_or(0))
+    }))
+}
+
+/// Takes up to `left` bytes of a `Content-Length` body off `buf`.
+pub fn take_length(buf: &mut BytesMut, left: &mut u64) -> Option<Bytes> {
+    if buf.is_empty() || *left == 0 {
+        return None;
+    }
+    let n = (*left).min(buf.len() as u64) as usize;
+    *left -= n as u64;
+    Some(buf.split_to(n).freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, method: &Method) -> Result<Option<ResponseHead>, H1Error> {
+        parse_head(&mut BytesMut::from(text), method)
+    }
+
+    fn head(text: &str) -> ResponseHead {
+        parse(text, &Method::GET).unwrap().unwrap()
+    }
+
+    #[test]
+    fn the_request_head_carries_method_target_lines_and_framing() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("web"));
+        headers.append("x-a", HeaderValue::from_static("1"));
+        headers.append("x-a", HeaderValue::from_static("2"));
+        let mut buf = Vec::new();
+        encode_head(
+            &mut buf,
+            &Method::POST,
+            "/p?q=1",
+            &headers,
+            RequestFraming::Length(12),
+        );
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "POST /p?q=1 HTTP/1.1\r\nhost: web\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 12\r\n\r\n"
+        );
+        let mut buf = Vec::new();
+        encode_head(
+            &mut buf,
+            &Method::PUT,
+            "",
+            &HeaderMap::new(),
+            RequestFraming::Empty,
+        );
+        assert_eq!(buf, b"PUT / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+        let mut buf = Vec::new();
+        encode_head(
+            &mut buf,
+            &Method::GET,
+            "/",
+            &HeaderMap::new(),
+            RequestFraming::Empty,
+        );
+        assert_eq!(buf, b"GET / HTTP/1.1\r\n\r\n");
+        let mut buf = Vec::new();
+        encode_head(
+            &mut buf,
+            &Method::POST,
+            "/",
+            &HeaderMap::new(),
+            RequestFraming::Chunked,
+        );
+        assert_eq!(
+            buf,
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn the_request_framing_follows_the_clients_length() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(
+            RequestFraming::of(&headers, Some(0)).unwrap(),
+            RequestFraming::Empty
+        );
+        assert_eq!(
+            RequestFraming::of(&headers, Some(5)).unwrap(),
+            RequestFraming::Length(5)
+        );
+        assert_eq!(
+            RequestFraming::of(&headers, None).unwrap(),
+            RequestFraming::Chunked
+        );
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("70000"));
+        assert_eq!(
+            RequestFraming::of(&headers, None).unwrap(),
+            RequestFraming::Length(70000)
+        );
+    }
+
+    #[test]
+    fn chunk_size_lines_are_hex() {
+        let mut buf = Vec::new();
+        chunk_size_line(&mut buf, 0x1a2f);
+        assert_eq!(buf, b"1a2f\r\n");
+        chunk_size_line(&mut buf, 0);
+        assert_eq!(buf, b"0\r\n");
+    }
+
+    #[test]
+    fn a_head_is_parsed_off_the_buffer_and_its_body_stays() {
+        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhello");
+        let head = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+        assert_eq!(head.parts.status, StatusCode::OK);
+        assert_eq!(head.parts.headers["x-a"], "b");
+        assert_eq!(head.framing, Framing::Length(5));
+        assert!(head.keep_alive);
+        assert_eq!(&buf[..], b"hello");
+    }
+
+    #[test]
+    fn a_partial_head_waits_and_a_huge_one_fails() {
+        assert!(parse("HTTP/1.1 200 OK\r\nContent-Le", &Method::GET)
+            .unwrap()
+            .is_none());
+        let huge = format!("HTTP/1.1 200 OK\r\nX: {}", "a".repeat(MAX_HEAD));
+        assert!(matches!(
+            parse(&huge, &Method::GET),
+            Err(H1Error::HeadTooLarge)
+        ));
+        assert!(matches!(
+            parse("HTTP/1.1 2x0 OK\r\n\r\n", &Method::GET),
+            Err(H1Error::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112_section_6_3() {
+        let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
+        assert_eq!(head(chunked).framing, Framing::Chunked);
+        let gzip = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n";
+        assert_eq!(head(gzip).framing, Framing::UntilClose);
+        assert!(!head(gzip).keep_alive);
+        let both = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(head(both).framing, Framing::Chunked);
+        assert!(!head(both).keep_alive);
+        let none = "HTTP/1.1 200 OK\r\n\r\n";
+        assert_eq!(head(none).framing, Framing::UntilClose);
+        let no_content = "HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\n";
+        assert_eq!(head(no_content).framing, Framing::Empty);
+        let to_head = parse(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+            &Method::HEAD,
+        );
+        assert_eq!(to_head.unwrap().unwrap().framing, Framing::Empty);
+        let switching = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n";
+        assert_eq!(head(switching).framing, Framing::Upgrade);
+        let early = "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n";
+        assert_eq!(head(early).framing, Framing::Empty);
+    }
+
+    #[test]
+    fn lengths_must_be_digits_and_agree() {
+        for bad in ["-1", "1 2", "0x10", "", "99999999999999999999"] {
+            let text = format!("HTTP/1.1 200 OK\r\nContent-Length: {bad}\r\n\r\n");
+            assert!(
+                matches!(parse(&text, &Method::GET), Err(H1Error::Length)),
+                "{bad}"
+            );
+        }
+        let twice = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
+        assert!(matches!(parse(twice, &Method::GET), Err(H1Error::Length)));
+        let same = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n";
+        assert_eq!(head(same).framing, Framing::Length(3));
+    }
+
+    #[test]
+    fn connection_close_and_http_1_0_end_the_connection() {
+        assert!(
+            !head("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").keep_alive
+        );
+        assert!(!head("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n").keep_alive);
+        assert!(
+            head("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n")
+                .keep_alive
+        );
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_any_split() {
+        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\n";
+        for split in 1..wire.len() {
+            let mut decoder = Chunked::Size;
+            let mut buf = BytesMut::new();
+            let mut body = Vec::new();
+            let mut ended = false;
+            for piece in [&wire[..split], &wire[split..]] {
+                buf.extend_from_slice(piece);
+                loop {
+                    match decoder.decode(&mut buf).unwrap() {
+                        Decoded::Data(data) => body.extend_from_slice(&data),
+                        Decoded::End => {
+                            ended = true;
+                            break;
+                        }
+                        Decoded::More => break,
+                    }
+                }
+            }
+            assert!(ended, "split at {split}");
+            assert_eq!(body, b"hello world", "split at {split}");
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn bad_chunks_fail() {
+        for bad in ["zz\r\n", "5\r\nhelloXX", "1 x\r\n", "10000000000000000\r\n"] {
+            let mut decoder = Chunked::Size;
+            let mut buf = BytesMut::from(bad);
+            let mut result = decoder.decode(&mut buf);
+            while let Ok(Decoded::Data(_)) = result {
+                result = decoder.decode(&mut buf);
+            }
+            assert!(matches!(result, Err(H1Error::Chunk)), "{bad}: {result:?}");
+        }
+        let mut endless = BytesMut::from(&[b'1'; MAX_CHUNK_LINE + 2][..]);
+        assert!(matches!(
+            Chunked::Size.decode(&mut endless),
+            Err(H1Error::Chunk)
+        ));
+    }
+}

@@ -1,0 +1,295 @@
+//! The idle connections of the HTTP/1.1 client, one pool per worker (`workers: N`, each a
+//! current-thread runtime).
+//!
+//! Why not hyper-util's pooled client: its checkout takes a mutex, races a connect against
+//! the idle list, boxes several futures, and spawns a task per request to put the connection
+//! back; callgrind put it at a large share of the gateway's user-space instructions. Here a
+//! checkout is a pop from the worker's own `Vec` keyed by the instance's authority, and a
+//! connection goes back when its answer's body is read (no task, no lock, no channel). Under
+//! `workers: 0` (one work-stealing runtime) a request's tasks move between threads, so a
+//! thread-local pool would fill on the thread that finishes bodies and stay empty on the one
+//! that checks out (tests/hostile_clients.rs saw 163 connections for 20 requests in flight):
+//! there the pool is one map behind a mutex.
+//!
+//! An idle connection has no task: one the instance closed (or wrote to) is found at checkout
+//! from its socket's readiness, without a system call while nothing happened; one idle for a
+//! whole `upstream.pool_idle_timeout` is dropped at checkout, and by a sweep that runs every
+//! `pool_idle_timeout` on each pool. A connection that is upgraded (101) never comes back.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{LazyLock, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use hyper::http::uri::Authority;
+use tokio::net::TcpStream;
+use tokio::runtime::{Handle, RuntimeFlavor};
+use tracing::debug;
+
+use super::H1Error;
+
+/// Keep-alive probes on idle upstream sockets (hyper-util's connector had the same).
+pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// How the pool connects and how long it keeps connections (from `upstream.*`).
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Most idle connections kept per instance and worker.
+    pub max_idle: usize,
+}
+
+/// A connection to an instance, with the buffers its exchanges reuse.
+pub struct Connection {
+    pub(super) stream: TcpStream,
+    pub(super) read_buf: BytesMut,
+    pub(super) write_buf: Vec<u8>,
+    key: Authority,
+    max_idle: usize,
+    idle_timeout: Duration,
+    /// When it last went back to the pool.
+    idle_since: Instant,
+}
+
+/// A connection taken for one exchange.
+pub struct Checkout {
+    pub connection: Connection,
+    /// It served an earlier exchange (and the instance may have closed it since).
+    pub reused: bool,
+}
+/// Idle connections by instance authority (looked up as `&str`); the newest last.
+type IdleMap = HashMap<String, Vec<Connection>, BuildHasherDefault<WordHash>>;
+
+thread_local! {
+    /// This worker's idle connections (a current-thread runtime's thread).
+    static IDLE: RefCell<IdleMap> = RefCell::new(IdleMap::default());
+    /// Whether this thread runs a current-thread runtime: decided once per thread.
+    static PER_WORKER: Cell<Option<bool>> = const { Cell::new(None) };
+    /// Whether this thread's pool has its sweep running.
+    static SWEPT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The idle connections of a work-stealing runtime's threads.
+static SHARED: LazyLock<Mutex<IdleMap>> = LazyLock::new(Mutex::default);
+/// Whether the shared pool has its sweep running.
+static SHARED_SWEPT: AtomicBool = AtomicBool::new(false);
+
+/// FxHash's word-at-a-time mix (rustc's): `Authority`'s own `Hash` feeds SipHash one byte at a
+/// time, ~1,000 instructions per lookup in hyper-util's pool map (callgrind), and ~500 still
+/// with FNV over those bytes; a `&str` key hashed 8 bytes at a time costs a fraction of that.
+/// The keys are instance addresses from discovery, not chosen by clients, so a
+/// flooding-resistant hash buys nothing here.
+#[derive(Debug, Default)]
+pub struct WordHash(u64);
+
+impl WordHash {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl Hasher for WordHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, byte: u8) {
+        self.add(u64::from(byte));
+    }
+}
+
+impl Connection {
+    fn new(stream: TcpStream, key: &Authority, settings: PoolSettings) -> Self {
+        Self {
+            stream,
+            read_buf: BytesMut::new(),
+            write_buf: Vec::new(),
+            key: key.clone(),
+            max_idle: settings.max_idle,
+            idle_timeout: settings.idle_timeout,
+            idle_since: Instant::now(),
+        }
+    }
+
+    /// Whether the connection can carry another exchange: not idle too long, and nothing
+    /// arrived on it since its last answer (neither the instance's close nor stray bytes).
+    /// Costs no system call while its socket had no event: tokio clears read readiness after
+    /// a read that did not fill the buffer, which is how every answer's last read ends.
+    fn is_usable(&self, now: Instant) -> bool {
+        if now.duration_since(self.idle_since) >= self.idle_timeout {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            // An event: the instance closed (0), wrote out of turn (data), or nothing after
+            // all (the readiness was stale).
+            Poll::Ready(Ok(())) => matches!(
+                self.stream.try_read(&mut [0u8; 1]),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock
+            ),
+        }
+    }
+
+    /// Gives the connection back to this thread's pool (its exchange is over); dropped,
+    /// which closes it, when the instance already has `max_idle` idle ones.
+    pub fn release(mut self) {
+        if self.max_idle == 0 {
+            return;
+        }
+        self.idle_since = Instant::now();
+        let idle_timeout = self.idle_timeout;
+        // During thread teardown the pool is gone; the connection just closes.
+        with_idle(|idle, swept| {
+            let list = match idle.get_mut(self.key.as_str()) {
+                Some(list) => list,
+                None => idle.entry(self.key.as_str().to_owned()).or_default(),
+            };
+            if list.len() >= self.max_idle {
+                // Full: make room from connections the instance or the clock closed.
+                let now = self.idle_since;
+                list.retain(|c| c.is_usable(now));
+            }
+            if list.len() < self.max_idle {
+                list.push(self);
+            }
+            if !swept.swap(true) {
+                spawn_sweep(idle_timeout);
+            }
+        });
+    }
+}
+
+/// The newest usable idle connection to `key` on this thread, or a new one.
+pub async fn checkout(settings: PoolSettings, key: &Authority) -> Result<Checkout, H1Error> {
+    if let Some(connection) = take_idle(key) {
+        return Ok(Checkout {
+            connection,
+            reused: true,
+        });
+    }
+    let stream = super::connect(settings, key).await?;
+    Ok(Checkout {
+        connection: Connection::new(stream, key, settings),
+        reused: false,
+    })
+}
+
+/// Pops idle connections to `key` until a usable one; the unusable are dropped (closed).
+fn take_idle(key: &Authority) -> Option<Connection> {
+    let now = Instant::now();
+    with_idle(|idle, _| {
+        let list = idle.get_mut(key.as_str())?;
+        while let Some(connection) = list.pop() {
+            if connection.is_usable(now) {
+                return Some(connection);
+            }
+        }
+        None
+    })
+    .flatten()
+}
+
+/// Where this thread's sweep flag lives: the thread's own, or the shared pool's.
+trait Swept {
+    /// Sets the flag; whether it was set.
+    fn swap(&self, value: bool) -> bool;
+}
+
+impl Swept for Cell<bool> {
+    fn swap(&self, value: bool) -> bool {
+        self.replace(value)
+    }
+}
+
+impl Swept for AtomicBool {
+    fn swap(&self, value: bool) -> bool {
+        AtomicBool::swap(self, value, Ordering::Relaxed)
+    }
+}
+
+/// Runs `f` on the idle connections this thread checks out from and gives back to, with
+/// their sweep flag; `None` during thread teardown.
+fn with_idle<R>(f: impl FnOnce(&mut IdleMap, &dyn Swept) -> R) -> Option<R> {
+    let per_worker = PER_WORKER
+        .try_with(|cell| {
+            *cell.get().get_or_insert_with(|| {
+                Handle::try_current()
+                    .is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread)
+            })
+        })
+        .ok()?;
+    if per_worker {
+        IDLE.try_with(|idle| {
+            SWEPT
+                .try_with(|swept| f(&mut idle.borrow_mut(), swept))
+                .ok()
+        })
+        .ok()
+        .flatten()
+    } else {
+        Some(f(
+            &mut SHARED.lock().unwrap_or_else(PoisonError::into_inner),
+            &SHARED_SWEPT,
+        ))
+    }
+}
+
+/// Starts the sweep of the calling thread's pool: every `period`, connections idle that long
+/// or closed by their instance are dropped. It ends with its runtime, and clears the flag
+/// then so that a later runtime on the thread starts its own.
+fn spawn_sweep(period: Duration) {
+    let Ok(runtime) = Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let _clear = ClearOnDrop;
+        let mut tick = tokio::time::interval(period);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            let dropped = with_idle(|idle, _| {
+                let before: usize = idle.values().map(Vec::len).sum();
+                idle.retain(|_, list| {
+                    list.retain(|c| c.is_usable(now));
+                    !list.is_empty()
+                });
+                before - idle.values().map(Vec::len).sum::<usize>()
+            });
+            if dropped.is_some_and(|n| n > 0) {
+                debug!(dropped, "idle upstream connections closed");
+            }
+        }
+    });
+}
+
+/// Clears the sweep flag of the pool its sweep served.
+struct ClearOnDrop;
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        let _ = with_idle(|_, swept| swept.swap(false));
+    }
+}
