@@ -246,6 +246,11 @@ impl InstanceBody {
         self.slot.take()
     }
 
+    /// Whether the answer's head is known to hold no hop-by-hop line.
+    pub fn is_hop_free(&self) -> bool {
+        self.inner.as_ref().is_some_and(AnswerBody::is_hop_free)
+    }
+
     /// A 101's connection from the HTTP/1.1 client.
     pub fn take_upgraded(&mut self) -> Option<Upgraded> {
         self.inner.as_mut().and_then(AnswerBody::take_upgraded)

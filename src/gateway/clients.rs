@@ -29,6 +29,7 @@ use rustls::pki_types::ServerName;
 use super::body::UpstreamBody;
 use super::h1::body::{ResponseBody, Upgraded};
 use super::h1::{self, H1Error, PoolSettings};
+use super::headers::Forwarded;
 use crate::config::{ServiceConfig, UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig};
 use crate::tls::client::{client_config, ClientTls};
 use crate::tls::TlsError;
@@ -59,6 +60,14 @@ pub enum AnswerBody {
 }
 
 impl AnswerBody {
+    /// Whether the answer's head is known to hold no hop-by-hop line.
+    pub fn is_hop_free(&self) -> bool {
+        match self {
+            AnswerBody::H1(body) => body.is_hop_free(),
+            AnswerBody::Pooled(_) => false,
+        }
+    }
+
     /// A 101's connection, from the HTTP/1.1 client (hyper's come through `hyper::upgrade`).
     pub fn take_upgraded(&mut self) -> Option<Upgraded> {
         match self {
@@ -156,22 +165,27 @@ impl Clients {
         protocol == UpstreamProtocol::Http1 && !tls
     }
 
-    /// Sends `request` to `instance`: over the per-worker pool for plain HTTP/1.1, the h2c
-    /// client for h2c, `tls` for TLS services.
+    /// Sends `request` with the `forwarded` lines to `instance`: over the HTTP/1.1 client for
+    /// plain HTTP/1.1, the h2c client for h2c, `tls` for TLS services.
     pub fn request(
         &self,
         protocol: UpstreamProtocol,
         tls: Option<&TlsClient>,
         instance: &Authority,
-        request: Request<UpstreamBody>,
+        mut request: Request<UpstreamBody>,
+        forwarded: Forwarded,
     ) -> Sent {
         match (protocol, tls) {
-            (_, Some(tls)) => Sent::Client(tls.request(request)),
+            (_, Some(tls)) => {
+                forwarded.apply(request.headers_mut());
+                Sent::Client(tls.request(request))
+            }
             (UpstreamProtocol::H2c | UpstreamProtocol::H2, None) => {
+                forwarded.apply(request.headers_mut());
                 Sent::Client(self.h2c.request(request))
             }
             _ => {
-                let send = h1::send(self.http1, instance.clone(), request);
+                let send = h1::send(self.http1, instance.clone(), request, forwarded);
                 Sent::Pooled(Box::pin(async move {
                     let response = send.await.map_err(TryError::H1)?;
                     Ok(response.map(AnswerBody::H1))

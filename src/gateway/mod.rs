@@ -52,7 +52,7 @@ pub use answers::{GatewayError, ERROR_HEADER};
 use body::{client_body_fault, BodyLimits, Exchange, HeldBody, InstanceBody, UpstreamBody};
 use clients::{Clients, TlsClient, TlsClients, TryError};
 use head::Head;
-use headers::{forward_headers, request_authority, Hop};
+use headers::{forward_headers, request_authority, Forwarded, Hop};
 pub use headers::{remove_hop_by_hop, strip_port};
 use retry::{is_bad_gateway_status, may_retry, TryFailure};
 pub use router::{Route, Router};
@@ -407,7 +407,7 @@ impl Gateway {
         });
         let body = HeldBody::hold(&parts, body, self.settings.body, deadline).await?;
         let path = route.upstream_path(&parts.uri, target.path.as_deref());
-        forward_headers(&mut parts, target.authority, hop);
+        let forwarded = forward_headers(&mut parts, target.authority, hop);
         let upgrade = upgrade.map(|(protocol, client)| {
             upgrade::restore_headers(&mut parts.headers, protocol);
             client
@@ -423,6 +423,7 @@ impl Gateway {
             key,
             method: parts.method.clone(),
             head: Head::new(parts, copies),
+            forwarded,
             path,
             body,
             deadline,
@@ -507,9 +508,10 @@ impl Gateway {
         let outgoing = outgoing_request(head, &forwarding.path, instance, protocol, pooled, body)?;
         let deadline = forwarding.deadline;
         let tls = forwarding.tls.as_deref();
+        let forwarded = forwarding.forwarded.clone();
         let sent = self
             .clients
-            .request(protocol, tls, &instance.authority, outgoing);
+            .request(protocol, tls, &instance.authority, outgoing, forwarded);
         let exchange = Exchange::new(sent, slot, deadline);
         match tokio::time::timeout_at(deadline, exchange.send()).await {
             Err(_) => forwarding.settle_timeout(instance),
@@ -580,6 +582,8 @@ struct Forwarding<'a> {
     method: Method,
     /// Method, headers and version as they go to every instance.
     head: Head,
+    /// The forwarded family this hop adds to the head.
+    forwarded: Forwarded,
     path: PathAndQuery,
     body: HeldBody,
     deadline: Instant,
@@ -712,6 +716,10 @@ fn has_unsupported_coding(request: &Request<Incoming>) -> bool {
 
 /// An instance's response, ready for the client (a 101 keeps its `Upgrade`).
 fn client_response(response: Response<InstanceBody>) -> Response<ProxyBody> {
+    if response.body().is_hop_free() {
+        // The HTTP/1.1 client left hop-by-hop lines out as it parsed the head.
+        return response.map(Either::Left);
+    }
     let (mut parts, body) = response.into_parts();
     let upgrade = (parts.status == StatusCode::SWITCHING_PROTOCOLS)
         .then(|| parts.headers.get(header::UPGRADE).cloned())

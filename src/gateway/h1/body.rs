@@ -32,10 +32,17 @@ pub struct ResponseBody {
     connection: Option<Connection>,
     state: State,
     keep_alive: bool,
+    /// The answer's head holds no hop-by-hop line (left out while parsing).
+    hop_free: bool,
 }
 
 impl ResponseBody {
-    pub(super) fn new(connection: Connection, framing: Framing, keep_alive: bool) -> Self {
+    pub(super) fn new(
+        connection: Connection,
+        framing: Framing,
+        keep_alive: bool,
+        hop_free: bool,
+    ) -> Self {
         let state = match framing {
             Framing::Empty => State::Length(0),
             Framing::Length(n) => State::Length(n),
@@ -47,11 +54,17 @@ impl ResponseBody {
             connection: Some(connection),
             state,
             keep_alive,
+            hop_free,
         };
         if matches!(state, State::Length(0)) {
             body.finish();
         }
         body
+    }
+
+    /// Whether the answer's head holds no hop-by-hop line.
+    pub fn is_hop_free(&self) -> bool {
+        self.hop_free
     }
 
     /// A 101's connection, with what the instance sent after its head.

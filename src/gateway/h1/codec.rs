@@ -4,11 +4,14 @@
 //!
 //! Pure functions over buffers: no I/O here, so every rule is unit-tested on bytes.
 
+use std::mem::MaybeUninit;
+
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::response;
 use hyper::{Method, Response, StatusCode, Version};
 
+use super::super::headers::is_hop_by_hop;
 use super::H1Error;
 
 /// Largest response head accepted (nginx's `proxy_buffer_size` is 4–8 KiB; hyper's limit
@@ -46,13 +49,14 @@ impl RequestFraming {
     }
 }
 
-/// Writes the request head: `path` is the origin-form target. A `Content-Length` or
-/// `Transfer-Encoding` line is added for the framing when the head has none.
-pub fn encode_head(
+/// Writes the request head: `path` is the origin-form target, `lines` the header lines. A
+/// `Content-Length` or `Transfer-Encoding` line is added for the framing when the lines have
+/// no `Content-Length`.
+pub fn encode_head<'a>(
     buf: &mut Vec<u8>,
     method: &Method,
     path: &str,
-    headers: &HeaderMap,
+    lines: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
     framing: RequestFraming,
 ) {
     buf.extend_from_slice(method.as_str().as_bytes());
@@ -63,13 +67,14 @@ pub fn encode_head(
         path.as_bytes()
     });
     buf.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
+    let mut has_length = false;
+    for (name, value) in lines {
+        has_length |= name == header::CONTENT_LENGTH;
         buf.extend_from_slice(name.as_str().as_bytes());
         buf.extend_from_slice(b": ");
         buf.extend_from_slice(value.as_bytes());
         buf.extend_from_slice(b"\r\n");
     }
-    let has_length = headers.contains_key(header::CONTENT_LENGTH);
     match framing {
         RequestFraming::Length(n) if !has_length => {
             buf.extend_from_slice(b"content-length: ");
@@ -141,6 +146,9 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// Whether the connection may carry another exchange after this one.
     pub keep_alive: bool,
+    /// Whether the head holds no hop-by-hop line: the static list is left out while parsing
+    /// (but for a 101, whose `Upgrade` goes on), unless `Connection` names other headers.
+    pub hop_free: bool,
 }
 
 /// What the head's lines said about framing and the connection.
@@ -150,14 +158,18 @@ struct Seen {
     chunked: Option<bool>,
     close: bool,
     keep_alive: bool,
+    /// `Connection` names a header besides `close`, `keep-alive` and `upgrade`.
+    names_others: bool,
 }
 
 /// Parses a response head off the front of `buf`: `None` until it is complete. 1xx
 /// answers other than 101 are the caller's to skip (their framing is `Empty`).
 pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>, H1Error> {
-    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut lines);
-    let len = match parsed.parse(buf) {
+    // Uninitialised: filling 100 empty lines first cost ~400 instructions per answer.
+    let mut lines = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut lines) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
             return Err(H1Error::HeadTooLarge)
@@ -187,6 +199,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Response
             line.value.len() as u32,
         );
     }
+    let keep_hop_by_hop = status == StatusCode::SWITCHING_PROTOCOLS;
     let head = buf.split_to(len).freeze();
     // Room for the lines the way back adds (the server side grows a full map otherwise).
     let mut headers = HeaderMap::with_capacity(count + 4);
@@ -197,7 +210,9 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Response
         let value = head.slice(value as usize..(value + value_len) as usize);
         let value = HeaderValue::from_maybe_shared(value).map_err(|_| H1Error::HeaderValue)?;
         seen.note(&name, &value)?;
-        headers.append(name, value);
+        if keep_hop_by_hop || !is_hop_by_hop(&name) {
+            headers.append(name, value);
+        }
     }
     let (mut parts, ()) = Response::new(()).into_parts();
     parts.status = status;
@@ -213,6 +228,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Response
         parts,
         framing,
         keep_alive,
+        hop_free: !keep_hop_by_hop && !seen.names_others,
     }))
 }
 
@@ -235,8 +251,14 @@ impl Seen {
         } else if name == header::CONNECTION {
             for token in value.as_bytes().split(|&b| b == b',') {
                 let token = token.trim_ascii();
-                self.close |= token.eq_ignore_ascii_case(b"close");
-                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                let close = token.eq_ignore_ascii_case(b"close");
+                let keep_alive = token.eq_ignore_ascii_case(b"keep-alive");
+                self.close |= close;
+                self.keep_alive |= keep_alive;
+                self.names_others |= !(close
+                    || keep_alive
+                    || token.is_empty()
+                    || token.eq_ignore_ascii_case(b"upgrade"));
             }
         }
         Ok(())
@@ -416,7 +438,7 @@ mod tests {
             &mut buf,
             &Method::POST,
             "/p?q=1",
-            &headers,
+            headers.iter(),
             RequestFraming::Length(12),
         );
         assert_eq!(
@@ -428,7 +450,7 @@ mod tests {
             &mut buf,
             &Method::PUT,
             "",
-            &HeaderMap::new(),
+            HeaderMap::new().iter(),
             RequestFraming::Empty,
         );
         assert_eq!(buf, b"PUT / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
@@ -437,7 +459,7 @@ mod tests {
             &mut buf,
             &Method::GET,
             "/",
-            &HeaderMap::new(),
+            HeaderMap::new().iter(),
             RequestFraming::Empty,
         );
         assert_eq!(buf, b"GET / HTTP/1.1\r\n\r\n");
@@ -446,7 +468,7 @@ mod tests {
             &mut buf,
             &Method::POST,
             "/",
-            &HeaderMap::new(),
+            HeaderMap::new().iter(),
             RequestFraming::Chunked,
         );
         assert_eq!(
@@ -495,6 +517,27 @@ mod tests {
         assert_eq!(head.framing, Framing::Length(5));
         assert!(head.keep_alive);
         assert_eq!(&buf[..], b"hello");
+    }
+
+    #[test]
+    fn hop_by_hop_lines_are_left_out_unless_a_101_or_connection_names_others() {
+        let plain = head("HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n");
+        assert!(plain.hop_free);
+        let names: Vec<_> = plain.parts.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-a"]);
+        let named = head(
+            "HTTP/1.1 200 OK\r\nConnection: x-secret\r\nX-Secret: 1\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert!(
+            !named.hop_free,
+            "the names Connection lists are removed later"
+        );
+        assert_eq!(named.parts.headers["x-secret"], "1");
+        let switching = head(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        );
+        assert!(!switching.hop_free);
+        assert_eq!(switching.parts.headers["upgrade"], "websocket");
     }
 
     #[test]

@@ -35,6 +35,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use super::body::UpstreamBody;
+use super::headers::Forwarded;
 use body::ResponseBody;
 use codec::{Framing, RequestFraming, ResponseHead};
 pub use pool::PoolSettings;
@@ -108,6 +109,7 @@ pub async fn send(
     settings: PoolSettings,
     key: Authority,
     request: Request<UpstreamBody>,
+    forwarded: Forwarded,
 ) -> Result<Response<ResponseBody>, H1Error> {
     let (parts, mut body) = request.into_parts();
     let framing = RequestFraming::of(&parts.headers, body.size_hint().exact())?;
@@ -122,10 +124,8 @@ pub async fn send(
             Either::Left(full) if reused && is_idempotent(&parts.method) => Some(full.clone()),
             _ => None,
         };
-        match (
-            exchange(&mut connection, &parts, body, framing).await,
-            again,
-        ) {
+        let exchanged = exchange(&mut connection, &parts, &forwarded, body, framing).await;
+        match (exchanged, again) {
             (Ok(head), _) => return answer(connection, head, asks_upgrade),
             (Err(error), Some(again)) if error.is_stale() => body = Either::Left(again),
             (Err(error), _) => return Err(error),
@@ -150,7 +150,7 @@ fn answer(
     if head.framing == Framing::Upgrade && !asks_upgrade {
         return Err(H1Error::UnaskedUpgrade);
     }
-    let body = ResponseBody::new(connection, head.framing, head.keep_alive);
+    let body = ResponseBody::new(connection, head.framing, head.keep_alive, head.hop_free);
     Ok(Response::from_parts(head.parts, body))
 }
 
@@ -159,6 +159,7 @@ fn answer(
 async fn exchange(
     connection: &mut Connection,
     parts: &Parts,
+    forwarded: &Forwarded,
     body: UpstreamBody,
     framing: RequestFraming,
 ) -> Result<ResponseHead, H1Error> {
@@ -170,7 +171,8 @@ async fn exchange(
     } = connection;
     write_buf.clear();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    codec::encode_head(write_buf, &parts.method, path, &parts.headers, framing);
+    let lines = parts.headers.iter().chain(forwarded.lines());
+    codec::encode_head(write_buf, &parts.method, path, lines, framing);
     let (mut reader, mut writer) = stream.split();
     let write = write_request(&mut writer, write_buf, body, framing);
     let read = read_head(&mut reader, read_buf, &parts.method);
