@@ -29,7 +29,7 @@ enum State {
 /// An answer's body on its instance connection.
 pub struct ResponseBody {
     /// `None` once the body ended (the connection went back or closed).
-    connection: Option<Connection>,
+    connection: Option<Box<Connection>>,
     state: State,
     keep_alive: bool,
     /// The answer's head holds no hop-by-hop line (left out while parsing).
@@ -38,7 +38,7 @@ pub struct ResponseBody {
 
 impl ResponseBody {
     pub(super) fn new(
-        connection: Connection,
+        connection: Box<Connection>,
         framing: Framing,
         keep_alive: bool,
         hop_free: bool,
@@ -73,7 +73,7 @@ impl ResponseBody {
             return None;
         }
         self.state = State::Done;
-        let connection = self.connection.take()?;
+        let connection = *self.connection.take()?;
         Some(Upgraded {
             stream: connection.stream,
             early: connection.read_buf.freeze(),

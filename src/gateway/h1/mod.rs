@@ -143,7 +143,7 @@ fn is_idempotent(method: &Method) -> bool {
 
 /// The answer to hand on, its body reading from `connection`.
 fn answer(
-    connection: Connection,
+    connection: Box<Connection>,
     head: ResponseHead,
     asks_upgrade: bool,
 ) -> Result<Response<ResponseBody>, H1Error> {

@@ -58,12 +58,12 @@ pub struct Connection {
 
 /// A connection taken for one exchange.
 pub struct Checkout {
-    pub connection: Connection,
+    pub connection: Box<Connection>,
     /// It served an earlier exchange (and the instance may have closed it since).
     pub reused: bool,
 }
 /// Idle connections by instance authority (looked up as `&str`); the newest last.
-type IdleMap = HashMap<String, Vec<Connection>, BuildHasherDefault<WordHash>>;
+type IdleMap = HashMap<String, Vec<Box<Connection>>, BuildHasherDefault<WordHash>>;
 
 thread_local! {
     /// This worker's idle connections (a current-thread runtime's thread).
@@ -119,8 +119,11 @@ impl Hasher for WordHash {
 }
 
 impl Connection {
-    fn new(stream: TcpStream, key: &Authority, settings: PoolSettings) -> Self {
-        Self {
+    /// Boxed for its life: an answer's body carries it, and moving a pointer instead of the
+    /// buffers and socket through the request's futures saved ~500 instructions of `memcpy`
+    /// per request (callgrind).
+    fn new(stream: TcpStream, key: &Authority, settings: PoolSettings) -> Box<Self> {
+        Box::new(Self {
             stream,
             read_buf: BytesMut::new(),
             write_buf: Vec::new(),
@@ -128,7 +131,7 @@ impl Connection {
             max_idle: settings.max_idle,
             idle_timeout: settings.idle_timeout,
             idle_since: Instant::now(),
-        }
+        })
     }
 
     /// Whether the connection can carry another exchange: not idle too long, and nothing
@@ -154,7 +157,7 @@ impl Connection {
 
     /// Gives the connection back to this thread's pool (its exchange is over); dropped,
     /// which closes it, when the instance already has `max_idle` idle ones.
-    pub fn release(mut self) {
+    pub fn release(mut self: Box<Self>) {
         if self.max_idle == 0 {
             return;
         }
@@ -197,7 +200,7 @@ pub async fn checkout(settings: PoolSettings, key: &Authority) -> Result<Checkou
 }
 
 /// Pops idle connections to `key` until a usable one; the unusable are dropped (closed).
-fn take_idle(key: &Authority) -> Option<Connection> {
+fn take_idle(key: &Authority) -> Option<Box<Connection>> {
     let now = Instant::now();
     with_idle(|idle, _| {
         let list = idle.get_mut(key.as_str())?;
