@@ -1,6 +1,7 @@
-//! What a real Consul cannot produce on demand: an index going backwards (or to 0), 500s, and
-//! a long-poll that hangs. A scripted fake answers the watcher; the same watcher code is
-//! tested against a real agent in `discovery.rs`.
+//! What a real Consul cannot produce on demand: an index going backwards (or to 0), 500s, a
+//! long-poll that hangs, and a restarted server answering from the log it is still replaying.
+//! A scripted fake answers the per-service watcher and, per path, catalog mode; the same code
+//! is tested against real agents in `discovery.rs` and `catalog_mode.rs`.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -34,54 +35,49 @@ enum Step {
 
 /// Starts the fake; every request's `index` parameter is sent on the returned channel.
 async fn fake_consul(script: Vec<Step>) -> (String, mpsc::UnboundedReceiver<u64>) {
+    let script = Mutex::new(VecDeque::from(script));
+    let (seen, rx) = mpsc::unbounded_channel();
+    let url = serve_fake(move |request| {
+        let index = request
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("index="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX);
+        let _ = seen.send(index);
+        match script.lock().unwrap().pop_front().unwrap_or(Step::Hang) {
+            Step::Answer(index, ids) => Scripted::Json(index, instances_json(ids)),
+            Step::Status(code) => Scripted::Status(code),
+            Step::Hang => Scripted::Hang,
+        }
+    })
+    .await;
+    (url, rx)
+}
+
+/// One answer of a fake: a JSON body at an index, a status, or none.
+#[derive(Debug, Clone)]
+enum Scripted {
+    Json(u64, String),
+    Status(u16),
+    Hang,
+}
+
+/// Serves on a free port, answering each request with what `answer` picks for it.
+async fn serve_fake(
+    answer: impl Fn(&Request<Incoming>) -> Scripted + Send + Sync + 'static,
+) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let script = Arc::new(Mutex::new(VecDeque::from(script)));
-    let (seen, rx) = mpsc::unbounded_channel();
+    let answer = Arc::new(answer);
     tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let (script, seen) = (script.clone(), seen.clone());
+        while let Ok((stream, _)) = listener.accept().await {
+            let answer = answer.clone();
             let service = service_fn(move |request: Request<Incoming>| {
-                let index = request
-                    .uri()
-                    .query()
-                    .unwrap_or("")
-                    .split('&')
-                    .find_map(|kv| kv.strip_prefix("index="))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(u64::MAX);
-                let step = script.lock().unwrap().pop_front().unwrap_or(Step::Hang);
-                let _ = seen.send(index);
-                async move {
-                    let response = match step {
-                        Step::Answer(index, ids) => {
-                            let entries: Vec<String> = ids
-                                .iter()
-                                .enumerate()
-                                .map(|(n, id)| {
-                                    format!(
-                                        r#"{{"Node":{{"Address":"127.0.0.1"}},"Service":{{"ID":"{id}","Address":"","Port":{},"Tags":[]}}}}"#,
-                                        1000 + n
-                                    )
-                                })
-                                .collect();
-                            Response::builder()
-                                .header("x-consul-index", index.to_string())
-                                .header("x-consul-knownleader", "true")
-                                .body(Full::new(Bytes::from(format!("[{}]", entries.join(",")))))
-                                .unwrap()
-                        }
-                        Step::Status(code) => Response::builder()
-                            .status(code)
-                            .body(Full::new(Bytes::from_static(b"rpc error")))
-                            .unwrap(),
-                        Step::Hang => std::future::pending().await,
-                    };
-                    Ok::<_, Infallible>(response)
-                }
+                let step = answer(&request);
+                async move { Ok::<_, Infallible>(respond(step).await) }
             });
             tokio::spawn(async move {
                 let _ = Builder::new(TokioExecutor::new())
@@ -90,7 +86,37 @@ async fn fake_consul(script: Vec<Step>) -> (String, mpsc::UnboundedReceiver<u64>
             });
         }
     });
-    (url, rx)
+    url
+}
+
+async fn respond(step: Scripted) -> Response<Full<Bytes>> {
+    match step {
+        Scripted::Json(index, body) => Response::builder()
+            .header("x-consul-index", index.to_string())
+            .header("x-consul-knownleader", "true")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap(),
+        Scripted::Status(code) => Response::builder()
+            .status(code)
+            .body(Full::new(Bytes::from_static(b"rpc error")))
+            .unwrap(),
+        Scripted::Hang => std::future::pending().await,
+    }
+}
+
+/// The body of `/v1/health/service/web` with instances `ids`.
+fn instances_json(ids: &[&str]) -> String {
+    let entries: Vec<String> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            format!(
+                r#"{{"Node":{{"Address":"127.0.0.1"}},"Service":{{"ID":"{id}","Address":"","Port":{},"Tags":[]}}}}"#,
+                1000 + n
+            )
+        })
+        .collect();
+    format!("[{}]", entries.join(","))
 }
 
 struct Watch {
@@ -257,4 +283,112 @@ async fn hung_long_poll_is_cut_and_retried() {
         "{metrics}"
     );
     watch.shutdown.cancel();
+}
+
+/// A fake for catalog mode: each path answers from its own script, whose last step repeats;
+/// every request's path is sent on the returned channel.
+async fn fake_catalog_consul(
+    scripts: Vec<(&'static str, Vec<Scripted>)>,
+) -> (String, mpsc::UnboundedReceiver<String>) {
+    let scripts: Vec<(&str, VecDeque<Scripted>)> = scripts
+        .into_iter()
+        .map(|(path, steps)| (path, VecDeque::from(steps)))
+        .collect();
+    let scripts = Mutex::new(scripts);
+    let (seen, rx) = mpsc::unbounded_channel();
+    let url = serve_fake(move |request| {
+        let path = request.uri().path().to_owned();
+        let mut scripts = scripts.lock().unwrap();
+        let script = scripts.iter_mut().find(|(p, _)| *p == path);
+        let step = match script.map(|(_, steps)| steps) {
+            Some(steps) if steps.len() > 1 => steps.pop_front().unwrap(),
+            Some(steps) => steps.front().cloned().unwrap_or(Scripted::Hang),
+            None => Scripted::Status(404),
+        };
+        let _ = seen.send(path);
+        step
+    })
+    .await;
+    (url, rx)
+}
+
+/// Catalog mode after an outage: a restarted server may answer from a log it is still
+/// replaying. The recovery sweep's first answer (index 5, no instances) is not applied: a
+/// second query answers 20, a third confirms 20, and only that is applied. Without the
+/// confirmation the table would hold the replayed, empty set.
+#[tokio::test]
+async fn catalog_mode_confirms_answers_after_an_outage() {
+    use Scripted::{Hang, Json, Status};
+    let checks = r#"[{"Node":"n1","CheckID":"service:a","ServiceName":"web","ModifyIndex":3}]"#;
+    let services = r#"{"web":[]}"#;
+    let (url, mut paths) = fake_catalog_consul(vec![
+        (
+            "/v1/health/state/any",
+            vec![
+                Json(10, checks.into()),
+                Status(500),
+                Json(20, checks.into()),
+                Hang,
+            ],
+        ),
+        (
+            "/v1/catalog/services",
+            vec![
+                Json(10, services.into()),
+                Status(500),
+                Json(20, services.into()),
+                Hang,
+            ],
+        ),
+        (
+            "/v1/health/service/web",
+            vec![
+                Json(10, instances_json(&["web-1", "web-2"])),
+                Json(5, instances_json(&[])),
+                Json(20, instances_json(&["web-1", "web-2"])),
+                Json(20, instances_json(&["web-1", "web-2"])),
+                Hang,
+            ],
+        ),
+        ("/v1/health/state/critical", vec![Json(20, "[]".into())]),
+    ])
+    .await;
+    let yaml = format!(
+        "consul:\n  address: {url}\n  wait: 10s\n  backoff_base: 20ms\n  backoff_max: 100ms\n  watch: catalog\nservices:\n  - name: web\n"
+    );
+    let config = Config::from_yaml(&yaml, &ConsulEnv::default()).unwrap();
+    let metrics = Metrics::new().unwrap();
+    let upstreams = Upstreams::new(&config.services, &metrics);
+    let upstream = upstreams.get("web").unwrap().clone();
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(switchyard::discovery::consul::watch_catalog(
+        Arc::new(ConsulClient::new(&config.consul).unwrap()),
+        upstreams,
+        WatchPacing::from(&config.consul),
+        8,
+        shutdown.clone(),
+    ));
+    let mut fetches = 0;
+    while fetches < 4 {
+        let path = tokio::time::timeout(Duration::from_secs(10), paths.recv())
+            .await
+            .expect("the confirming fetches never came")
+            .unwrap();
+        fetches += usize::from(path == "/v1/health/service/web");
+    }
+    let confirmed = common_wait(|| ids(&upstream) == ["web-1", "web-2"]).await;
+    assert!(confirmed, "{:?}", ids(&upstream));
+    shutdown.cancel();
+    let _ = task.await;
+}
+
+/// Polls `condition` for up to 5 s.
+async fn common_wait(condition: impl Fn() -> bool) -> bool {
+    for _ in 0..500 {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
 }

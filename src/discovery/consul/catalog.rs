@@ -16,7 +16,9 @@
 //! budget less five at once (the two detectors, the checks-table query, the idle
 //! connections of the HTTP pool), and one at a time per
 //! service so each table still has a single writer. A stopping coordinator waits for its
-//! fetches in flight, so a successor never races them.
+//! fetches in flight, so a successor never races them. After a detector failed (an outage),
+//! the recovery sweep's answers are applied only once confirmed by a second query
+//! ([`confirmed_fetch`]), as the per-service watch does after an outage.
 //!
 //! What a change costs (100 services x 10 instances, release build, debug log lines): Consul
 //! answers `/v1/health/state/any` (370 KB) ~11 ms after `/v1/catalog/services` (2 KB) for the
@@ -39,7 +41,7 @@ use tracing::{debug, info, warn};
 
 use super::{idle_connections, RATE_BURST, RATE_INTERVAL};
 use super::{
-    Backoff, ConsulClient, Discovery, DiscoveryError, IndexStep, TokenBucket, WatchPacing,
+    Answer, Backoff, ConsulClient, Discovery, DiscoveryError, IndexStep, TokenBucket, WatchPacing,
 };
 use crate::upstream::{Upstream, Upstreams};
 
@@ -269,6 +271,9 @@ fn parse(kind: Detector, index: u64, body: &[u8]) -> Result<Event, DiscoveryErro
 struct FetchState {
     running: bool,
     again: bool,
+    /// The next fetch's answer is applied only once a second query confirms it (after an
+    /// outage; see [`confirmed_fetch`]).
+    confirm: bool,
 }
 
 struct Coordinator {
@@ -288,6 +293,10 @@ struct Coordinator {
     /// When to ask Consul whether a check was written at those indexes, or to sweep.
     grace: Option<(tokio::time::Instant, GraceEnd)>,
     recovering: bool,
+    /// A detector failed since the last sweep: the recovery sweep's answers need confirming.
+    after_outage: bool,
+    /// How long a confirming query waits after the answer it confirms (`backoff_base`).
+    confirm_delay: Duration,
     /// This coordinator's stop: its fetches must not write tables once a successor (after a
     /// config reload) may be writing them.
     shutdown: CancellationToken,
@@ -304,16 +313,20 @@ impl Coordinator {
                 continue; // a service this gateway does not route
             };
             let state = self.fetches.entry(name.clone()).or_default();
+            state.confirm |= self.after_outage;
             if state.running {
                 state.again = true;
                 continue;
             }
             state.running = true;
-            self.spawn_fetch(upstream, now);
+            let confirm = std::mem::take(&mut state.confirm).then_some(self.confirm_delay);
+            self.spawn_fetch(upstream, now, confirm);
         }
     }
 
-    fn spawn_fetch(&self, upstream: Arc<Upstream>, woke: Instant) {
+    /// Fetches `upstream`'s instances and applies them; with `confirm`, only once a second
+    /// query that much later answers the same index.
+    fn spawn_fetch(&self, upstream: Arc<Upstream>, woke: Instant, confirm: Option<Duration>) {
         let (discovery, slots, events, stopped) = (
             self.discovery.clone(),
             self.slots.clone(),
@@ -322,7 +335,12 @@ impl Coordinator {
         );
         self.tracker.spawn(async move {
             let fetch = async {
-                let slot = slots.acquire_owned().await;
+                if let Some(delay) = confirm {
+                    let confirmed = confirmed_fetch(&discovery, &slots, &upstream, delay).await;
+                    let slot = slots.clone().acquire_owned().await;
+                    return (slot, micros(woke.elapsed()), confirmed);
+                }
+                let slot = slots.clone().acquire_owned().await;
                 let slot_us = micros(woke.elapsed());
                 (slot, slot_us, discovery.fetch(&upstream.config, 0).await)
             };
@@ -371,6 +389,7 @@ impl Coordinator {
         );
         let names: Vec<String> = self.by_name.keys().cloned().collect();
         self.mark_dirty(&names);
+        self.after_outage = false;
     }
 
     fn remember(&mut self, indexes: &[u64]) {
@@ -528,6 +547,7 @@ impl Coordinator {
         self.unexplained.clear(); // the recovery sweep covers them
         self.grace = None;
         self.recovering = true;
+        self.after_outage = true;
     }
 
     fn on_fetched(&mut self, name: String) {
@@ -536,8 +556,9 @@ impl Coordinator {
         };
         if state.again {
             state.again = false;
+            let confirm = std::mem::take(&mut state.confirm).then_some(self.confirm_delay);
             if let Some(upstream) = self.by_name.get(&name).cloned() {
-                self.spawn_fetch(upstream, Instant::now());
+                self.spawn_fetch(upstream, Instant::now(), confirm);
                 return;
             }
         }
@@ -559,6 +580,37 @@ impl Coordinator {
         for upstream in self.upstreams.iter() {
             upstream.record_contact();
         }
+    }
+}
+
+/// After an outage a Consul server that restarted may answer from a log it is still
+/// replaying (the per-service watch's `Resync` has the story): an answer counts once a second
+/// query, `delay` later, answers the same index. The slot is held for each query only, not
+/// across the waits, so a recovery sweep of many services waits for them all at once.
+async fn confirmed_fetch(
+    discovery: &ConsulClient,
+    slots: &Arc<Semaphore>,
+    upstream: &Upstream,
+    delay: Duration,
+) -> Result<Answer, DiscoveryError> {
+    let fetch = || async {
+        let _slot = slots.acquire().await;
+        discovery.fetch(&upstream.config, 0).await
+    };
+    let mut candidate = fetch().await?;
+    loop {
+        tokio::time::sleep(delay).await;
+        let answer = fetch().await?;
+        if answer.index == candidate.index {
+            return Ok(answer);
+        }
+        debug!(
+            service = upstream.name(),
+            first = candidate.index,
+            then = answer.index,
+            "answer after an outage not confirmed; asking again"
+        );
+        candidate = answer;
     }
 }
 
@@ -620,6 +672,8 @@ pub async fn watch_catalog(
         unexplained: Vec::new(),
         grace: None,
         recovering: true,
+        after_outage: false,
+        confirm_delay: pacing.backoff_base,
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),
     };
