@@ -884,6 +884,20 @@ pub struct ConsulServer {
 }
 
 impl ConsulServer {
+    /// Server `i` of a cluster, on ports free now.
+    fn on_free_ports(i: usize) -> ConsulServer {
+        let http_port = free_port();
+        ConsulServer {
+            child: None,
+            node: format!("server-{i}-{http_port}"),
+            http_port,
+            serf_lan: free_port(),
+            serf_wan: free_port(),
+            server_port: free_port(),
+            data_dir: std::env::temp_dir().join(format!("switchyard-test-consul-data-{http_port}")),
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
     }
@@ -900,34 +914,30 @@ pub struct ConsulCluster {
 }
 
 impl ConsulCluster {
+    /// Starts `size` servers and waits for their leader. A port that `free_port` saw free can
+    /// be taken (by any process's outgoing connection) before a server binds it; that server
+    /// then exits and, with `-bootstrap-expect`, no leader is ever elected (a full CI run saw
+    /// it once). So a cluster without a leader after 30 s is stopped and started again on
+    /// fresh ports, up to three times.
     pub async fn start(size: usize) -> ConsulCluster {
-        let servers = (0..size)
-            .map(|i| {
-                let http_port = free_port();
-                ConsulServer {
-                    child: None,
-                    node: format!("server-{i}-{http_port}"),
-                    http_port,
-                    serf_lan: free_port(),
-                    serf_wan: free_port(),
-                    server_port: free_port(),
-                    data_dir: std::env::temp_dir()
-                        .join(format!("switchyard-test-consul-data-{http_port}")),
-                }
-            })
-            .collect();
-        let mut cluster = ConsulCluster {
-            servers,
-            client: http_client(),
-        };
-        for i in 0..size {
-            cluster.spawn(i);
+        for _ in 0..3 {
+            let mut cluster = ConsulCluster {
+                servers: (0..size).map(ConsulServer::on_free_ports).collect(),
+                client: http_client(),
+            };
+            for i in 0..size {
+                cluster.spawn(i);
+            }
+            if cluster
+                .wait_for_leader(Duration::from_secs(30))
+                .await
+                .is_some()
+            {
+                return cluster;
+            }
+            eprintln!("the Consul cluster elected no leader in 30 s; starting it again");
         }
-        cluster
-            .wait_for_leader(Duration::from_secs(60))
-            .await
-            .expect("the cluster elected no leader");
-        cluster
+        panic!("the cluster elected no leader in three starts");
     }
 
     fn spawn(&mut self, i: usize) {
