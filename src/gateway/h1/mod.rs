@@ -36,6 +36,7 @@ use tokio::net::TcpStream;
 
 use super::body::UpstreamBody;
 use super::headers::Forwarded;
+use super::retry::is_idempotent;
 use body::ResponseBody;
 use codec::{Framing, RequestFraming, ResponseHead};
 pub use pool::PoolSettings;
@@ -131,14 +132,6 @@ pub async fn send(
             (Err(error), _) => return Err(error),
         }
     }
-}
-
-/// RFC 9110 §9.2.2.
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 /// The answer to hand on, its body reading from `connection`.

@@ -62,6 +62,7 @@ pub struct Checkout {
     /// It served an earlier exchange (and the instance may have closed it since).
     pub reused: bool,
 }
+
 /// Idle connections by instance authority (looked up as `&str`); the newest last.
 type IdleMap = HashMap<String, Vec<Box<Connection>>, BuildHasherDefault<WordHash>>;
 
@@ -120,8 +121,8 @@ impl Hasher for WordHash {
 
 impl Connection {
     /// Boxed for its life: an answer's body carries it, and moving a pointer instead of the
-    /// buffers and socket through the request's futures saved ~500 instructions of `memcpy`
-    /// per request (callgrind).
+    /// buffers and socket through the request's futures saved ~2,000 instructions per request
+    /// (callgrind, LTO off: 44,042 -> 42,073).
     fn new(stream: TcpStream, key: &Authority, settings: PoolSettings) -> Box<Self> {
         Box::new(Self {
             stream,
