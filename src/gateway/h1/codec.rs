@@ -170,50 +170,24 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Response
     let mut parsed = httparse::Response::new(&mut []);
     let config = httparse::ParserConfig::default();
     let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut lines) {
-        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+        Ok(httparse::Status::Complete(_)) => return Err(H1Error::HeadTooLarge),
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
             return Err(H1Error::HeadTooLarge)
         }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(error) => return Err(H1Error::Parse(error)),
     };
-    if len > MAX_HEAD {
-        return Err(H1Error::HeadTooLarge);
-    }
     let status = StatusCode::from_u16(parsed.code.unwrap_or(0)).map_err(|_| H1Error::Status)?;
     let version = match parsed.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    // Where each line's name and value sit in the head, to slice them off it once frozen.
-    let base = buf.as_ptr() as usize;
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    let count = parsed.headers.len();
-    for (span, line) in spans.iter_mut().zip(parsed.headers.iter()) {
-        let name = line.name.as_ptr() as usize - base;
-        let value = line.value.as_ptr() as usize - base;
-        *span = (
-            name as u32,
-            line.name.len() as u32,
-            value as u32,
-            line.value.len() as u32,
-        );
-    }
+    let mut spans: [Span; MAX_HEADERS] = [(0, 0, 0, 0); MAX_HEADERS];
+    let count = spans_of(buf, parsed.headers, &mut spans);
     let keep_hop_by_hop = status == StatusCode::SWITCHING_PROTOCOLS;
     let head = buf.split_to(len).freeze();
-    // Room for the lines the way back adds (the server side grows a full map otherwise).
-    let mut headers = HeaderMap::with_capacity(count + 4);
-    let mut seen = Seen::default();
-    for &(name, name_len, value, value_len) in &spans[..count] {
-        let name = &head[name as usize..(name + name_len) as usize];
-        let name = HeaderName::from_bytes(name).map_err(|_| H1Error::HeaderName)?;
-        let value = head.slice(value as usize..(value + value_len) as usize);
-        let value = HeaderValue::from_maybe_shared(value).map_err(|_| H1Error::HeaderValue)?;
-        seen.note(&name, &value)?;
-        if keep_hop_by_hop || !is_hop_by_hop(&name) {
-            headers.append(name, value);
-        }
-    }
+    let (headers, seen) = header_map(&head, &spans[..count], keep_hop_by_hop)?;
     let (mut parts, ()) = Response::new(()).into_parts();
     parts.status = status;
     parts.version = version;
@@ -230,6 +204,51 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Response
         keep_alive,
         hop_free: !keep_hop_by_hop && !seen.names_others,
     }))
+}
+
+/// One header line's place in the head: name offset and length, value offset and length.
+type Span = (u32, u32, u32, u32);
+
+/// Where each of `lines` sits in `buf`, into `spans` (kept in the caller's frame: returning
+/// the 1.6 KB array by value cost a copy per answer); how many there are.
+#[inline]
+fn spans_of(buf: &[u8], lines: &[httparse::Header<'_>], spans: &mut [Span]) -> usize {
+    let base = buf.as_ptr() as usize;
+    for (span, line) in spans.iter_mut().zip(lines) {
+        let name = line.name.as_ptr() as usize - base;
+        let value = line.value.as_ptr() as usize - base;
+        *span = (
+            name as u32,
+            line.name.len() as u32,
+            value as u32,
+            line.value.len() as u32,
+        );
+    }
+    lines.len().min(spans.len())
+}
+
+/// The header map of the lines at `spans` in `head` (values share it), and what they said
+/// about framing; the static hop-by-hop lines are left out unless `keep_hop_by_hop`.
+#[inline]
+fn header_map(
+    head: &Bytes,
+    spans: &[Span],
+    keep_hop_by_hop: bool,
+) -> Result<(HeaderMap, Seen), H1Error> {
+    // Room for the lines the way back adds (the server side grows a full map otherwise).
+    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
+    let mut seen = Seen::default();
+    for &(name, name_len, value, value_len) in spans {
+        let name = &head[name as usize..(name + name_len) as usize];
+        let name = HeaderName::from_bytes(name).map_err(|_| H1Error::HeaderName)?;
+        let value = head.slice(value as usize..(value + value_len) as usize);
+        let value = HeaderValue::from_maybe_shared(value).map_err(|_| H1Error::HeaderValue)?;
+        seen.note(&name, &value)?;
+        if keep_hop_by_hop || !is_hop_by_hop(&name) {
+            headers.append(name, value);
+        }
+    }
+    Ok((headers, seen))
 }
 
 impl Seen {
