@@ -44,8 +44,8 @@ static FORWARDED_FAMILY: [HeaderName; 4] = [
 ];
 
 /// Where `name` is in [`HOP_BY_HOP`] (0–8), or 9 + where it is in [`FORWARDED_FAMILY`], or 13
-/// for `X-Forwarded-For`: one
-/// `match` on the name's text, which compiles to a switch on its length and a compare or two.
+/// for `X-Forwarded-For`: one `match` on the name's text, which compiles to a switch on its
+/// length and a compare or two.
 /// Comparing each of a message's names with the 13 listed `HeaderName`s instead cost ~1,000
 /// instructions per request (callgrind, `present` in `remove_hop_by_hop`, once per direction).
 fn listed(name: &HeaderName) -> Option<u32> {
@@ -68,14 +68,14 @@ fn listed(name: &HeaderName) -> Option<u32> {
     })
 }
 
-/// Bit `listed(name)` of every listed name `headers` carries: one pass over the message's
-/// names instead of a hashed lookup per listed name (most messages carry none of them).
 /// Whether `name` is hop-by-hop by itself (the static list, without the names a `Connection`
 /// header lists).
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     listed(name).is_some_and(|i| i < FAMILY_SHIFT)
 }
 
+/// Bit `listed(name)` of every listed name `headers` carries: one pass over the message's
+/// names instead of a hashed lookup per listed name (most messages carry none of them).
 fn present(headers: &HeaderMap) -> u32 {
     headers
         .keys()

@@ -540,7 +540,10 @@ mod tests {
 
     #[test]
     fn hop_by_hop_lines_are_left_out_unless_a_101_or_connection_names_others() {
-        let plain = head("HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n");
+        let plain = head(concat!(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n",
+            "Transfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
+        ));
         assert!(plain.hop_free);
         let names: Vec<_> = plain.parts.headers.keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["x-a"]);

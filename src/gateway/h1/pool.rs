@@ -72,7 +72,7 @@ thread_local! {
     /// Whether this thread runs a current-thread runtime: decided once per thread.
     static PER_WORKER: Cell<Option<bool>> = const { Cell::new(None) };
     /// Whether this thread's pool has its sweep running.
-    static SWEPT: Cell<bool> = const { Cell::new(false) };
+    static SWEPT: AtomicBool = const { AtomicBool::new(false) };
 }
 
 /// The idle connections of a work-stealing runtime's threads.
@@ -178,7 +178,10 @@ impl Connection {
             if list.len() < self.max_idle {
                 list.push(self);
             }
-            if !swept.swap(true) {
+            // A plain load and store: the flag is read under the pool's own exclusion (its
+            // thread, or the shared pool's lock), so no read-modify-write per request.
+            if !swept.load(Ordering::Relaxed) {
+                swept.store(true, Ordering::Relaxed);
                 spawn_sweep(idle_timeout);
             }
         });
@@ -215,27 +218,9 @@ fn take_idle(key: &Authority) -> Option<Box<Connection>> {
     .flatten()
 }
 
-/// Where this thread's sweep flag lives: the thread's own, or the shared pool's.
-trait Swept {
-    /// Sets the flag; whether it was set.
-    fn swap(&self, value: bool) -> bool;
-}
-
-impl Swept for Cell<bool> {
-    fn swap(&self, value: bool) -> bool {
-        self.replace(value)
-    }
-}
-
-impl Swept for AtomicBool {
-    fn swap(&self, value: bool) -> bool {
-        AtomicBool::swap(self, value, Ordering::Relaxed)
-    }
-}
-
 /// Runs `f` on the idle connections this thread checks out from and gives back to, with
 /// their sweep flag; `None` during thread teardown.
-fn with_idle<R>(f: impl FnOnce(&mut IdleMap, &dyn Swept) -> R) -> Option<R> {
+fn with_idle<R>(f: impl FnOnce(&mut IdleMap, &AtomicBool) -> R) -> Option<R> {
     let per_worker = PER_WORKER
         .try_with(|cell| {
             *cell.get().get_or_insert_with(|| {
@@ -294,6 +279,6 @@ struct ClearOnDrop;
 
 impl Drop for ClearOnDrop {
     fn drop(&mut self) {
-        let _ = with_idle(|_, swept| swept.swap(false));
+        let _ = with_idle(|_, swept| swept.store(false, Ordering::Relaxed));
     }
 }
