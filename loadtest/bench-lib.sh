@@ -14,12 +14,15 @@ require_tools() {
 }
 
 # Starts an nginx (1 worker) on 127.0.0.1:$2 that answers every request with a fixed 200;
-# its config and logs go to directory $1.
+# its config and logs go to directory $1. With $3 = tls it speaks HTTPS, with the certificate
+# and key in $1/cert.pem and $1/key.pem.
 start_backend() {
+  local listen="listen 127.0.0.1:$2;"
+  [[ "${3:-}" == tls ]] && listen="listen 127.0.0.1:$2 ssl; ssl_certificate $1/cert.pem; ssl_certificate_key $1/key.pem;"
   cat > "$1/backend.conf" <<NG
 worker_processes 1; daemon off; pid $1/backend.pid; error_log $1/backend.err;
 events { worker_connections 1024; }
-http { access_log off; server { listen 127.0.0.1:$2; keepalive_requests 1000000;
+http { access_log off; server { $listen keepalive_requests 1000000;
   location / { return 200 "hello from the backend\n"; } } }
 NG
   nginx -c "$1/backend.conf" & PIDS+=($!)
@@ -39,7 +42,8 @@ start_consul_with_backend() {
 }
 
 # Prints a gateway config: listen on $1, admin on $2, `workers: $3`, Consul at port $4, the
-# service `web` on `/`; extra top-level YAML (e.g. a `tls:` section) from $5.
+# service `web` on `/`; extra top-level YAML (e.g. a `tls:` section) from $5, extra keys of
+# the service (e.g. `protocol: https`, indented four spaces) from $6.
 gateway_config() {
   cat <<GW
 listen: "127.0.0.1:$1"
@@ -52,6 +56,7 @@ services:
   - name: web
     route:
       path_prefix: "/"
+${6:-}
 GW
 }
 

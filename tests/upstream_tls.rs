@@ -6,6 +6,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
 
 use common::pki::Pki;
 use common::Consul;
@@ -60,34 +63,72 @@ fn server_tls(cert: &CertificateConfig, client_ca: Option<&Path>) -> ServerConfi
     config
 }
 
-/// An HTTPS instance answering with its id and the HTTP version it was asked in.
-async fn tls_instance(id: &'static str, tls: ServerConfig) -> (u16, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(stream) = acceptor.accept(stream).await else {
-                    return; // a refused handshake (no or wrong client certificate)
-                };
-                let service = service_fn(move |request: Request<Incoming>| async move {
-                    let version = format!("{:?}", request.version());
-                    let response = Response::builder()
-                        .header("x-instance", id)
-                        .header("x-version", version)
-                        .body(Full::new(Bytes::from(id)))
-                        .unwrap();
-                    Ok::<_, std::convert::Infallible>(response)
+/// An HTTPS instance answering with its id and the HTTP version it was asked in; it counts
+/// its completed handshakes and can close its connections on demand.
+struct TlsInstance {
+    port: u16,
+    handshakes: Arc<AtomicUsize>,
+    connections: TaskTracker,
+    close: watch::Sender<u64>,
+    _accept: JoinHandle<()>,
+}
+
+impl TlsInstance {
+    async fn start(id: &'static str, tls: ServerConfig) -> TlsInstance {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let handshakes = Arc::new(AtomicUsize::new(0));
+        let connections = TaskTracker::new();
+        let (close, closing) = watch::channel(0);
+        let (counted, tracker) = (handshakes.clone(), connections.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (acceptor, counted) = (acceptor.clone(), counted.clone());
+                let mut closing = closing.clone();
+                closing.mark_unchanged(); // only a close asked for after this connection
+                tracker.spawn(async move {
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return; // a refused handshake (no or wrong client certificate)
+                    };
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let service = service_fn(move |request: Request<Incoming>| async move {
+                        let version = format!("{:?}", request.version());
+                        let response = Response::builder()
+                            .header("x-instance", id)
+                            .header("x-version", version)
+                            .body(Full::new(Bytes::from(id)))
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(response)
+                    });
+                    let builder = Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = closing.changed() => conn.as_mut().graceful_shutdown(),
+                    }
+                    let _ = conn.await;
                 });
-                let _ = Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+            }
+        });
+        TlsInstance {
+            port,
+            handshakes,
+            connections,
+            close,
+            _accept: accept,
         }
-    });
-    (port, task)
+    }
+
+    /// Closes every open connection (idle ones at once: TLS close_notify, then FIN) and
+    /// returns once all are closed.
+    async fn close_connections(&self) {
+        self.close.send_modify(|generation| *generation += 1);
+        self.connections.close();
+        self.connections.wait().await;
+        self.connections.reopen();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,8 +138,9 @@ async fn instances_over_tls_h1_h2_mtls_server_name_and_skip_verify() {
     let server = pki.leaf("backend", "backend.test", &["backend.test"]);
     let client = pki.leaf("client", "switchyard", &["switchyard.test"]);
     let untrusted = other.leaf("untrusted", "untrusted.test", &["untrusted.test"]);
-    let (mtls_port, _a) = tls_instance("mtls-1", server_tls(&server, Some(&pki.ca_file))).await;
-    let (plain_port, _b) = tls_instance("untrusted-1", server_tls(&untrusted, None)).await;
+    let mtls = TlsInstance::start("mtls-1", server_tls(&server, Some(&pki.ca_file))).await;
+    let plain = TlsInstance::start("untrusted-1", server_tls(&untrusted, None)).await;
+    let (mtls_port, plain_port) = (mtls.port, plain.port);
 
     let consul = Consul::start().await;
     let tls = |extra: &str| {
@@ -179,6 +221,44 @@ async fn instances_over_tls_h1_h2_mtls_server_name_and_skip_verify() {
     let skip = get("/skip").await;
     assert_eq!(skip.status(), 200);
     assert_eq!(skip.headers()["x-instance"], "untrusted-1");
+}
+
+/// `https` instances go through the gateway's own HTTP/1.1 client: one TLS connection
+/// carries request after request, and an instance closing it while idle costs no request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_connections_are_reused_and_an_idle_close_costs_no_request() {
+    let pki = Pki::new("upstream-reuse");
+    let server = pki.leaf("backend", "backend.test", &["backend.test"]);
+    let instance = TlsInstance::start("reuse-1", server_tls(&server, None)).await;
+    let consul = Consul::start().await;
+    consul
+        .register("reuse", "reuse-1", instance.port, &[])
+        .await;
+    let yaml = format!(
+        "services:\n  - {{name: reuse, protocol: https, tls: {{ca_file: {:?}, server_name: backend.test}}}}\n",
+        pki.ca_file
+    );
+    let gateway = common::Gateway::start(&consul, &yaml).await;
+    let synced = gateway
+        .wait_for_instances("reuse", &["reuse-1"], Duration::from_secs(10))
+        .await;
+    assert!(synced.is_some());
+    for _ in 0..5 {
+        let response = gateway.get("/reuse").await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "reuse-1");
+    }
+    assert_eq!(
+        instance.handshakes.load(Ordering::SeqCst),
+        1,
+        "five requests over one TLS connection"
+    );
+    instance.close_connections().await;
+    for _ in 0..3 {
+        let response = gateway.get("/reuse").await;
+        assert_eq!(response.status(), 200, "the closed connection is not used");
+    }
+    assert_eq!(instance.handshakes.load(Ordering::SeqCst), 2);
 }
 
 #[test]

@@ -1,12 +1,12 @@
-//! The pooled clients to instances, one per way of reaching them: HTTP/1.1 and h2c over plain
-//! TCP (shared by every service, for the gateway's life), and one per distinct TLS setting for
+//! The clients to instances, one per way of reaching them: HTTP/1.1 and h2c over plain TCP
+//! (shared by every service, for the gateway's life), and one per distinct TLS setting for
 //! `https` and `h2` services, built with the routes: a reload re-reads their CA and client
 //! certificate files (rotation) and starts their pools afresh.
 //!
-//! Plain `http1` instances, the common case, go through the gateway's own HTTP/1.1 client
-//! ([`h1`](super::h1), per-worker pools) instead of hyper-util's pooled client; h2c and TLS
-//! instances keep the latter. [`Sent`], [`AnswerBody`] and [`TryError`] are the one seam
-//! between the two.
+//! HTTP/1.1 instances, plain (`http1`, the common case) or over TLS (`https`), go through the
+//! gateway's own HTTP/1.1 client ([`h1`](super::h1), per-worker pools); h2c and `h2`
+//! instances through hyper-util's pooled client, which multiplexes streams on a connection.
+//! [`Sent`], [`AnswerBody`] and [`TryError`] are the one seam between the two.
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -28,6 +28,7 @@ use rustls::pki_types::ServerName;
 
 use super::body::UpstreamBody;
 use super::h1::body::{ResponseBody, Upgraded};
+use super::h1::stream::TlsOrigin;
 use super::h1::{self, H1Error, PoolSettings};
 use super::headers::Forwarded;
 use crate::config::{ServiceConfig, UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig};
@@ -35,8 +36,15 @@ use crate::tls::client::{client_config, ClientTls};
 use crate::tls::TlsError;
 
 type PlainClient = Client<HttpConnector, UpstreamBody>;
-/// A client to TLS instances.
-pub type TlsClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+type H2TlsClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+
+/// How one TLS setting reaches instances.
+pub enum TlsClient {
+    /// `https`: the HTTP/1.1 client, over connections pooled apart for these settings.
+    Http1(Arc<TlsOrigin>),
+    /// `h2`: hyper-util's pooled client (boxed: it is 336 bytes; the enum sits in an `Arc`).
+    H2(Box<H2TlsClient>),
+}
 /// The TLS client of each `https`/`h2` service, by service name.
 pub type TlsClients = HashMap<String, Arc<TlsClient>>;
 
@@ -161,12 +169,12 @@ impl Clients {
 
     /// Whether `protocol` goes through the per-worker pool, which takes origin-form targets
     /// (hyper-util's client takes absolute ones and picks its pool by them).
-    pub fn is_pooled(protocol: UpstreamProtocol, tls: bool) -> bool {
-        protocol == UpstreamProtocol::Http1 && !tls
+    pub fn is_pooled(protocol: UpstreamProtocol) -> bool {
+        matches!(protocol, UpstreamProtocol::Http1 | UpstreamProtocol::Https)
     }
 
     /// Sends `request` with the `forwarded` lines to `instance`: over the HTTP/1.1 client for
-    /// plain HTTP/1.1, the h2c client for h2c, `tls` for TLS services.
+    /// HTTP/1.1 (through `tls` for `https`), hyper-util's for h2c and `h2`.
     pub fn request(
         &self,
         protocol: UpstreamProtocol,
@@ -175,23 +183,23 @@ impl Clients {
         mut request: Request<UpstreamBody>,
         forwarded: Forwarded,
     ) -> Sent {
-        match (protocol, tls) {
-            (_, Some(tls)) => {
+        let origin = match (protocol, tls) {
+            (_, Some(TlsClient::H2(client))) => {
                 forwarded.apply(request.headers_mut());
-                Sent::Client(tls.request(request))
+                return Sent::Client(client.request(request));
             }
             (UpstreamProtocol::H2c | UpstreamProtocol::H2, None) => {
                 forwarded.apply(request.headers_mut());
-                Sent::Client(self.h2c.request(request))
+                return Sent::Client(self.h2c.request(request));
             }
-            _ => {
-                let send = h1::send(self.http1, instance.clone(), request, forwarded);
-                Sent::Pooled(Box::pin(async move {
-                    let response = send.await.map_err(TryError::H1)?;
-                    Ok(response.map(AnswerBody::H1))
-                }))
-            }
-        }
+            (_, Some(TlsClient::Http1(origin))) => Some(origin.clone()),
+            (_, None) => None,
+        };
+        let send = h1::send(self.http1, instance.clone(), origin, request, forwarded);
+        Sent::Pooled(Box::pin(async move {
+            let response = send.await.map_err(TryError::H1)?;
+            Ok(response.map(AnswerBody::H1))
+        }))
     }
 
     /// A TLS client for each `https`/`h2` service of `services`, by service name; services
@@ -251,28 +259,35 @@ pub fn client_tls(key: &str, settings: &UpstreamTlsConfig) -> ClientTls {
     }
 }
 
+/// The name a service's instances are verified for, when not the address dialled.
+fn server_name(settings: &UpstreamTlsConfig) -> Option<ServerName<'static>> {
+    let name = settings.server_name.as_deref()?;
+    ServerName::try_from(name).ok().map(|name| name.to_owned())
+}
+
 fn build_tls_client(
     config: &UpstreamConfig,
     key: &str,
     protocol: UpstreamProtocol,
     settings: &UpstreamTlsConfig,
 ) -> Result<TlsClient, TlsError> {
-    let http2 = protocol == UpstreamProtocol::H2;
-    // hyper-rustls sets ALPN itself (`enable_http1` / `enable_http2`).
+    if protocol != UpstreamProtocol::H2 {
+        let tls = client_config(&client_tls(key, settings), &[b"http/1.1"])?;
+        return Ok(TlsClient::Http1(TlsOrigin::new(tls, server_name(settings))));
+    }
+    // hyper-rustls sets ALPN itself (`enable_http2`).
     let tls = client_config(&client_tls(key, settings), &[])?;
     let builder = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only();
-    let builder = match settings.server_name.as_deref().map(ServerName::try_from) {
-        Some(Ok(name)) => {
-            builder.with_server_name_resolver(FixedServerNameResolver::new(name.to_owned()))
+    let builder = match server_name(settings) {
+        Some(name) => builder.with_server_name_resolver(FixedServerNameResolver::new(name)),
+        None => {
+            builder.with_server_name_resolver(hyper_rustls::DefaultServerNameResolver::default())
         }
-        _ => builder.with_server_name_resolver(hyper_rustls::DefaultServerNameResolver::default()),
     };
-    let connector = if http2 {
-        builder.enable_http2().wrap_connector(connector(config))
-    } else {
-        builder.enable_http1().wrap_connector(connector(config))
-    };
-    Ok(self::builder(config, http2).build(connector))
+    let connector = builder.enable_http2().wrap_connector(connector(config));
+    Ok(TlsClient::H2(Box::new(
+        self::builder(config, true).build(connector),
+    )))
 }

@@ -505,7 +505,7 @@ impl Gateway {
             .head
             .for_try(is_last)
             .ok_or(GatewayError::BadGateway)?;
-        let pooled = Clients::is_pooled(protocol, forwarding.tls.is_some());
+        let pooled = Clients::is_pooled(protocol);
         let outgoing = outgoing_request(head, &forwarding.path, instance, protocol, pooled, body)?;
         let deadline = forwarding.deadline;
         let tls = forwarding.tls.as_deref();

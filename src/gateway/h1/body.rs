@@ -10,10 +10,10 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use super::codec::{self, Chunked, Decoded, Framing};
 use super::pool::Connection;
+use super::stream::Stream;
 use super::{reserve, H1Error};
 
 /// Where the body is in its framing.
@@ -84,8 +84,9 @@ impl ResponseBody {
     /// exchange and nothing followed the answer, else it closes.
     fn finish(&mut self) {
         self.state = State::Done;
-        if let Some(connection) = self.connection.take() {
-            if self.keep_alive && connection.read_buf.is_empty() {
+        if let Some(mut connection) = self.connection.take() {
+            if self.keep_alive && connection.read_buf.is_empty() && !connection.stream.has_unread()
+            {
                 connection.release();
             }
         }
@@ -187,7 +188,7 @@ impl Body for ResponseBody {
 
 /// An upgraded connection to an instance: what it sent right after its 101, then the socket.
 pub struct Upgraded {
-    stream: TcpStream,
+    stream: Stream,
     early: Bytes,
 }
 

@@ -11,6 +11,10 @@
 //! that checks out (tests/hostile_clients.rs saw 163 connections for 20 requests in flight):
 //! there the pool is one map behind a mutex.
 //!
+//! Connections are pooled by instance authority and by how they are reached: plain TCP, or
+//! one [`TlsOrigin`]'s TLS settings (each its own pool: a client certificate or a verified
+//! name is part of what a connection is).
+//!
 //! An idle connection has no task: one the instance closed (or wrote to) is found at checkout
 //! from its socket's readiness, without a system call while nothing happened; one idle for a
 //! whole `upstream.pool_idle_timeout` is dropped at checkout, and by a sweep that runs every
@@ -26,10 +30,10 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use hyper::http::uri::Authority;
-use tokio::net::TcpStream;
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tracing::debug;
 
+use super::stream::{Stream, TlsOrigin};
 use super::H1Error;
 
 /// Keep-alive probes on idle upstream sockets (hyper-util's connector had the same).
@@ -46,10 +50,12 @@ pub struct PoolSettings {
 
 /// A connection to an instance, with the buffers its exchanges reuse.
 pub struct Connection {
-    pub(super) stream: TcpStream,
+    pub(super) stream: Stream,
     pub(super) read_buf: BytesMut,
     pub(super) write_buf: Vec<u8>,
     key: Authority,
+    /// Its [`TlsOrigin`]'s id, 0 for plain TCP.
+    origin: u64,
     max_idle: usize,
     idle_timeout: Duration,
     /// When it last went back to the pool.
@@ -64,7 +70,37 @@ pub struct Checkout {
 }
 
 /// Idle connections by instance authority (looked up as `&str`); the newest last.
-type IdleMap = HashMap<String, Vec<Box<Connection>>, BuildHasherDefault<WordHash>>;
+type ByAuthority = HashMap<String, Vec<Box<Connection>>, BuildHasherDefault<WordHash>>;
+
+/// One worker's idle connections: plain TCP ones apart (one lookup, the common case), TLS
+/// ones by their [`TlsOrigin`]'s id.
+#[derive(Default)]
+struct IdleMap {
+    plain: ByAuthority,
+    tls: HashMap<u64, ByAuthority, BuildHasherDefault<WordHash>>,
+}
+
+impl IdleMap {
+    /// The connections of `origin` (0: plain TCP), if any went idle.
+    fn get_mut(&mut self, origin: u64) -> Option<&mut ByAuthority> {
+        match origin {
+            0 => Some(&mut self.plain),
+            id => self.tls.get_mut(&id),
+        }
+    }
+
+    /// The connections of `origin`, made room for.
+    fn entry(&mut self, origin: u64) -> &mut ByAuthority {
+        match origin {
+            0 => &mut self.plain,
+            id => self.tls.entry(id).or_default(),
+        }
+    }
+
+    fn maps(&mut self) -> impl Iterator<Item = &mut ByAuthority> {
+        std::iter::once(&mut self.plain).chain(self.tls.values_mut())
+    }
+}
 
 thread_local! {
     /// This worker's idle connections (a current-thread runtime's thread).
@@ -117,18 +153,23 @@ impl Hasher for WordHash {
     fn write_u8(&mut self, byte: u8) {
         self.add(u64::from(byte));
     }
+
+    fn write_u64(&mut self, word: u64) {
+        self.add(word);
+    }
 }
 
 impl Connection {
     /// Boxed for its life: an answer's body carries it, and moving a pointer instead of the
     /// buffers and socket through the request's futures saved ~2,000 instructions per request
     /// (callgrind, LTO off: 44,042 -> 42,073).
-    fn new(stream: TcpStream, key: &Authority, settings: PoolSettings) -> Box<Self> {
+    fn new(stream: Stream, key: &Authority, origin: u64, settings: PoolSettings) -> Box<Self> {
         Box::new(Self {
             stream,
             read_buf: BytesMut::new(),
             write_buf: Vec::new(),
             key: key.clone(),
+            origin,
             max_idle: settings.max_idle,
             idle_timeout: settings.idle_timeout,
             idle_since: Instant::now(),
@@ -139,18 +180,20 @@ impl Connection {
     /// arrived on it since its last answer (neither the instance's close nor stray bytes).
     /// Costs no system call while its socket had no event: tokio clears read readiness after
     /// a read that did not fill the buffer, which is how every answer's last read ends.
+    /// (Over TLS, a byte read here is a record cut: such a connection is dropped anyway.)
     fn is_usable(&self, now: Instant) -> bool {
         if now.duration_since(self.idle_since) >= self.idle_timeout {
             return false;
         }
+        let tcp = self.stream.tcp();
         let mut cx = Context::from_waker(Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
+        match tcp.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
             // An event: the instance closed (0), wrote out of turn (data), or nothing after
             // all (the readiness was stale).
             Poll::Ready(Ok(())) => matches!(
-                self.stream.try_read(&mut [0u8; 1]),
+                tcp.try_read(&mut [0u8; 1]),
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock
             ),
         }
@@ -166,6 +209,7 @@ impl Connection {
         let idle_timeout = self.idle_timeout;
         // During thread teardown the pool is gone; the connection just closes.
         with_idle(|idle, swept| {
+            let idle = idle.entry(self.origin);
             let list = match idle.get_mut(self.key.as_str()) {
                 Some(list) => list,
                 None => idle.entry(self.key.as_str().to_owned()).or_default(),
@@ -188,26 +232,32 @@ impl Connection {
     }
 }
 
-/// The newest usable idle connection to `key` on this thread, or a new one.
-pub async fn checkout(settings: PoolSettings, key: &Authority) -> Result<Checkout, H1Error> {
-    if let Some(connection) = take_idle(key) {
+/// The newest usable idle connection to `key` (over `tls`, if given) on this thread, or a
+/// new one.
+pub async fn checkout(
+    settings: PoolSettings,
+    key: &Authority,
+    tls: Option<&TlsOrigin>,
+) -> Result<Checkout, H1Error> {
+    let origin = tls.map_or(0, TlsOrigin::id);
+    if let Some(connection) = take_idle(origin, key) {
         return Ok(Checkout {
             connection,
             reused: true,
         });
     }
-    let stream = super::connect(settings, key).await?;
+    let stream = super::connect(settings, key, tls).await?;
     Ok(Checkout {
-        connection: Connection::new(stream, key, settings),
+        connection: Connection::new(stream, key, origin, settings),
         reused: false,
     })
 }
 
 /// Pops idle connections to `key` until a usable one; the unusable are dropped (closed).
-fn take_idle(key: &Authority) -> Option<Box<Connection>> {
+fn take_idle(origin: u64, key: &Authority) -> Option<Box<Connection>> {
     let now = Instant::now();
     with_idle(|idle, _| {
-        let list = idle.get_mut(key.as_str())?;
+        let list = idle.get_mut(origin)?.get_mut(key.as_str())?;
         while let Some(connection) = list.pop() {
             if connection.is_usable(now) {
                 return Some(connection);
@@ -260,12 +310,17 @@ fn spawn_sweep(period: Duration) {
             tick.tick().await;
             let now = Instant::now();
             let dropped = with_idle(|idle, _| {
-                let before: usize = idle.values().map(Vec::len).sum();
-                idle.retain(|_, list| {
-                    list.retain(|c| c.is_usable(now));
-                    !list.is_empty()
-                });
-                before - idle.values().map(Vec::len).sum::<usize>()
+                let mut dropped = 0;
+                for by_authority in idle.maps() {
+                    by_authority.retain(|_, list| {
+                        let before = list.len();
+                        list.retain(|c| c.is_usable(now));
+                        dropped += before - list.len();
+                        !list.is_empty()
+                    });
+                }
+                idle.tls.retain(|_, by_authority| !by_authority.is_empty());
+                dropped
             });
             if dropped.is_some_and(|n| n > 0) {
                 debug!(dropped, "idle upstream connections closed");
