@@ -41,7 +41,9 @@
 //! - [`access_log`]: the optional JSON-lines access log, written off the request path.
 //! - [`registration`]: optional self-registration of the gateway in Consul.
 //! - [`server`]: the accept loop with connection deadlines and graceful shutdown, shared by
-//!   every listener (plain, TLS, admin).
+//!   every listener (plain, TLS, admin); plain HTTP/1.1 requests without a body on its own
+//!   path ([`server::h1`]), everything else through hyper.
+//! - [`wire`]: numbers as HTTP/1.1 writes them (a leaf shared by the server and the client).
 //! - [`tls`]: certificates, the SNI resolver (reloadable behind `ArcSwap`), the bounded
 //!   handshake of the TLS listener; and TLS as a client (instances, Consul).
 //!
@@ -63,6 +65,7 @@ pub mod routes;
 pub mod server;
 pub mod tls;
 pub mod upstream;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;

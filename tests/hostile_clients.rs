@@ -580,3 +580,120 @@ async fn h2_floods_and_oversized_frames_are_refused() {
         );
     }
 }
+
+/// Reads `count` answers from `stream`; `bodiless[i]`: answer i has no body whatever its
+/// `content-length` (the answer to a HEAD request). Each comes back as head + body.
+async fn read_answers(
+    stream: &mut tokio::net::TcpStream,
+    count: usize,
+    bodiless: &[usize],
+) -> Vec<String> {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = Vec::new();
+    let mut answers = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while answers.len() < count {
+        let head_end = buffer.windows(4).position(|w| w == b"\r\n\r\n");
+        if let Some(end) = head_end {
+            let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
+            let length: usize = match bodiless.contains(&answers.len()) {
+                true => 0,
+                false => header_values(&head, "content-length")
+                    .first()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            };
+            if buffer.len() >= end + 4 + length {
+                let answer = String::from_utf8_lossy(&buffer[..end + 4 + length]).into_owned();
+                buffer.drain(..end + 4 + length);
+                answers.push(answer);
+                continue;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buffer.extend_from_slice(&chunk[..n]),
+            other => panic!("after {} answers: {other:?}", answers.len()),
+        }
+    }
+    answers
+}
+
+/// One connection carrying what the server's own HTTP/1.1 path takes (GET, HEAD) and what it
+/// hands to hyper (a body), pipelined in one write: answered in order, each reaching the
+/// instance as sent; a head left unfinished after a request is cut at the header read
+/// timeout, not the idle timeout; and `Connection: close` closes after its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_mixed_requests_slow_heads_and_close_on_one_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let consul = Consul::start().await;
+    let backend = RawBackend::start(Duration::ZERO).await;
+    let gateway = gateway_over(
+        &consul,
+        "  header_read_timeout: 1s\n  idle_timeout: 30s\nservices:\n  - name: web\n",
+        &[("web", "web-1", backend.port)],
+    )
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let batch = [
+        "GET /web/1 HTTP/1.1\r\nhost: a\r\n\r\n",
+        "GET /web/2 HTTP/1.1\r\nhost: a\r\n\r\n",
+        "HEAD /web/3 HTTP/1.1\r\nhost: a\r\n\r\n",
+        "POST /web/4 HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n\r\nhello",
+        "GET /web/5 HTTP/1.1\r\nhost: a\r\n\r\n",
+    ]
+    .concat();
+    stream.write_all(batch.as_bytes()).await.unwrap();
+    let answers = read_answers(&mut stream, 5, &[2]).await;
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(status(answer), 200, "answer {i}: {answer}");
+        assert!(answer.contains("x-instance: raw"), "answer {i}: {answer}");
+        assert_eq!(answer.ends_with("ok"), i != 2, "answer {i}: {answer}");
+    }
+    let lines: Vec<String> = backend
+        .heads()
+        .iter()
+        .map(|head| head.lines().next().unwrap_or_default().to_owned())
+        .collect();
+    let expected = [
+        "GET /web/1",
+        "GET /web/2",
+        "HEAD /web/3",
+        "POST /web/4",
+        "GET /web/5",
+    ];
+    assert_eq!(lines.len(), expected.len(), "{lines:?}");
+    for (line, expected) in lines.iter().zip(expected) {
+        assert!(line.starts_with(expected), "{line} for {expected}");
+    }
+
+    // After a request, a head that never ends is cut at the header read timeout (1 s), long
+    // before the idle timeout (30 s).
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    stream
+        .write_all(b"GET /web/6 HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_answers(&mut stream, 1, &[]).await;
+    assert_eq!(status(&answer[0]), 200);
+    stream
+        .write_all(b"GET /web/6 HTTP/1.1\r\nho")
+        .await
+        .unwrap();
+    let closed = closed_after(stream, Duration::from_secs(10)).await;
+    println!("unfinished second head: closed after {closed:?}");
+    let closed = closed.expect("an unfinished head is cut");
+    assert!(closed >= Duration::from_millis(900) && closed < Duration::from_secs(5));
+
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    stream
+        .write_all(b"GET /web/7 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer));
+    assert!(read.await.is_ok(), "closed after the answer");
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert!(answer.contains("connection: close\r\n"), "{answer}");
+    assert!(answer.ends_with("ok"), "{answer}");
+}

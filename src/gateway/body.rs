@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use hyper::header;
 use hyper::http::request::Parts;
 use tokio::time::Instant;
@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use super::clients::{AnswerBody, Sent, TryError};
 use super::h1::body::Upgraded;
 use super::GatewayError;
+use crate::server::RequestBody;
 use crate::upstream::InstanceSlot;
 
 /// Most bytes of an abandoned answer read to keep its connection; a longer one is cut.
@@ -51,7 +52,7 @@ pub enum ClientBodyError {
 
 /// A request body streamed from the client; its errors become [`ClientBodyError`]s.
 pub struct ClientBody {
-    inner: Limited<Incoming>,
+    inner: Limited<RequestBody>,
     ended: Arc<AtomicBool>,
 }
 
@@ -102,7 +103,7 @@ impl HeldBody {
     /// Buffers a body small enough to replay (by its Content-Length); streams the rest.
     pub async fn hold(
         parts: &Parts,
-        body: Incoming,
+        body: RequestBody,
         limits: BodyLimits,
         deadline: Instant,
     ) -> Result<HeldBody, GatewayError> {

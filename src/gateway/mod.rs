@@ -32,7 +32,6 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
@@ -46,7 +45,7 @@ use crate::access_log::{AccessLog, Entry};
 use crate::config::{Config, ServiceConfig, UpstreamProtocol};
 use crate::metrics::RequestMetrics;
 use crate::routes::DynamicRoutes;
-use crate::server::ClientConnection;
+use crate::server::{ClientConnection, RequestBody};
 use crate::tls::TlsError;
 use crate::upstream::{Instance, InstanceSlot, ServiceTable, Tried, Upstream, Upstreams};
 pub use answers::{GatewayError, ERROR_HEADER};
@@ -235,7 +234,7 @@ impl Gateway {
     pub async fn handle(
         &self,
         connection: Arc<ClientConnection>,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let entry = self.access_log_entry(&connection, &request);
@@ -304,7 +303,7 @@ impl Gateway {
     fn screen(
         &self,
         connection: &ClientConnection,
-        request: &Request<Incoming>,
+        request: &Request<RequestBody>,
     ) -> Result<Target, GatewayError> {
         if connection.client.is_throttled() {
             return Err(GatewayError::TooManyResets);
@@ -331,7 +330,7 @@ impl Gateway {
     fn access_log_entry(
         &self,
         connection: &ClientConnection,
-        request: &Request<Incoming>,
+        request: &Request<RequestBody>,
     ) -> Option<Entry> {
         self.access_log.as_ref().map(|_| Entry {
             time: SystemTime::now(),
@@ -384,7 +383,7 @@ impl Gateway {
         &self,
         route: &Route,
         hop: &Hop,
-        mut request: Request<Incoming>,
+        mut request: Request<RequestBody>,
         target: Target,
         tries: &mut Tries,
     ) -> Result<Response<ProxyBody>, GatewayError> {
@@ -680,7 +679,7 @@ fn outgoing_request(
 fn route_answer(
     route: &Route,
     client: IpAddr,
-    request: &Request<Incoming>,
+    request: &Request<RequestBody>,
     grpc: bool,
 ) -> Option<Response<ProxyBody>> {
     if route
@@ -706,7 +705,7 @@ fn route_answer(
 
 /// `Transfer-Encoding` naming any coding but `chunked` (hyper accepts `gzip, chunked` and
 /// would silently drop the gzip): 501, as RFC 9112 §6.1 allows.
-fn has_unsupported_coding(request: &Request<Incoming>) -> bool {
+fn has_unsupported_coding(request: &Request<RequestBody>) -> bool {
     request
         .headers()
         .get_all(header::TRANSFER_ENCODING)

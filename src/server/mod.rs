@@ -13,13 +13,20 @@
 //! Per client address: at most `max_connections` connections, and a budget of abandoned
 //! requests ([`clients`]).
 //!
+//! Every connection starts on the server's own HTTP/1.1 path for plain requests ([`h1`]);
+//! at the first request that path leaves (a body, an upgrade, HTTP/2, anything malformed),
+//! hyper's HTTP/1.1 + HTTP/2 server takes the connection for the rest of its life. The
+//! deadlines above hold on both.
+//!
 //! Plain and TLS listeners share this path; a [`Transport`] says what happens between accept
 //! and HTTP. For TLS: a handshake bounded by the first-request deadline (a slow or never
 //! finished handshake is cut and counted), and the connection marked `secure` for the
 //! handler. The first request must still arrive within the deadline counted from accept.
 
+pub mod body;
 pub mod clients;
 pub mod connection;
+pub mod h1;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -31,6 +38,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -41,6 +49,7 @@ use tracing::{debug, info, warn};
 use crate::config::ServerConfig;
 use crate::metrics::ConnectionMetrics;
 use crate::tls::TlsTerminator;
+pub use body::RequestBody;
 pub use clients::{Client, ClientLimits, Clients};
 pub use connection::ClientConnection;
 use connection::{Pending, Tracked};
@@ -86,6 +95,8 @@ pub struct ServeSettings {
     pub first_request_timeout: Duration,
     /// A connection with nothing in flight for this long is closed.
     pub idle_timeout: Duration,
+    /// Request heads: their size and how long a started one may take.
+    pub heads: h1::Limits,
     /// How long in-flight requests may finish after shutdown starts.
     pub grace: Duration,
 }
@@ -136,6 +147,10 @@ impl ServeSettings {
             },
             first_request_timeout: server.header_read_timeout,
             idle_timeout: server.idle_timeout,
+            heads: h1::Limits {
+                max_head: server.max_header_bytes,
+                header_read_timeout: server.header_read_timeout,
+            },
             grace: server.shutdown_grace,
         }
     }
@@ -195,7 +210,7 @@ pub async fn serve<H, F, B>(
     metrics: ConnectionMetrics,
     shutdown: CancellationToken,
 ) where
-    H: Fn(Arc<ClientConnection>, Request<Incoming>) -> F + Send + Sync + 'static,
+    H: Fn(Arc<ClientConnection>, Request<RequestBody>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: Body + Unpin + Send + 'static,
     B::Data: Send,
@@ -214,7 +229,7 @@ pub async fn serve_on<H, F, B>(
     metrics: ConnectionMetrics,
     shutdown: CancellationToken,
 ) where
-    H: Fn(Arc<ClientConnection>, Request<Incoming>) -> F + Send + Sync + 'static,
+    H: Fn(Arc<ClientConnection>, Request<RequestBody>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: Body + Unpin + Send + 'static,
     B::Data: Send,
@@ -269,18 +284,14 @@ pub async fn serve_on<H, F, B>(
                 shared.metrics.resets.clone(),
             ));
             match transport {
-                Transport::Plain => {
-                    let io = TokioIo::new(stream);
-                    shared.serve_connection(io, connection, accepted).await;
-                }
+                Transport::Plain => shared.serve_connection(stream, connection, accepted).await,
                 Transport::Tls(tls) => {
                     let handshake = tokio::select! {
                         stream = tls.accept(stream) => stream,
                         _ = shared.cut.cancelled() => None,
                     };
                     if let Some(stream) = handshake {
-                        let io = TokioIo::new(stream);
-                        shared.serve_connection(io, connection, accepted).await;
+                        shared.serve_connection(stream, connection, accepted).await;
                     }
                 }
             }
@@ -337,31 +348,156 @@ enum Phase {
     Closing,
 }
 
+/// What a connection's deadline asks for when it comes.
+enum Due {
+    /// Cut the connection now.
+    Cut,
+    /// Nothing in flight and no new request for the idle timeout: close it gracefully.
+    Idle,
+    /// Requests came; the next check is set.
+    Wait,
+}
+
+/// A connection's deadlines: the first request from accept, then the idle timeout, then
+/// the time a graceful close may take.
+struct Deadlines {
+    deadline: Instant,
+    /// Requests started at the last check.
+    seen: u64,
+    phase: Phase,
+}
+
+impl Deadlines {
+    fn new(accepted: Instant, settings: &ServeSettings) -> Self {
+        Self {
+            deadline: accepted + settings.first_request_timeout,
+            seen: 0,
+            phase: Phase::Serving,
+        }
+    }
+
+    /// A graceful close started: in-flight requests get the grace period.
+    fn closing(&mut self, within: Duration) {
+        self.phase = Phase::Closing;
+        self.deadline = Instant::now() + within;
+    }
+
+    /// The deadline came: what to do, counted in `metrics`.
+    fn due(
+        &mut self,
+        connection: &ClientConnection,
+        settings: &ServeSettings,
+        metrics: &ConnectionMetrics,
+    ) -> Due {
+        let started = connection.started();
+        if self.phase == Phase::Closing {
+            return Due::Cut;
+        }
+        if started == 0 {
+            metrics.first_request_timeout.inc();
+            debug!(listener = settings.name, peer = %connection.peer, "no request within the header read timeout; cut");
+            return Due::Cut;
+        }
+        if started == self.seen && connection.in_flight() == 0 {
+            metrics.idle.inc();
+            self.closing(settings.first_request_timeout);
+            return Due::Idle;
+        }
+        self.seen = started;
+        self.deadline = Instant::now() + settings.idle_timeout;
+        Due::Wait
+    }
+}
+
 impl<H, F, B> Shared<H>
 where
-    H: Fn(Arc<ClientConnection>, Request<Incoming>) -> F + Send + Sync + 'static,
+    H: Fn(Arc<ClientConnection>, Request<RequestBody>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: Body + Unpin + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     /// Serves one connection (plain or TLS) until it ends, is closed for idling or silence,
-    /// or is cut at the end of the grace period.
+    /// or is cut at the end of the grace period: on the server's own HTTP/1.1 path, then
+    /// (if that path hands it over) on hyper's.
     /// The first request must start within the header read timeout of `accepted` (a TLS
     /// handshake counts against it).
-    pub async fn serve_connection<I>(
+    pub async fn serve_connection<S>(
         self: Arc<Self>,
+        stream: S,
+        connection: Arc<ClientConnection>,
+        accepted: Instant,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.metrics.open.inc();
+        if let Some(stream) = self.serve_simple(stream, &connection, accepted).await {
+            self.serve_hyper(TokioIo::new(stream), connection, accepted)
+                .await;
+        }
+        self.metrics.open.dec();
+    }
+
+    /// The connection's plain requests, under its deadlines; the connection back when hyper
+    /// is to serve the rest.
+    async fn serve_simple<S>(
+        &self,
+        stream: S,
+        connection: &Arc<ClientConnection>,
+        accepted: Instant,
+    ) -> Option<h1::Rewind<S>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let settings = &self.settings;
+        let served = h1::serve(
+            stream,
+            &self.handler,
+            connection,
+            settings.heads,
+            &self.draining,
+        );
+        tokio::pin!(served);
+        let mut deadlines = Deadlines::new(accepted, settings);
+        loop {
+            tokio::select! {
+                served = served.as_mut() => return match served {
+                    h1::Served::HandOff(stream) => Some(stream),
+                    h1::Served::Closed => None,
+                },
+                _ = self.cut.cancelled() => return None,
+                // Nothing in flight: close now; else the request in flight finishes first
+                // (its answer says `Connection: close`).
+                _ = self.draining.cancelled(), if deadlines.phase == Phase::Serving => {
+                    if connection.in_flight() == 0 {
+                        return None;
+                    }
+                    deadlines.closing(settings.grace + settings.first_request_timeout);
+                }
+                _ = tokio::time::sleep_until(deadlines.deadline) => {
+                    match deadlines.due(connection, settings, &self.metrics) {
+                        Due::Cut | Due::Idle => return None,
+                        Due::Wait => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves the rest of a connection with hyper.
+    async fn serve_hyper<I>(
+        self: &Arc<Self>,
         io: I,
         connection: Arc<ClientConnection>,
         accepted: Instant,
     ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
-        self.metrics.open.inc();
-        let handler_side = self.clone();
+        let handler_side = Arc::clone(self);
         let info = connection.clone();
-        let service = service_fn(move |request| {
+        let service = service_fn(move |request: Request<Incoming>| {
             let pending = Pending::start(&info);
+            let request = request.map(RequestBody::Hyper);
             let response = (handler_side.handler)(info.clone(), request);
             async move {
                 let response = response.await;
@@ -372,9 +508,7 @@ where
         let conn = self.builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(conn);
         let settings = &self.settings;
-        let mut deadline = accepted + settings.first_request_timeout;
-        let mut seen = 0;
-        let mut phase = Phase::Serving;
+        let mut deadlines = Deadlines::new(accepted, settings);
         loop {
             tokio::select! {
                 result = conn.as_mut() => {
@@ -387,33 +521,18 @@ where
                     debug!(listener = settings.name, peer = %connection.peer, "connection cut at end of grace period");
                     break;
                 }
-                _ = self.draining.cancelled(), if phase == Phase::Serving => {
+                _ = self.draining.cancelled(), if deadlines.phase == Phase::Serving => {
                     conn.as_mut().graceful_shutdown();
-                    phase = Phase::Closing;
-                    deadline = Instant::now() + settings.grace + settings.first_request_timeout;
+                    deadlines.closing(settings.grace + settings.first_request_timeout);
                 }
-                _ = tokio::time::sleep_until(deadline) => {
-                    let started = connection.started();
-                    if phase == Phase::Closing {
-                        break;
+                _ = tokio::time::sleep_until(deadlines.deadline) => {
+                    match deadlines.due(&connection, settings, &self.metrics) {
+                        Due::Cut => break,
+                        Due::Idle => conn.as_mut().graceful_shutdown(),
+                        Due::Wait => {}
                     }
-                    if started == 0 {
-                        self.metrics.first_request_timeout.inc();
-                        debug!(listener = settings.name, peer = %connection.peer, "no request within the header read timeout; cut");
-                        break;
-                    }
-                    if started == seen && connection.in_flight() == 0 {
-                        self.metrics.idle.inc();
-                        conn.as_mut().graceful_shutdown();
-                        phase = Phase::Closing;
-                        deadline = Instant::now() + settings.first_request_timeout;
-                        continue;
-                    }
-                    seen = started;
-                    deadline = Instant::now() + settings.idle_timeout;
                 }
             }
         }
-        self.metrics.open.dec();
     }
 }

@@ -13,6 +13,7 @@ use hyper::{Method, Response, StatusCode, Version};
 
 use super::super::headers::is_hop_by_hop;
 use super::H1Error;
+use crate::wire;
 
 /// Largest response head accepted (nginx's `proxy_buffer_size` is 4–8 KiB; hyper's limit
 /// ~400 KiB). A longer one is a bad answer: 502.
@@ -78,7 +79,7 @@ pub fn encode_head<'a>(
     match framing {
         RequestFraming::Length(n) if !has_length => {
             buf.extend_from_slice(b"content-length: ");
-            push_decimal(buf, n);
+            wire::push_decimal(buf, n);
             buf.extend_from_slice(b"\r\n");
         }
         // RFC 9110 §8.6: a request whose method expects content says its length, even 0.
@@ -95,36 +96,10 @@ fn expects_body(method: &Method) -> bool {
     matches!(*method, Method::POST | Method::PUT | Method::PATCH)
 }
 
-fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    buf.extend_from_slice(&digits[at..]);
-}
-
 /// Writes a chunk's size line (`{hex}\r\n`) into `buf`.
 pub fn chunk_size_line(buf: &mut Vec<u8>, size: usize) {
     buf.clear();
-    let mut digits = [0u8; 16];
-    let mut at = digits.len();
-    let mut n = size;
-    loop {
-        at -= 1;
-        digits[at] = b"0123456789abcdef"[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    buf.extend_from_slice(&digits[at..]);
-    buf.extend_from_slice(b"\r\n");
+    wire::push_chunk_size(buf, size);
 }
 
 /// How a response body is delimited.
