@@ -27,6 +27,7 @@ pub mod body;
 pub mod clients;
 pub mod connection;
 pub mod h1;
+mod on_wake;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -53,6 +54,7 @@ pub use body::RequestBody;
 pub use clients::{Client, ClientLimits, Clients};
 pub use connection::ClientConnection;
 use connection::{Pending, Tracked};
+use on_wake::OnWake;
 
 /// How often [`timer_heartbeat`] wakes its runtime's timer: well under the request deadlines
 /// (`retry.timeout`, 5 s by default) it keeps from waking the driver.
@@ -358,6 +360,16 @@ enum Due {
     Wait,
 }
 
+/// What the accept loop asks of a connection, apart from its own traffic.
+enum Event {
+    /// The grace period ended.
+    Cut,
+    /// Shutdown started.
+    Draining,
+    /// The connection's deadline came.
+    Due,
+}
+
 /// A connection's deadlines: the first request from accept, then the idle timeout, then
 /// the time a graceful close may take.
 struct Deadlines {
@@ -460,27 +472,42 @@ where
         tokio::pin!(served);
         let mut deadlines = Deadlines::new(accepted, settings);
         loop {
-            tokio::select! {
-                served = served.as_mut() => return match served {
-                    h1::Served::HandOff(stream) => Some(stream),
-                    h1::Served::Closed => None,
-                },
-                _ = self.cut.cancelled() => return None,
+            let event = {
+                let events = std::pin::pin!(self.next_event(&deadlines));
+                let mut events = OnWake::new(events);
+                tokio::select! {
+                    biased;
+                    served = served.as_mut() => return match served {
+                        h1::Served::HandOff(stream) => Some(stream),
+                        h1::Served::Closed => None,
+                    },
+                    event = &mut events => event,
+                }
+            };
+            match event {
+                Event::Cut => return None,
                 // Nothing in flight: close now; else the request in flight finishes first
                 // (its answer says `Connection: close`).
-                _ = self.draining.cancelled(), if deadlines.phase == Phase::Serving => {
-                    if connection.in_flight() == 0 {
-                        return None;
-                    }
-                    deadlines.closing(settings.grace + settings.first_request_timeout);
+                Event::Draining if connection.in_flight() == 0 => return None,
+                Event::Draining => {
+                    deadlines.closing(settings.grace + settings.first_request_timeout)
                 }
-                _ = tokio::time::sleep_until(deadlines.deadline) => {
-                    match deadlines.due(connection, settings, &self.metrics) {
-                        Due::Cut | Due::Idle => return None,
-                        Due::Wait => {}
-                    }
-                }
+                Event::Due => match deadlines.due(connection, settings, &self.metrics) {
+                    Due::Cut | Due::Idle => return None,
+                    Due::Wait => {}
+                },
             }
+        }
+    }
+
+    /// The next event for a connection with `deadlines` (polled only when it wakes, see
+    /// [`OnWake`]).
+    async fn next_event(&self, deadlines: &Deadlines) -> Event {
+        tokio::select! {
+            biased;
+            _ = self.cut.cancelled() => Event::Cut,
+            _ = self.draining.cancelled(), if deadlines.phase == Phase::Serving => Event::Draining,
+            _ = tokio::time::sleep_until(deadlines.deadline) => Event::Due,
         }
     }
 
@@ -510,28 +537,34 @@ where
         let settings = &self.settings;
         let mut deadlines = Deadlines::new(accepted, settings);
         loop {
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(error) = result {
-                        debug!(listener = settings.name, peer = %connection.peer, %error, "connection ended with an error");
+            let event = {
+                let events = std::pin::pin!(self.next_event(&deadlines));
+                let mut events = OnWake::new(events);
+                tokio::select! {
+                    biased;
+                    result = conn.as_mut() => {
+                        if let Err(error) = result {
+                            debug!(listener = settings.name, peer = %connection.peer, %error, "connection ended with an error");
+                        }
+                        return;
                     }
-                    break;
+                    event = &mut events => event,
                 }
-                _ = self.cut.cancelled() => {
+            };
+            match event {
+                Event::Cut => {
                     debug!(listener = settings.name, peer = %connection.peer, "connection cut at end of grace period");
-                    break;
+                    return;
                 }
-                _ = self.draining.cancelled(), if deadlines.phase == Phase::Serving => {
+                Event::Draining => {
                     conn.as_mut().graceful_shutdown();
                     deadlines.closing(settings.grace + settings.first_request_timeout);
                 }
-                _ = tokio::time::sleep_until(deadlines.deadline) => {
-                    match deadlines.due(&connection, settings, &self.metrics) {
-                        Due::Cut => break,
-                        Due::Idle => conn.as_mut().graceful_shutdown(),
-                        Due::Wait => {}
-                    }
-                }
+                Event::Due => match deadlines.due(&connection, settings, &self.metrics) {
+                    Due::Cut => return,
+                    Due::Idle => conn.as_mut().graceful_shutdown(),
+                    Due::Wait => {}
+                },
             }
         }
     }
