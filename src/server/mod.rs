@@ -443,9 +443,12 @@ where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         self.metrics.open.inc();
-        if let Some(stream) = self.serve_simple(stream, &connection, accepted).await {
-            self.serve_hyper(TokioIo::new(stream), connection, accepted)
-                .await;
+        // Boxed, each phase: its future holds the handler's (kilobytes), and a spawned task's
+        // future is moved three times on its way into the task (callgrind, a new connection
+        // per request, LTO off: 218,163 -> 59,562 instructions per request, most of it `memcpy`).
+        let simple = Box::pin(self.serve_simple(stream, &connection, accepted));
+        if let Some(stream) = simple.await {
+            Box::pin(self.serve_hyper(TokioIo::new(stream), connection, accepted)).await;
         }
         self.metrics.open.dec();
     }

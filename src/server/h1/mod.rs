@@ -98,7 +98,9 @@ where
             Err(Leave::Closed) => return Served::Closed,
         };
         let pending = Pending::start(connection);
-        let answer = handler(connection.clone(), simple.request);
+        // Pinned where it is made, and lent: moved into `answer_watching`, the handler's
+        // future would take room twice in this future (rustc keeps a moved-from local's).
+        let answer = std::pin::pin!(handler(connection.clone(), simple.request));
         let Some(response) = answer_watching(&mut stream, &mut buf, answer, limits).await else {
             return Served::Closed; // the client left: `pending` counts the request abandoned
         };
@@ -156,14 +158,13 @@ async fn read_head<S: AsyncRead + Unpin>(
 async fn answer_watching<S, F>(
     stream: &mut S,
     buf: &mut BytesMut,
-    answer: F,
+    mut answer: Pin<&mut F>,
     limits: Limits,
 ) -> Option<F::Output>
 where
     S: AsyncRead + Unpin,
     F: Future,
 {
-    tokio::pin!(answer);
     loop {
         let reading = buf.len() < limits.max_head;
         if reading {
