@@ -43,7 +43,8 @@
 //! - [`server`]: the accept loop with connection deadlines and graceful shutdown, shared by
 //!   every listener (plain, TLS, admin); plain HTTP/1.1 requests without a body on its own
 //!   path ([`server::h1`]), everything else through hyper.
-//! - [`wire`]: numbers as HTTP/1.1 writes them (a leaf shared by the server and the client).
+//! - [`wire`]: what both HTTP/1.1 sides share at the byte level (numbers, header spans, a
+//!   stream with bytes put back); a leaf.
 //! - [`tls`]: certificates, the SNI resolver (reloadable behind `ArcSwap`), the bounded
 //!   handshake of the TLS listener; and TLS as a client (instances, Consul).
 //!

@@ -31,6 +31,7 @@ mod on_wake;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -475,17 +476,10 @@ where
         tokio::pin!(served);
         let mut deadlines = Deadlines::new(accepted, settings);
         loop {
-            let event = {
-                let events = std::pin::pin!(self.next_event(&deadlines));
-                let mut events = OnWake::new(events);
-                tokio::select! {
-                    biased;
-                    served = served.as_mut() => return match served {
-                        h1::Served::HandOff(stream) => Some(stream),
-                        h1::Served::Closed => None,
-                    },
-                    event = &mut events => event,
-                }
+            let event = match self.until_event(served.as_mut(), &deadlines).await {
+                Ok(h1::Served::HandOff(stream)) => return Some(stream),
+                Ok(h1::Served::Closed) => return None,
+                Err(event) => event,
             };
             match event {
                 Event::Cut => return None,
@@ -500,6 +494,21 @@ where
                     Due::Wait => {}
                 },
             }
+        }
+    }
+
+    /// Runs `conn` until it ends (`Ok`) or the accept loop's next event for it comes (`Err`).
+    async fn until_event<C: Future>(
+        &self,
+        conn: Pin<&mut C>,
+        deadlines: &Deadlines,
+    ) -> Result<C::Output, Event> {
+        let events = std::pin::pin!(self.next_event(deadlines));
+        let mut events = OnWake::new(events);
+        tokio::select! {
+            biased;
+            output = conn => Ok(output),
+            event = &mut events => Err(event),
         }
     }
 
@@ -540,19 +549,13 @@ where
         let settings = &self.settings;
         let mut deadlines = Deadlines::new(accepted, settings);
         loop {
-            let event = {
-                let events = std::pin::pin!(self.next_event(&deadlines));
-                let mut events = OnWake::new(events);
-                tokio::select! {
-                    biased;
-                    result = conn.as_mut() => {
-                        if let Err(error) = result {
-                            debug!(listener = settings.name, peer = %connection.peer, %error, "connection ended with an error");
-                        }
-                        return;
-                    }
-                    event = &mut events => event,
+            let event = match self.until_event(conn.as_mut(), &deadlines).await {
+                Ok(Ok(())) => return,
+                Ok(Err(error)) => {
+                    debug!(listener = settings.name, peer = %connection.peer, %error, "connection ended with an error");
+                    return;
                 }
+                Err(event) => event,
             };
             match event {
                 Event::Cut => {

@@ -3,18 +3,17 @@
 //! stops polling a body of known length once it has that many bytes, so waiting for the end
 //! of the stream would never give it back). A 101's connection is taken whole for the splice.
 
-use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::codec::{self, Chunked, Decoded, Framing};
 use super::pool::Connection;
 use super::stream::Stream;
 use super::{reserve, H1Error};
+use crate::wire::Rewind;
 
 /// Where the body is in its framing.
 #[derive(Debug, Clone, Copy)]
@@ -74,10 +73,7 @@ impl ResponseBody {
         }
         self.state = State::Done;
         let connection = *self.connection.take()?;
-        Some(Upgraded {
-            stream: connection.stream,
-            early: connection.read_buf.freeze(),
-        })
+        Some(Rewind::new(connection.stream, connection.read_buf.freeze()))
     }
 
     /// The answer is read: the connection goes back to the pool if it may carry another
@@ -187,41 +183,4 @@ impl Body for ResponseBody {
 }
 
 /// An upgraded connection to an instance: what it sent right after its 101, then the socket.
-pub struct Upgraded {
-    stream: Stream,
-    early: Bytes,
-}
-
-impl AsyncRead for Upgraded {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.early.is_empty() {
-            let n = self.early.len().min(buf.remaining());
-            buf.put_slice(&self.early[..n]);
-            self.early.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
+pub type Upgraded = Rewind<Stream>;

@@ -13,7 +13,7 @@ use hyper::{Method, Response, StatusCode, Version};
 
 use super::super::headers::is_hop_by_hop;
 use super::H1Error;
-use crate::wire;
+use crate::wire::{self, Span};
 
 /// Largest response head accepted (nginx's `proxy_buffer_size` is 4–8 KiB; hyper's limit
 /// ~400 KiB). A longer one is a bad answer: 502.
@@ -159,7 +159,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Response
         _ => Version::HTTP_11,
     };
     let mut spans: [Span; MAX_HEADERS] = [(0, 0, 0, 0); MAX_HEADERS];
-    let count = spans_of(buf, parsed.headers, &mut spans);
+    let count = wire::spans_of(buf, parsed.headers, &mut spans);
     let keep_hop_by_hop = status == StatusCode::SWITCHING_PROTOCOLS;
     let head = buf.split_to(len).freeze();
     let (headers, seen) = header_map(&head, &spans[..count], keep_hop_by_hop)?;
@@ -179,27 +179,6 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Response
         keep_alive,
         hop_free: !keep_hop_by_hop && !seen.names_others,
     }))
-}
-
-/// One header line's place in the head: name offset and length, value offset and length.
-type Span = (u32, u32, u32, u32);
-
-/// Where each of `lines` sits in `buf`, into `spans` (kept in the caller's frame: returning
-/// the 1.6 KB array by value cost a copy per answer); how many there are.
-#[inline]
-fn spans_of(buf: &[u8], lines: &[httparse::Header<'_>], spans: &mut [Span]) -> usize {
-    let base = buf.as_ptr() as usize;
-    for (span, line) in spans.iter_mut().zip(lines) {
-        let name = line.name.as_ptr() as usize - base;
-        let value = line.value.as_ptr() as usize - base;
-        *span = (
-            name as u32,
-            line.name.len() as u32,
-            value as u32,
-            line.value.len() as u32,
-        );
-    }
-    lines.len().min(spans.len())
 }
 
 /// The header map of the lines at `spans` in `head` (values share it), and what they said

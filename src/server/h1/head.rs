@@ -12,6 +12,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Uri, Version};
 
 use crate::server::RequestBody;
+use crate::wire::{self, Span};
 
 /// Most header lines the fast path parses; a head with more goes to hyper (which takes 100).
 const MAX_HEADERS: usize = 64;
@@ -32,9 +33,6 @@ pub enum NotSimple {
     /// A request the fast path leaves to hyper.
     Other,
 }
-
-/// Where a header line's name and value lie in the head: offsets and lengths.
-type Span = (u32, u32, u32, u32);
 
 /// Parses the head at the start of `buf`; a simple request's head is taken out of it.
 pub fn parse(buf: &mut BytesMut) -> Result<Simple, NotSimple> {
@@ -58,7 +56,7 @@ pub fn parse(buf: &mut BytesMut) -> Result<Simple, NotSimple> {
     let base = buf.as_ptr() as usize;
     let target = (path.as_ptr() as usize - base, path.len());
     let mut spans: [Span; MAX_HEADERS] = [(0, 0, 0, 0); MAX_HEADERS];
-    let count = spans_of(base, parsed.headers, &mut spans);
+    let count = wire::spans_of(buf, parsed.headers, &mut spans);
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1));
     let (Ok(uri), Some((headers, close))) = (uri, header_map(&head, &spans[..count])) else {
@@ -85,21 +83,6 @@ fn give_back(buf: &mut BytesMut, head: &[u8]) {
     whole.extend_from_slice(head);
     whole.extend_from_slice(buf);
     *buf = whole;
-}
-
-/// The spans of `lines` (which borrow the buffer starting at address `base`).
-fn spans_of(base: usize, lines: &[httparse::Header<'_>], spans: &mut [Span]) -> usize {
-    for (span, line) in spans.iter_mut().zip(lines) {
-        let name = line.name.as_ptr() as usize - base;
-        let value = line.value.as_ptr() as usize - base;
-        *span = (
-            name as u32,
-            line.name.len() as u32,
-            value as u32,
-            line.value.len() as u32,
-        );
-    }
-    lines.len().min(spans.len())
 }
 
 /// The header map of a simple request and whether it asks to close; `None` for a header

@@ -1,6 +1,6 @@
 //! The server's own path for plain HTTP/1.1 requests: no body, an origin-form target, no
 //! upgrade ([`head`]). Every connection starts here; at the first request it does not take,
-//! hyper gets the connection, with the bytes read so far ([`rewind`]), for the rest of its
+//! hyper gets the connection, with the bytes read so far ([`Rewind`]), for the rest of its
 //! life. So bodies, `Expect`, upgrades (WebSocket, h2c), HTTP/1.0, HTTP/2 and every
 //! malformed head are served and refused exactly as before, by hyper.
 //!
@@ -20,7 +20,6 @@
 
 pub mod head;
 pub mod response;
-pub mod rewind;
 
 use std::future::Future;
 use std::io;
@@ -39,9 +38,9 @@ use tokio_util::sync::CancellationToken;
 use super::connection::Pending;
 use super::{ClientConnection, RequestBody};
 use crate::wire;
+pub use crate::wire::Rewind;
 use head::NotSimple;
 use response::Framing;
-pub use rewind::Rewind;
 
 /// Bytes read per `read` once the buffer runs low (hyper's first read buffer is as big).
 const READ_SIZE: usize = 8 * 1024;

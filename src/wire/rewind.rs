@@ -1,5 +1,5 @@
-//! A connection handed to hyper with the bytes the fast path already read from it: those
-//! come first, then the socket.
+//! A stream with bytes already read from it put back in front: a client connection the
+//! server's own HTTP/1.1 path hands to hyper, an instance's connection after its 101.
 
 use std::io;
 use std::pin::Pin;
