@@ -622,7 +622,8 @@ async fn read_answers(
 /// One connection carrying what the server's own HTTP/1.1 path takes (GET, HEAD) and what it
 /// hands to hyper (a body), pipelined in one write: answered in order, each reaching the
 /// instance as sent; a head left unfinished after a request is cut at the header read
-/// timeout, not the idle timeout; and `Connection: close` closes after its answer.
+/// timeout, not the idle timeout; `Connection: close` closes after its answer; an idle
+/// keep-alive connection is closed at the header read timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_mixed_requests_slow_heads_and_close_on_one_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -696,4 +697,17 @@ async fn pipelined_mixed_requests_slow_heads_and_close_on_one_connection() {
     assert_eq!(status(&answer), 200, "{answer}");
     assert!(answer.contains("connection: close\r\n"), "{answer}");
     assert!(answer.ends_with("ok"), "{answer}");
+
+    // An HTTP/1.1 connection idle after its answer is closed by the header read timeout
+    // (1 s, checked every second: within 1-2 s), not the idle timeout (30 s), as hyper did.
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    stream
+        .write_all(b"GET /web/8 HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(status(&read_answers(&mut stream, 1, &[]).await[0]), 200);
+    let closed = closed_after(stream, Duration::from_secs(10)).await;
+    println!("idle after one answer: closed after {closed:?}");
+    let closed = closed.expect("an idle keep-alive connection is closed");
+    assert!(closed >= Duration::from_millis(900) && closed < Duration::from_secs(5));
 }

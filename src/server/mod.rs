@@ -375,15 +375,18 @@ enum Event {
 /// the time a graceful close may take.
 struct Deadlines {
     deadline: Instant,
+    /// How long a connection may idle between checks.
+    idle: Duration,
     /// Requests started at the last check.
     seen: u64,
     phase: Phase,
 }
 
 impl Deadlines {
-    fn new(accepted: Instant, settings: &ServeSettings) -> Self {
+    fn new(accepted: Instant, settings: &ServeSettings, idle: Duration) -> Self {
         Self {
             deadline: accepted + settings.first_request_timeout,
+            idle,
             seen: 0,
             phase: Phase::Serving,
         }
@@ -417,7 +420,7 @@ impl Deadlines {
             return Due::Idle;
         }
         self.seen = started;
-        self.deadline = Instant::now() + settings.idle_timeout;
+        self.deadline = Instant::now() + self.idle;
         Due::Wait
     }
 }
@@ -474,7 +477,13 @@ where
             &self.draining,
         );
         tokio::pin!(served);
-        let mut deadlines = Deadlines::new(accepted, settings);
+        // hyper cuts an HTTP/1.1 connection idle for its header read timeout (its timer runs
+        // from the end of an answer); the own path arms no timer per request, so idling is
+        // checked here, against the shorter of the two (closed within one to two of it).
+        let idle = settings
+            .idle_timeout
+            .min(settings.heads.header_read_timeout);
+        let mut deadlines = Deadlines::new(accepted, settings, idle);
         loop {
             let event = match self.until_event(served.as_mut(), &deadlines).await {
                 Ok(h1::Served::HandOff(stream)) => return Some(stream),
@@ -547,7 +556,7 @@ where
         let conn = self.builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(conn);
         let settings = &self.settings;
-        let mut deadlines = Deadlines::new(accepted, settings);
+        let mut deadlines = Deadlines::new(accepted, settings, settings.idle_timeout);
         loop {
             let event = match self.until_event(conn.as_mut(), &deadlines).await {
                 Ok(Ok(())) => return,
