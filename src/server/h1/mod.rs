@@ -9,7 +9,9 @@
 //! instructions: ~6,700 reading the head into a `HeaderMap`, ~1,000 arming its header-read
 //! timer for every head, the dispatcher's moves of the request future, its encoder). Here
 //! a head that arrives whole in one read (the common case) arms no timer; the head is parsed
-//! with httparse, the answer's head and the start of its body go out in one write.
+//! with httparse, the answer's head and the start of its body go out in one write: 42,106 ->
+//! 38,108 instructions per proxied GET, mallocs 6 -> 5 (the parse into a `HeaderMap` costs
+//! what hyper's did, ~5,600: the map is what the handler takes).
 //!
 //! What it keeps from hyper's server: a client closing its side while its request is in
 //! flight abandons it (the handler is dropped, the request counted as reset); pipelined
