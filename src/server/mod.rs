@@ -42,7 +42,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -52,6 +52,7 @@ use crate::config::ServerConfig;
 use crate::metrics::ConnectionMetrics;
 use crate::tls::TlsTerminator;
 pub use body::RequestBody;
+use clients::ClientSlot;
 pub use clients::{Client, ClientLimits, Clients};
 pub use connection::ClientConnection;
 use connection::{Pending, Tracked};
@@ -255,25 +256,12 @@ pub async fn serve_on<H, F, B>(
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     loop {
-        let slot = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break, // the semaphore is never closed
-            },
-        };
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = accept(&listener, settings.name) => accepted,
-        };
-        let Some((stream, peer)) = stream else {
-            continue;
-        };
-        let Some(client) = shared.clients.admit(peer.ip()) else {
-            shared.metrics.per_client_limit.inc();
-            debug!(listener = settings.name, %peer, "connection refused: per-client limit");
-            continue;
-        };
+        let (stream, peer, client, slot) =
+            match admit_next(&listener, &slots, &shared, &shutdown).await {
+                Next::Stop => break,
+                Next::Refused => continue,
+                Next::Admitted(stream, peer, client, slot) => (stream, peer, client, slot),
+            };
         let accepted = Instant::now();
         let shared = shared.clone();
         let transport = transport.clone();
@@ -303,6 +291,51 @@ pub async fn serve_on<H, F, B>(
     }
     drop(listener);
     drain(&shared, &tracker).await;
+}
+
+/// What the accept loop does next.
+enum Next {
+    /// Shutdown started.
+    Stop,
+    /// The accept failed, or the client's address holds its share already.
+    Refused,
+    /// A connection, its client address's share and its listener slot.
+    Admitted(
+        TcpStream,
+        std::net::SocketAddr,
+        ClientSlot,
+        OwnedSemaphorePermit,
+    ),
+}
+
+/// Waits for a free connection slot, accepts a connection and admits its client address.
+async fn admit_next<H>(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    shared: &Shared<H>,
+    shutdown: &CancellationToken,
+) -> Next {
+    let name = shared.settings.name;
+    let slot = tokio::select! {
+        _ = shutdown.cancelled() => return Next::Stop,
+        slot = slots.clone().acquire_owned() => match slot {
+            Ok(slot) => slot,
+            Err(_) => return Next::Stop, // the semaphore is never closed
+        },
+    };
+    let accepted = tokio::select! {
+        _ = shutdown.cancelled() => return Next::Stop,
+        accepted = accept(listener, name) => accepted,
+    };
+    let Some((stream, peer)) = accepted else {
+        return Next::Refused;
+    };
+    let Some(client) = shared.clients.admit(peer.ip()) else {
+        shared.metrics.per_client_limit.inc();
+        debug!(listener = name, %peer, "connection refused: per-client limit");
+        return Next::Refused;
+    };
+    Next::Admitted(stream, peer, client, slot)
 }
 
 /// Accepts one connection; `None` after a failed accept (logged, paused).
