@@ -1,7 +1,7 @@
 //! The gateway: maps each client request to a service, picks an instance from that service's
-//! current table, forwards over a pooled client ([`h1`], its own, for plain HTTP/1.1
-//! instances; hyper-util's for h2c and TLS), and retries on another instance when that is
-//! safe.
+//! current table, forwards over a pooled client ([`h1`], its own, for HTTP/1.1 instances,
+//! plain and `https`; hyper-util's for h2c and `h2`), and retries on another instance when
+//! that is safe.
 //!
 //! What it owns: the [`router`] (built from config, swapped whole on reload, read without
 //! locks), request screening (one valid `Host`, methods, transfer codings, path

@@ -95,12 +95,13 @@ pub struct ServeSettings {
     /// Connections served at once; more wait in the kernel's backlog.
     pub max_connections: usize,
     pub clients: ClientLimits,
-    /// A connection must start its first request within this.
+    /// A connection must start its first request within this (`server.header_read_timeout`),
+    /// and a later head, once started, must be complete within it.
     pub first_request_timeout: Duration,
     /// A connection with nothing in flight for this long is closed.
     pub idle_timeout: Duration,
-    /// Request heads: their size and how long a started one may take.
-    pub heads: h1::Limits,
+    /// Longest request head; hyper answers 431 beyond.
+    pub max_head_bytes: usize,
     /// How long in-flight requests may finish after shutdown starts.
     pub grace: Duration,
 }
@@ -151,10 +152,7 @@ impl ServeSettings {
             },
             first_request_timeout: server.header_read_timeout,
             idle_timeout: server.idle_timeout,
-            heads: h1::Limits {
-                max_head: server.max_header_bytes,
-                header_read_timeout: server.header_read_timeout,
-            },
+            max_head_bytes: server.max_header_bytes,
             grace: server.shutdown_grace,
         }
     }
@@ -502,20 +500,16 @@ where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let settings = &self.settings;
-        let served = h1::serve(
-            stream,
-            &self.handler,
-            connection,
-            settings.heads,
-            &self.draining,
-        );
+        let heads = h1::Limits {
+            max_head: settings.max_head_bytes,
+            header_read_timeout: settings.first_request_timeout,
+        };
+        let served = h1::serve(stream, &self.handler, connection, heads, &self.draining);
         tokio::pin!(served);
         // hyper cuts an HTTP/1.1 connection idle for its header read timeout (its timer runs
         // from the end of an answer); the own path arms no timer per request, so idling is
         // checked here, against the shorter of the two (closed within one to two of it).
-        let idle = settings
-            .idle_timeout
-            .min(settings.heads.header_read_timeout);
+        let idle = settings.idle_timeout.min(heads.header_read_timeout);
         let mut deadlines = Deadlines::new(accepted, settings, idle);
         loop {
             let event = match self.until_event(served.as_mut(), &deadlines).await {
