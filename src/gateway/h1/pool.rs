@@ -9,7 +9,7 @@
 //! `workers: 0` (one work-stealing runtime) a request's tasks move between threads, so a
 //! thread-local pool would fill on the thread that finishes bodies and stay empty on the one
 //! that checks out (tests/hostile_clients.rs saw 163 connections for 20 requests in flight):
-//! there the pool is one map behind a mutex.
+//! there the pool is one map behind a mutex, one per runtime.
 //!
 //! Connections are pooled by instance authority and by how they are reached: plain TCP, or
 //! one [`TlsOrigin`]'s TLS settings (each its own pool: a client certificate or a verified
@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use hyper::http::uri::Authority;
-use tokio::runtime::{Handle, RuntimeFlavor};
+use tokio::runtime::{self, Handle, RuntimeFlavor};
 use tracing::debug;
 
 use super::stream::{Stream, TlsOrigin};
@@ -111,10 +111,19 @@ thread_local! {
     static SWEPT: AtomicBool = const { AtomicBool::new(false) };
 }
 
-/// The idle connections of a work-stealing runtime's threads.
-static SHARED: LazyLock<Mutex<IdleMap>> = LazyLock::new(Mutex::default);
-/// Whether the shared pool has its sweep running.
-static SHARED_SWEPT: AtomicBool = AtomicBool::new(false);
+/// The idle connections of work-stealing runtimes' threads, one pool per runtime: a gateway
+/// has one such runtime, but a test binary run by `cargo test` has one per test, and a
+/// connection (registered with its runtime's I/O driver) and a sweep (a task of its runtime)
+/// belong to theirs. One process-wide pool let a test's connections wait for a sweep that
+/// had ended with another test's runtime (a CI run saw it once).
+static SHARED: LazyLock<Mutex<HashMap<runtime::Id, SharedPool>>> = LazyLock::new(Mutex::default);
+
+/// One work-stealing runtime's idle connections and whether its sweep runs.
+#[derive(Default)]
+struct SharedPool {
+    idle: IdleMap,
+    swept: AtomicBool,
+}
 
 /// FxHash's word-at-a-time mix (rustc's): `Authority`'s own `Hash` feeds SipHash one byte at a
 /// time, ~1,000 instructions per lookup in hyper-util's pool map (callgrind), and ~500 still
@@ -288,10 +297,10 @@ fn with_idle<R>(f: impl FnOnce(&mut IdleMap, &AtomicBool) -> R) -> Option<R> {
         .ok()
         .flatten()
     } else {
-        Some(f(
-            &mut SHARED.lock().unwrap_or_else(PoisonError::into_inner),
-            &SHARED_SWEPT,
-        ))
+        let runtime = Handle::try_current().ok()?.id();
+        let mut pools = SHARED.lock().unwrap_or_else(PoisonError::into_inner);
+        let pool = pools.entry(runtime).or_default();
+        Some(f(&mut pool.idle, &pool.swept))
     }
 }
 
@@ -302,8 +311,10 @@ fn spawn_sweep(period: Duration) {
     let Ok(runtime) = Handle::try_current() else {
         return;
     };
+    // A work-stealing runtime's pool goes with its sweep (at the runtime's end).
+    let shared = (runtime.runtime_flavor() != RuntimeFlavor::CurrentThread).then(|| runtime.id());
     runtime.spawn(async move {
-        let _clear = ClearOnDrop;
+        let _clear = ClearOnDrop { shared };
         let mut tick = tokio::time::interval(period);
         tick.tick().await;
         loop {
@@ -329,11 +340,26 @@ fn spawn_sweep(period: Duration) {
     });
 }
 
-/// Clears the sweep flag of the pool its sweep served.
-struct ClearOnDrop;
+/// Ends the pool its sweep served: a worker's pool only clears its flag (a later runtime on
+/// the thread starts a sweep of its own); a work-stealing runtime's pool is removed, its
+/// idle connections closed.
+struct ClearOnDrop {
+    shared: Option<runtime::Id>,
+}
 
 impl Drop for ClearOnDrop {
     fn drop(&mut self) {
-        let _ = with_idle(|_, swept| swept.store(false, Ordering::Relaxed));
+        match self.shared {
+            Some(runtime) => {
+                let pool = SHARED
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&runtime);
+                drop(pool); // its connections close outside the lock
+            }
+            None => {
+                let _ = with_idle(|_, swept| swept.store(false, Ordering::Relaxed));
+            }
+        }
     }
 }
