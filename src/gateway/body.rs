@@ -25,6 +25,7 @@ use super::h1::body::Upgraded;
 use super::GatewayError;
 use crate::server::RequestBody;
 use crate::upstream::InstanceSlot;
+use crate::wire::{HeadLines, RawLines};
 
 /// Most bytes of an abandoned answer read to keep its connection; a longer one is cut.
 const DRAIN_LIMIT: usize = 1 << 20;
@@ -261,6 +262,12 @@ impl InstanceBody {
     fn finish(&mut self) {
         self.inner = None;
         self.slot = None;
+    }
+}
+
+impl HeadLines for InstanceBody {
+    fn take_lines(&mut self) -> Option<RawLines> {
+        self.inner.as_mut()?.take_lines()
     }
 }
 

@@ -34,6 +34,7 @@ use super::headers::Forwarded;
 use crate::config::{ServiceConfig, UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig};
 use crate::tls::client::{client_config, ClientTls};
 use crate::tls::TlsError;
+use crate::wire::{HeadLines, RawLines};
 
 type PlainClient = Client<HttpConnector, UpstreamBody>;
 type H2TlsClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
@@ -80,6 +81,15 @@ impl AnswerBody {
     pub fn take_upgraded(&mut self) -> Option<Upgraded> {
         match self {
             AnswerBody::H1(body) => body.take_upgraded(),
+            AnswerBody::Pooled(_) => None,
+        }
+    }
+}
+
+impl HeadLines for AnswerBody {
+    fn take_lines(&mut self) -> Option<RawLines> {
+        match self {
+            AnswerBody::H1(body) => body.take_lines(),
             AnswerBody::Pooled(_) => None,
         }
     }

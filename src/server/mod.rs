@@ -51,6 +51,7 @@ use tracing::{debug, info, warn};
 use crate::config::ServerConfig;
 use crate::metrics::ConnectionMetrics;
 use crate::tls::TlsTerminator;
+use crate::wire::HeadLines;
 pub use body::RequestBody;
 use clients::ClientSlot;
 pub use clients::{Client, ClientLimits, Clients};
@@ -214,7 +215,7 @@ pub async fn serve<H, F, B>(
 ) where
     H: Fn(Arc<ClientConnection>, Request<RequestBody>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: Body + Unpin + Send + 'static,
+    B: Body + HeadLines + Unpin + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -233,7 +234,7 @@ pub async fn serve_on<H, F, B>(
 ) where
     H: Fn(Arc<ClientConnection>, Request<RequestBody>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: Body + Unpin + Send + 'static,
+    B: Body + HeadLines + Unpin + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -460,7 +461,7 @@ impl<H, F, B> Shared<H>
 where
     H: Fn(Arc<ClientConnection>, Request<RequestBody>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: Body + Unpin + Send + 'static,
+    B: Body + HeadLines + Unpin + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -575,7 +576,10 @@ where
             let request = request.map(RequestBody::Hyper);
             let response = (handler_side.handler)(info.clone(), request);
             async move {
-                let response = response.await;
+                let mut response = response.await;
+                if let Some(lines) = response.body_mut().take_lines() {
+                    lines.append_to(response.headers_mut()); // hyper writes from the map
+                }
                 let in_flight = pending.answered();
                 Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
             }

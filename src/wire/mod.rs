@@ -1,11 +1,14 @@
 //! What both HTTP/1.1 sides — the server's own path for plain requests and the client to
 //! instances — share at the byte level: numbers as HTTP/1.1 writes them (decimal lengths, hex
 //! chunk sizes, appended without formatting machinery or allocation), where httparse's
-//! header lines lie in a head ([`spans_of`]), and a stream with bytes already read put back
+//! header lines lie in a head ([`spans_of`]), an instance's lines handed on as they arrived
+//! ([`RawLines`]), and a stream with bytes already read put back
 //! in front ([`Rewind`]: a connection handed to hyper, an upgraded connection to an instance).
 
+mod lines;
 mod rewind;
 
+pub use lines::{HeadLines, RawLines, RunsBuilder};
 pub use rewind::Rewind;
 
 /// Appends `n` in decimal.

@@ -9,11 +9,11 @@ use std::task::{ready, Context, Poll};
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
 
-use super::codec::{self, Chunked, Decoded, Framing};
+use super::codec::{self, Chunked, Decoded, Framing, ResponseHead};
 use super::pool::Connection;
 use super::stream::Stream;
 use super::{reserve, H1Error};
-use crate::wire::Rewind;
+use crate::wire::{RawLines, Rewind};
 
 /// Where the body is in its framing.
 #[derive(Debug, Clone, Copy)]
@@ -33,16 +33,14 @@ pub struct ResponseBody {
     keep_alive: bool,
     /// The answer's head holds no hop-by-hop line (left out while parsing).
     hop_free: bool,
+    /// The head's lines as they arrived, until the server side takes them.
+    lines: Option<RawLines>,
 }
 
 impl ResponseBody {
-    pub(super) fn new(
-        connection: Box<Connection>,
-        framing: Framing,
-        keep_alive: bool,
-        hop_free: bool,
-    ) -> Self {
-        let state = match framing {
+    /// The body after `head` (whose lines it carries when they are raw), on `connection`.
+    pub(super) fn new(connection: Box<Connection>, head: &mut ResponseHead) -> Self {
+        let state = match head.framing {
             Framing::Empty => State::Length(0),
             Framing::Length(n) => State::Length(n),
             Framing::Chunked => State::Chunked(Chunked::Size),
@@ -52,8 +50,9 @@ impl ResponseBody {
         let mut body = Self {
             connection: Some(connection),
             state,
-            keep_alive,
-            hop_free,
+            keep_alive: head.keep_alive,
+            hop_free: head.hop_free,
+            lines: head.lines.take(),
         };
         if matches!(state, State::Length(0)) {
             body.finish();
@@ -64,6 +63,11 @@ impl ResponseBody {
     /// Whether the answer's head holds no hop-by-hop line.
     pub fn is_hop_free(&self) -> bool {
         self.hop_free
+    }
+
+    /// The head's lines as they arrived, if they were not put in the map.
+    pub fn take_lines(&mut self) -> Option<RawLines> {
+        self.lines.take()
     }
 
     /// A 101's connection, with what the instance sent after its head.

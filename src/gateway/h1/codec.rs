@@ -1,5 +1,6 @@
 //! The HTTP/1.1 wire format of the upstream client: the request head written from the
-//! gateway's parts, the response head parsed with httparse into hyper's types, and the
+//! gateway's parts, the response head parsed with httparse (its kept lines handed on as
+//! they arrived, or as hyper's types where they cannot be), and the
 //! response body's framing (RFC 9112 §6.3) with its chunked decoder.
 //!
 //! Pure functions over buffers: no I/O here, so every rule is unit-tested on bytes.
@@ -11,9 +12,9 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::response;
 use hyper::{Method, Response, StatusCode, Version};
 
-use super::super::headers::is_hop_by_hop;
+use super::super::headers::{is_hop_by_hop, is_hop_by_hop_name};
 use super::H1Error;
-use crate::wire::{self, Span};
+use crate::wire::{self, RawLines, RunsBuilder, Span};
 
 /// Largest response head accepted (nginx's `proxy_buffer_size` is 4–8 KiB; hyper's limit
 /// ~400 KiB). A longer one is a bad answer: 502.
@@ -117,7 +118,10 @@ pub enum Framing {
 /// A parsed response head.
 #[derive(Debug)]
 pub struct ResponseHead {
+    /// Status and version; the header map holds the lines only when `lines` is `None`.
     pub parts: response::Parts,
+    /// The kept lines as they arrived (the usual case: see [`RawLines`]).
+    pub lines: Option<RawLines>,
     pub framing: Framing,
     /// Whether the connection may carry another exchange after this one.
     pub keep_alive: bool,
@@ -135,6 +139,7 @@ struct Seen {
     keep_alive: bool,
     /// `Connection` names a header besides `close`, `keep-alive` and `upgrade`.
     names_others: bool,
+    date: bool,
 }
 
 /// Parses a response head off the front of `buf`: `None` until it is complete. 1xx
@@ -162,11 +167,14 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Response
     let count = wire::spans_of(buf, parsed.headers, &mut spans);
     let keep_hop_by_hop = status == StatusCode::SWITCHING_PROTOCOLS;
     let head = buf.split_to(len).freeze();
-    let (headers, seen) = header_map(&head, &spans[..count], keep_hop_by_hop)?;
+    let spans = &spans[..count];
+    let (seen, lines) = scan(&head, spans, keep_hop_by_hop)?;
     let (mut parts, ()) = Response::new(()).into_parts();
     parts.status = status;
     parts.version = version;
-    parts.headers = headers;
+    if lines.is_none() {
+        parts.headers = header_map(&head, spans, keep_hop_by_hop)?;
+    }
     let framing = framing(status, method, &seen);
     let keep_alive = !seen.close
         && (version == Version::HTTP_11 || seen.keep_alive)
@@ -175,54 +183,70 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Response
         && !(seen.length.is_some() && seen.chunked.is_some());
     Ok(Some(ResponseHead {
         parts,
+        lines,
         framing,
         keep_alive,
         hop_free: !keep_hop_by_hop && !seen.names_others,
     }))
 }
 
-/// The header map of the lines at `spans` in `head` (values share it), and what they said
-/// about framing; the static hop-by-hop lines are left out unless `keep_hop_by_hop`.
-#[inline]
-fn header_map(
+/// What the lines at `spans` in `head` say about framing, and the runs of those kept (the
+/// static hop-by-hop lines left out), unless a map must be built: for a 101 (its hop-by-hop
+/// lines go on), when `Connection` names other lines, or when the runs are too many.
+fn scan(
     head: &Bytes,
     spans: &[Span],
     keep_hop_by_hop: bool,
-) -> Result<(HeaderMap, Seen), H1Error> {
+) -> Result<(Seen, Option<RawLines>), H1Error> {
+    let mut seen = Seen::default();
+    let mut runs = RunsBuilder::default();
+    for &(name, name_len, value, value_len) in spans {
+        let name_bytes = &head[name as usize..(name + name_len) as usize];
+        seen.note(
+            name_bytes,
+            &head[value as usize..(value + value_len) as usize],
+        )?;
+        if !is_hop_by_hop_name(name_bytes) {
+            runs.keep(head, name, value + value_len);
+        }
+    }
+    let lines = (!keep_hop_by_hop && !seen.names_others)
+        .then(|| runs.finish(head.clone(), seen.length.is_some(), seen.date))
+        .flatten();
+    Ok((seen, lines))
+}
+
+/// The header map of the lines at `spans` in `head` (values share it); the static
+/// hop-by-hop lines are left out unless `keep_hop_by_hop`.
+fn header_map(head: &Bytes, spans: &[Span], keep_hop_by_hop: bool) -> Result<HeaderMap, H1Error> {
     // Room for the lines the way back adds (the server side grows a full map otherwise).
     let mut headers = HeaderMap::with_capacity(spans.len() + 4);
-    let mut seen = Seen::default();
     for &(name, name_len, value, value_len) in spans {
         let name = &head[name as usize..(name + name_len) as usize];
         let name = HeaderName::from_bytes(name).map_err(|_| H1Error::HeaderName)?;
         let value = head.slice(value as usize..(value + value_len) as usize);
         let value = HeaderValue::from_maybe_shared(value).map_err(|_| H1Error::HeaderValue)?;
-        seen.note(&name, &value)?;
         if keep_hop_by_hop || !is_hop_by_hop(&name) {
             headers.append(name, value);
         }
     }
-    Ok((headers, seen))
+    Ok(headers)
 }
 
 impl Seen {
-    fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<(), H1Error> {
-        if name == header::CONTENT_LENGTH {
-            let length = parse_length(value.as_bytes())?;
+    fn note(&mut self, name: &[u8], value: &[u8]) -> Result<(), H1Error> {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let length = parse_length(value)?;
             if self.length.is_some_and(|seen| seen != length) {
                 return Err(H1Error::Length);
             }
             self.length = Some(length);
-        } else if name == header::TRANSFER_ENCODING {
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             // The last coding decides: chunked last is chunked, anything else reads to close.
-            let last = value
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .unwrap_or(b"");
+            let last = value.rsplit(|&b| b == b',').next().unwrap_or(b"");
             self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONNECTION {
-            for token in value.as_bytes().split(|&b| b == b',') {
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
                 let close = token.eq_ignore_ascii_case(b"close");
                 let keep_alive = token.eq_ignore_ascii_case(b"keep-alive");
@@ -233,6 +257,8 @@ impl Seen {
                     || token.is_empty()
                     || token.eq_ignore_ascii_case(b"upgrade"));
             }
+        } else if name.eq_ignore_ascii_case(b"date") {
+            self.date = true;
         }
         Ok(())
     }
@@ -400,6 +426,16 @@ mod tests {
         parse(text, &Method::GET).unwrap().unwrap()
     }
 
+    /// The lines handed on, from the map or the raw runs.
+    fn lines_of(head: &ResponseHead) -> HeaderMap {
+        let mut headers = head.parts.headers.clone();
+        if let Some(lines) = &head.lines {
+            assert!(head.parts.headers.is_empty(), "lines in one place");
+            lines.append_to(&mut headers);
+        }
+        headers
+    }
+
     #[test]
     fn the_request_head_carries_method_target_lines_and_framing() {
         let mut headers = HeaderMap::new();
@@ -486,7 +522,8 @@ mod tests {
         let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhello");
         let head = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
         assert_eq!(head.parts.status, StatusCode::OK);
-        assert_eq!(head.parts.headers["x-a"], "b");
+        assert_eq!(lines_of(&head)["x-a"], "b");
+        assert!(head.lines.is_some(), "handed on as they arrived");
         assert_eq!(head.framing, Framing::Length(5));
         assert!(head.keep_alive);
         assert_eq!(&buf[..], b"hello");
@@ -499,7 +536,8 @@ mod tests {
             "Transfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
         ));
         assert!(plain.hop_free);
-        let names: Vec<_> = plain.parts.headers.keys().map(|n| n.as_str()).collect();
+        let lines = lines_of(&plain);
+        let names: Vec<_> = lines.keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["x-a"]);
         let named = head(
             "HTTP/1.1 200 OK\r\nConnection: x-secret\r\nX-Secret: 1\r\nContent-Length: 0\r\n\r\n",
@@ -509,11 +547,13 @@ mod tests {
             "the names Connection lists are removed later"
         );
         assert_eq!(named.parts.headers["x-secret"], "1");
+        assert!(named.lines.is_none(), "a map, for the removal");
         let switching = head(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
         );
         assert!(!switching.hop_free);
         assert_eq!(switching.parts.headers["upgrade"], "websocket");
+        assert!(switching.lines.is_none());
     }
 
     #[test]

@@ -148,13 +148,13 @@ pub async fn send(
 /// The answer to hand on, its body reading from `connection`.
 fn answer(
     connection: Box<Connection>,
-    head: ResponseHead,
+    mut head: ResponseHead,
     asks_upgrade: bool,
 ) -> Result<Response<ResponseBody>, H1Error> {
     if head.framing == Framing::Upgrade && !asks_upgrade {
         return Err(H1Error::UnaskedUpgrade);
     }
-    let body = ResponseBody::new(connection, head.framing, head.keep_alive, head.hop_free);
+    let body = ResponseBody::new(connection, &mut head);
     Ok(Response::from_parts(head.parts, body))
 }
 

@@ -39,8 +39,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::connection::Pending;
 use super::{ClientConnection, RequestBody};
-use crate::wire;
 pub use crate::wire::Rewind;
+use crate::wire::{self, HeadLines};
 use head::NotSimple;
 use response::Framing;
 
@@ -88,7 +88,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     H: Fn(Arc<ClientConnection>, Request<RequestBody>) -> F,
     F: Future<Output = Response<B>>,
-    B: Body + Unpin,
+    B: Body + HeadLines + Unpin,
 {
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
@@ -199,12 +199,13 @@ async fn write_response<S, B>(
 ) -> io::Result<bool>
 where
     S: AsyncWrite + Unpin,
-    B: Body + Unpin,
+    B: Body + HeadLines + Unpin,
 {
     let (parts, mut body) = response.into_parts();
     out.clear();
     let exact = body.size_hint().exact();
-    let encoded = response::encode_head(out, &parts, exact, head_only, close);
+    let lines = body.take_lines();
+    let encoded = response::encode_head(out, &parts, lines.as_ref(), exact, head_only, close);
     drop(parts);
     if encoded.framing != Framing::None {
         write_body(stream, out, &mut body, encoded.framing).await?;

@@ -1,5 +1,6 @@
 //! An answer's head on the fast path, as hyper's server would write it: the status line, the
-//! handler's header lines, `date` when the handler set none, and the body's framing —
+//! handler's header lines (and an instance's, copied as they arrived when its body carries
+//! them: [`RawLines`]), `date` when neither set one, and the body's framing —
 //! its `content-length` when known, else `transfer-encoding: chunked`; no body after a HEAD
 //! request or a 1xx, 204 or 304 answer.
 
@@ -10,7 +11,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::http::response::Parts;
 use hyper::StatusCode;
 
-use crate::wire;
+use crate::wire::{self, RawLines};
 
 /// How the body follows the head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,11 +31,13 @@ pub struct Encoded {
     pub close: bool,
 }
 
-/// Writes the head of an answer with `parts` into `out`; `exact` is the body's length when
-/// known, `head_only` a HEAD request's answer, `close` a connection closing after it.
+/// Writes the head of an answer with `parts` (and the instance's `lines` as they arrived)
+/// into `out`; `exact` is the body's length when known, `head_only` a HEAD request's answer,
+/// `close` a connection closing after it.
 pub fn encode_head(
     out: &mut Vec<u8>,
     parts: &Parts,
+    lines: Option<&RawLines>,
     exact: Option<u64>,
     head_only: bool,
     mut close: bool,
@@ -56,6 +59,12 @@ pub fn encode_head(
         has_length |= name == header::CONTENT_LENGTH;
         has_date |= name == header::DATE;
         line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if let Some(lines) = lines {
+        // No hop-by-hop line among them: `Connection` and `Transfer-Encoding` were left out.
+        lines.write_to(out);
+        has_length |= lines.has_length;
+        has_date |= lines.has_date;
     }
     if !has_date {
         DATE.with_borrow_mut(|date| line(out, b"date", date.now()));
@@ -147,7 +156,7 @@ mod tests {
         }
         let (parts, ()) = builder.body(()).unwrap().into_parts();
         let mut out = Vec::new();
-        let encoded = encode_head(&mut out, &parts, exact, head_only, close);
+        let encoded = encode_head(&mut out, &parts, None, exact, head_only, close);
         (String::from_utf8(out).unwrap(), encoded)
     }
 
