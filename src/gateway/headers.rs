@@ -194,6 +194,25 @@ pub fn request_authority<B>(request: &Request<B>) -> Result<Option<HeaderValue>,
     }
 }
 
+/// The bytes of an RFC 3986 reg-name: unreserved, pct-encoded's `%`, sub-delims. A table:
+/// searching the 17 punctuation bytes for each `.` of a host cost ~300 instructions per
+/// request (callgrind).
+static REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    let punctuation = b"-._~%!$&'()*+,;=";
+    let mut i = 0;
+    while i < punctuation.len() {
+        table[punctuation[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
+
 /// `host [":" port]` of RFC 3986: a reg-name or a bracketed IP literal, then digits.
 fn is_valid_authority(bytes: &[u8]) -> bool {
     let (host, port) = if bytes.first() == Some(&b'[') {
@@ -213,11 +232,8 @@ fn is_valid_authority(bytes: &[u8]) -> bool {
         let end = bytes.iter().position(|&b| b == b':').unwrap_or(bytes.len());
         (&bytes[..end], &bytes[end..])
     };
-    let host_ok = !host.is_empty()
-        && (host[0] == b'['
-            || host
-                .iter()
-                .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b)));
+    let host_ok =
+        !host.is_empty() && (host[0] == b'[' || host.iter().all(|&b| REG_NAME[usize::from(b)]));
     let port_ok = match port.split_first() {
         None => true,
         Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),

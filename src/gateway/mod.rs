@@ -275,7 +275,8 @@ impl Gateway {
             secure: connection.secure,
         };
         let mut tries = Tries::default();
-        let response = match self.forward(route, &hop, request, target, &mut tries).await {
+        let forwarded = self.forward(route, &hop, request, target, grpc, &mut tries);
+        let response = match forwarded.await {
             Ok(response) => response,
             Err(error) => answer(error),
         };
@@ -378,13 +379,15 @@ impl Gateway {
         }
     }
 
-    /// Sends the request to instances of `route` until one answers or the rules say stop.
+    /// Sends the request to instances of `route` until one answers or the rules say stop;
+    /// `grpc`: the client speaks gRPC (its `grpc-timeout` can shorten the deadline).
     async fn forward(
         &self,
         route: &Route,
         hop: &Hop,
         mut request: Request<RequestBody>,
         target: Target,
+        grpc: bool,
         tries: &mut Tries,
     ) -> Result<Response<ProxyBody>, GatewayError> {
         let upstream = &route.upstream;
@@ -393,10 +396,11 @@ impl Gateway {
             return Err(GatewayError::NoHealthyInstance);
         }
         upstream.retry_budget.deposit();
-        let grpc = grpc::is_grpc(request.headers());
         // A gRPC client's own deadline, when shorter than the route's, is the deadline.
-        let client_deadline = grpc::timeout(request.headers())
-            .filter(|asked| grpc && *asked < upstream.config.retry.timeout);
+        let client_deadline = grpc
+            .then(|| grpc::timeout(request.headers()))
+            .flatten()
+            .filter(|asked| *asked < upstream.config.retry.timeout);
         let deadline = Instant::now() + client_deadline.unwrap_or(upstream.config.retry.timeout);
         let upgrade = upgrade::requested_protocol(&request)
             .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
