@@ -2,11 +2,12 @@
 //! instances — share at the byte level: numbers as HTTP/1.1 writes them (decimal lengths, hex
 //! chunk sizes, appended without formatting machinery or allocation), where httparse's
 //! header lines lie in a head ([`spans_of`]), an instance's lines handed on as they arrived
-//! ([`RawLines`]), and a stream with bytes already read put back
+//! ([`RawLines`]), request header maps reused on a thread ([`spare`]), and a stream with bytes already read put back
 //! in front ([`Rewind`]: a connection handed to hyper, an upgraded connection to an instance).
 
 mod lines;
 mod rewind;
+pub mod spare;
 
 pub use lines::{HeadLines, RawLines, RunsBuilder};
 pub use rewind::Rewind;

@@ -39,6 +39,7 @@ use tokio::net::TcpStream;
 use super::body::UpstreamBody;
 use super::headers::Forwarded;
 use super::retry::is_idempotent;
+use crate::wire;
 use body::ResponseBody;
 use codec::{Framing, RequestFraming, ResponseHead};
 pub use pool::PoolSettings;
@@ -123,7 +124,21 @@ pub async fn send(
     request: Request<UpstreamBody>,
     forwarded: Forwarded,
 ) -> Result<Response<ResponseBody>, H1Error> {
-    let (parts, mut body) = request.into_parts();
+    let (parts, body) = request.into_parts();
+    let answer = send_parts(settings, key, tls, &parts, body, forwarded).await;
+    wire::spare::give_back(parts.headers); // for the next request's head (server::h1)
+    answer
+}
+
+/// [`send`] with the request's head lent.
+async fn send_parts(
+    settings: PoolSettings,
+    key: Authority,
+    tls: Option<Arc<TlsOrigin>>,
+    parts: &Parts,
+    mut body: UpstreamBody,
+    forwarded: Forwarded,
+) -> Result<Response<ResponseBody>, H1Error> {
     let framing = RequestFraming::of(&parts.headers, body.size_hint().exact())?;
     let asks_upgrade = parts.headers.contains_key(header::UPGRADE);
     loop {
@@ -136,7 +151,7 @@ pub async fn send(
             Either::Left(full) if reused && is_idempotent(&parts.method) => Some(full.clone()),
             _ => None,
         };
-        let exchanged = exchange(&mut connection, &parts, &forwarded, body, framing).await;
+        let exchanged = exchange(&mut connection, parts, &forwarded, body, framing).await;
         match (exchanged, again) {
             (Ok(head), _) => return answer(connection, head, asks_upgrade),
             (Err(error), Some(again)) if error.is_stale() => body = Either::Left(again),

@@ -89,7 +89,7 @@ fn give_back(buf: &mut BytesMut, head: &[u8]) {
 /// that makes it one for hyper (a body, an upgrade, an expectation, an invalid line).
 fn header_map(head: &Bytes, spans: &[Span]) -> Option<(HeaderMap, bool)> {
     // Room for the lines the way to the instance adds (the forwarded family).
-    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
+    let mut headers = wire::spare::header_map(spans.len() + 4);
     let mut close = false;
     for &(name, name_len, value, value_len) in spans {
         let name = &head[name as usize..(name + name_len) as usize];
