@@ -124,21 +124,8 @@ pub async fn send(
     request: Request<UpstreamBody>,
     forwarded: Forwarded,
 ) -> Result<Response<ResponseBody>, H1Error> {
-    let (parts, body) = request.into_parts();
-    let answer = send_parts(settings, key, tls, &parts, body, forwarded).await;
-    wire::spare::give_back(parts.headers); // for the next request's head (server::h1)
-    answer
-}
-
-/// [`send`] with the request's head lent.
-async fn send_parts(
-    settings: PoolSettings,
-    key: Authority,
-    tls: Option<Arc<TlsOrigin>>,
-    parts: &Parts,
-    mut body: UpstreamBody,
-    forwarded: Forwarded,
-) -> Result<Response<ResponseBody>, H1Error> {
+    let (parts, mut body) = request.into_parts();
+    let parts = LentHead(parts);
     let framing = RequestFraming::of(&parts.headers, body.size_hint().exact())?;
     let asks_upgrade = parts.headers.contains_key(header::UPGRADE);
     loop {
@@ -151,12 +138,31 @@ async fn send_parts(
             Either::Left(full) if reused && is_idempotent(&parts.method) => Some(full.clone()),
             _ => None,
         };
-        let exchanged = exchange(&mut connection, parts, &forwarded, body, framing).await;
+        let exchanged = exchange(&mut connection, &parts, &forwarded, body, framing).await;
         match (exchanged, again) {
             (Ok(head), _) => return answer(connection, head, asks_upgrade),
             (Err(error), Some(again)) if error.is_stale() => body = Either::Left(again),
             (Err(error), _) => return Err(error),
         }
+    }
+}
+
+/// A request head whose header map goes back to its thread's stash for the next request's
+/// head (`server::h1`) once the send is over. A guard rather than a nested `async fn`, whose
+/// future holding copies of the arguments cost ~250 instructions of `memcpy` per request.
+struct LentHead(Parts);
+
+impl std::ops::Deref for LentHead {
+    type Target = Parts;
+
+    fn deref(&self) -> &Parts {
+        &self.0
+    }
+}
+
+impl Drop for LentHead {
+    fn drop(&mut self) {
+        wire::spare::give_back(std::mem::take(&mut self.0.headers));
     }
 }
 
