@@ -1,7 +1,7 @@
 //! TLS termination: certificates, the SNI resolver, the handshake, and certificate rotation.
 //!
-//! rustls with the *ring* crypto provider (no cmake/nasm build dependency, a much shorter
-//! build than aws-lc-rs). TLS 1.3 and 1.2; ALPN `h2` and `http/1.1`.
+//! rustls with the *aws-lc-rs* crypto provider (less CPU per full handshake than *ring*: see
+//! Cargo.toml). TLS 1.3 and 1.2; ALPN `h2` and `http/1.1`.
 //!
 //! - [`Certificates`] is one immutable set, loaded from `tls.certificates[]`: PEM chains and
 //!   their keys (RSA or ECDSA; PKCS#8, SEC1 or PKCS#1), each checked at load (parses, key
@@ -88,7 +88,7 @@ fn refused(key: impl Into<String>, reason: Reason) -> TlsError {
 
 /// The crypto provider of every TLS object of the gateway.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// The suites whose handshake hashes with SHA-256 (AES-128-GCM and ChaCha20, TLS 1.3 and 1.2).
@@ -101,26 +101,28 @@ const SHA256_SUITES: [CipherSuite; 6] = [
     CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
 ];
 
-/// *ring* for the TLS listener, with the SHA-256 suites first (AES-128-GCM, then ChaCha20):
+/// The provider for the TLS listener, with the SHA-256 suites first (AES-128-GCM, then ChaCha20):
 /// clients (OpenSSL's, so curl's and wrk's) list `TLS_AES_256_GCM_SHA384` first, whose key
-/// schedule and transcript hash with SHA-384, which *ring* computes without CPU support, while
+/// schedule and transcript hash with SHA-384, which few CPUs have instructions for, while
 /// SHA-256 runs on the SHA extensions most x86-64 and ARMv8 CPUs have. `perf` put 8.8% of the
-/// gateway's CPU under full handshakes in SHA-512 blocks (1.3% in SHA-256 blocks after).
+/// gateway's CPU under full handshakes in SHA-512 blocks (1.3% in SHA-256 blocks after; *ring*).
+/// Key exchange groups: the provider's defaults (X25519, P-256, P-384 and the post-quantum
+/// hybrid X25519MLKEM768); in TLS 1.3 rustls takes the client's first one it supports.
 /// `TLS_AES_128_GCM_SHA256` is the suite every TLS 1.3 client must offer (RFC 8446 §9.1).
 fn listener_provider() -> Arc<CryptoProvider> {
-    let mut provider = rustls::crypto::ring::default_provider();
-    // A stable sort: SHA-256 suites first, in ring's order; the rest keep theirs.
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    // A stable sort: SHA-256 suites first, in the provider's order; the rest keep theirs.
     provider
         .cipher_suites
         .sort_by_key(|suite| !SHA256_SUITES.contains(&suite.suite()));
     Arc::new(provider)
 }
 
-/// Makes *ring* the process's default rustls provider, which reqwest (built without a provider
+/// Makes *aws-lc-rs* the process's default rustls provider, which reqwest (built without a provider
 /// of its own) needs before any client is built. Idempotent; call it before building one.
 pub fn install_default_provider() {
     // An error only means a default is installed already.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
 /// One loaded, checked set of certificates and the names that select them.
@@ -366,7 +368,7 @@ impl TlsTerminator {
         // The listener's suite order, not the client's (see `listener_provider`).
         config.ignore_client_order = true;
         // Stateless resumption: a returning client skips the key exchange's signature.
-        config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(setup)?;
+        config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(setup)?;
         Ok(Self {
             resolver,
             acceptor: TlsAcceptor::from(Arc::new(config)),

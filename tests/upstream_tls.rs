@@ -31,7 +31,7 @@ use common::Consul;
 use switchyard::config::CertificateConfig;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// The rustls config of an HTTPS instance; with `client_ca`, client certificates it signed

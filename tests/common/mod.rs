@@ -93,7 +93,7 @@ pub fn http_client() -> reqwest::Client {
         .expect("building an HTTP client")
 }
 
-/// A reqwest builder without proxies (reqwest's rustls gets the gateway's *ring* provider).
+/// A reqwest builder without proxies (reqwest's rustls gets the gateway's *aws-lc-rs* provider).
 pub fn http_client_builder() -> reqwest::ClientBuilder {
     switchyard::tls::install_default_provider();
     reqwest::Client::builder().no_proxy()
