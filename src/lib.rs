@@ -43,8 +43,9 @@
 //! - [`server`]: the accept loop with connection deadlines and graceful shutdown, shared by
 //!   every listener (plain, TLS, admin); plain HTTP/1.1 requests without a body on its own
 //!   path ([`server::h1`]), everything else through hyper.
-//! - [`wire`]: what both HTTP/1.1 sides share at the byte level (numbers, header spans, a
-//!   stream with bytes put back); a leaf.
+//! - [`wire`]: what both HTTP/1.1 sides share at the byte level (numbers, header spans, an
+//!   instance's header lines handed on as they arrived, request header maps reused per
+//!   thread, a stream with bytes put back); a leaf.
 //! - [`tls`]: certificates, the SNI resolver (reloadable behind `ArcSwap`), the bounded
 //!   handshake of the TLS listener; and TLS as a client (instances, Consul).
 //!

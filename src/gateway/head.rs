@@ -14,6 +14,8 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Uri, Version};
 
+use crate::wire::spare;
+
 /// Kept lists per thread: one per request in flight on it is enough; beyond this many,
 /// lists are freed.
 const SPARE_LISTS: usize = 64;
@@ -108,27 +110,16 @@ impl Kept {
 
 /// An empty list, with room from an earlier request when the stash has one.
 fn spare_list() -> Lines {
-    SPARE
-        .try_with(|spare| spare.borrow_mut().pop())
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+    spare::take(&SPARE).unwrap_or_default()
 }
 
 /// Clears `lines` and keeps the list for a later request, unless the stash is full or the
 /// list large.
 fn give_back(mut lines: Lines) {
-    if lines.capacity() > SPARE_MAX_LINES {
-        return;
+    if lines.capacity() <= SPARE_MAX_LINES {
+        lines.clear();
+        spare::keep(&SPARE, lines, SPARE_LISTS);
     }
-    lines.clear();
-    // During thread teardown the stash is gone; the list is just freed.
-    let _ = SPARE.try_with(|spare| {
-        let mut spare = spare.borrow_mut();
-        if spare.len() < SPARE_LISTS {
-            spare.push(lines);
-        }
-    });
 }
 
 #[cfg(test)]

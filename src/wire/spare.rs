@@ -1,9 +1,11 @@
 //! Header maps reused between requests on one thread: the server's own HTTP/1.1 path takes
 //! each request's map from here, and the HTTP/1.1 client gives it back once the request is
 //! written and answered. A map built fresh costs two allocations and two frees per request
-//! (its index and its entries); a cleared one keeps both.
+//! (its index and its entries); a cleared one keeps both. [`take`] and [`keep`] serve any
+//! such per-thread stash (the gateway's kept head lines too).
 
 use std::cell::RefCell;
+use std::thread::LocalKey;
 
 use hyper::header::HeaderMap;
 
@@ -19,11 +21,7 @@ thread_local! {
 
 /// An empty map with room for `lines`, from an earlier request when the stash has one.
 pub fn header_map(lines: usize) -> HeaderMap {
-    let kept = SPARE
-        .try_with(|spare| spare.borrow_mut().pop())
-        .ok()
-        .flatten();
-    match kept {
+    match take(&SPARE) {
         Some(mut map) => {
             map.reserve(lines);
             map
@@ -35,15 +33,27 @@ pub fn header_map(lines: usize) -> HeaderMap {
 /// Clears `map` and keeps it for a later request, unless the stash is full or the map
 /// large.
 pub fn give_back(mut map: HeaderMap) {
-    if map.capacity() > SPARE_MAX_CAPACITY {
-        return;
+    if map.capacity() <= SPARE_MAX_CAPACITY {
+        map.clear();
+        keep(&SPARE, map, SPARE_MAPS);
     }
-    map.clear();
-    // During thread teardown the stash is gone; the map is just freed.
-    let _ = SPARE.try_with(|spare| {
+}
+
+/// The last item put in a per-thread `stash`, if any.
+pub fn take<T: 'static>(stash: &'static LocalKey<RefCell<Vec<T>>>) -> Option<T> {
+    stash
+        .try_with(|spare| spare.borrow_mut().pop())
+        .ok()
+        .flatten()
+}
+
+/// Puts `item` in a per-thread `stash` unless it holds `most` already. During thread
+/// teardown the stash is gone and the item is just dropped.
+pub fn keep<T: 'static>(stash: &'static LocalKey<RefCell<Vec<T>>>, item: T, most: usize) {
+    let _ = stash.try_with(|spare| {
         let mut spare = spare.borrow_mut();
-        if spare.len() < SPARE_MAPS {
-            spare.push(map);
+        if spare.len() < most {
+            spare.push(item);
         }
     });
 }
