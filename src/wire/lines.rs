@@ -13,7 +13,7 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 
 /// Most runs of adjacent lines kept; a head cut into more (many hop-by-hop lines between
 /// the others) goes through a `HeaderMap` instead.
-pub const MAX_RUNS: usize = 4;
+const MAX_RUNS: usize = 4;
 
 /// Runs of header lines in a head: each from a line's name to a later line's value end, the
 /// lines in between separated by exactly CRLF.
@@ -59,7 +59,7 @@ impl RunsBuilder {
         self.count += 1;
     }
 
-    /// The runs over `head`, unless there were more than [`MAX_RUNS`].
+    /// The runs over `head`, unless there were more than `MAX_RUNS` (4).
     pub fn finish(self, head: Bytes, has_length: bool, has_date: bool) -> Option<RawLines> {
         (!self.overflow).then_some(RawLines {
             head,
