@@ -52,6 +52,7 @@ fn listed(name: &HeaderName) -> Option<u32> {
     listed_lowercase(name.as_str().as_bytes())
 }
 
+/// [`listed`] for a name's lowercase bytes.
 fn listed_lowercase(name: &[u8]) -> Option<u32> {
     Some(match name {
         b"connection" => 0,
@@ -72,13 +73,8 @@ fn listed_lowercase(name: &[u8]) -> Option<u32> {
     })
 }
 
-/// Whether `name` is hop-by-hop by itself (the static list, without the names a `Connection`
-/// header lists).
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    listed(name).is_some_and(|i| i < FAMILY_SHIFT)
-}
-
-/// [`is_hop_by_hop`] for a name as it arrived, in any case.
+/// Whether `name`, as it arrived (any case), is hop-by-hop by itself (the static list,
+/// without the names a `Connection` header lists).
 pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
     let mut lower = [0u8; 19]; // the longest listed name, "proxy-authorization"
     let Some(lower) = lower.get_mut(..name.len()) else {

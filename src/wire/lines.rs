@@ -17,7 +17,7 @@ const MAX_RUNS: usize = 4;
 
 /// Runs of header lines in a head: each from a line's name to a later line's value end, the
 /// lines in between separated by exactly CRLF.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RawLines {
     head: Bytes,
     runs: [(u32, u32); MAX_RUNS],
@@ -87,40 +87,28 @@ impl RawLines {
         }
     }
 
-    /// Appends the lines to `headers` (values share the head's bytes).
+    /// Appends the lines to `headers` (values share the head's bytes). Lines end at LF
+    /// with a CR before it: httparse let neither into a name or value.
     pub fn append_to(&self, headers: &mut HeaderMap) {
-        for (start, end) in self.runs[..self.count as usize].iter().copied() {
-            let mut at = start as usize;
-            let end = end as usize;
-            while at < end {
-                let line_end = find_crlf(&self.head[at..end]).map_or(end, |i| at + i);
-                self.append_line(headers, at, line_end);
-                at = line_end + 2;
+        for run in self.runs() {
+            for line in run.split(|&b| b == b'\n') {
+                self.append_line(headers, line.strip_suffix(b"\r").unwrap_or(line));
             }
         }
     }
 
-    fn append_line(&self, headers: &mut HeaderMap, start: usize, end: usize) {
-        let line = &self.head[start..end];
+    fn append_line(&self, headers: &mut HeaderMap, line: &[u8]) {
         let Some(colon) = line.iter().position(|&b| b == b':') else {
             return;
         };
-        let skip = line[colon + 1..]
-            .iter()
-            .take_while(|&&b| b == b' ' || b == b'\t')
-            .count();
         let Ok(name) = HeaderName::from_bytes(&line[..colon]) else {
             return; // httparse took it as a token: not reached
         };
-        let value = self.head.slice(start + colon + 1 + skip..end);
-        if let Ok(value) = HeaderValue::from_maybe_shared(value) {
+        let value = line[colon + 1..].trim_ascii_start();
+        if let Ok(value) = HeaderValue::from_maybe_shared(self.head.slice_ref(value)) {
             headers.append(name, value);
         }
     }
-}
-
-fn find_crlf(bytes: &[u8]) -> Option<usize> {
-    bytes.windows(2).position(|pair| pair == b"\r\n")
 }
 
 /// A response body that may carry its head's lines as [`RawLines`] (taken once, by whoever
@@ -132,7 +120,6 @@ pub trait HeadLines {
 }
 
 impl HeadLines for http_body_util::Full<Bytes> {}
-impl HeadLines for http_body_util::Empty<Bytes> {}
 
 impl<L: HeadLines, R: HeadLines> HeadLines for http_body_util::Either<L, R> {
     fn take_lines(&mut self) -> Option<RawLines> {

@@ -12,7 +12,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::response;
 use hyper::{Method, Response, StatusCode, Version};
 
-use super::super::headers::{is_hop_by_hop, is_hop_by_hop_name};
+use super::super::headers::is_hop_by_hop_name;
 use super::H1Error;
 use crate::wire::{self, RawLines, RunsBuilder, Span};
 
@@ -223,12 +223,13 @@ fn header_map(head: &Bytes, spans: &[Span], keep_hop_by_hop: bool) -> Result<Hea
     let mut headers = HeaderMap::with_capacity(spans.len() + 4);
     for &(name, name_len, value, value_len) in spans {
         let name = &head[name as usize..(name + name_len) as usize];
+        if !keep_hop_by_hop && is_hop_by_hop_name(name) {
+            continue;
+        }
         let name = HeaderName::from_bytes(name).map_err(|_| H1Error::HeaderName)?;
         let value = head.slice(value as usize..(value + value_len) as usize);
         let value = HeaderValue::from_maybe_shared(value).map_err(|_| H1Error::HeaderValue)?;
-        if keep_hop_by_hop || !is_hop_by_hop(&name) {
-            headers.append(name, value);
-        }
+        headers.append(name, value);
     }
     Ok(headers)
 }
