@@ -86,9 +86,15 @@ fn refused(key: impl Into<String>, reason: Reason) -> TlsError {
     }
 }
 
-/// The crypto provider of every TLS object of the gateway.
+/// The crypto provider of every TLS object of the gateway (and reqwest's default): the one
+/// place it is named.
+fn crypto() -> CryptoProvider {
+    rustls::crypto::aws_lc_rs::default_provider()
+}
+
+/// [`crypto`], shared.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    Arc::new(crypto())
 }
 
 /// The suites whose handshake hashes with SHA-256 (AES-128-GCM and ChaCha20, TLS 1.3 and 1.2).
@@ -110,7 +116,7 @@ const SHA256_SUITES: [CipherSuite; 6] = [
 /// hybrid X25519MLKEM768); in TLS 1.3 rustls takes the client's first one it supports.
 /// `TLS_AES_128_GCM_SHA256` is the suite every TLS 1.3 client must offer (RFC 8446 §9.1).
 fn listener_provider() -> Arc<CryptoProvider> {
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    let mut provider = crypto();
     // A stable sort: SHA-256 suites first, in the provider's order; the rest keep theirs.
     provider
         .cipher_suites
@@ -122,7 +128,7 @@ fn listener_provider() -> Arc<CryptoProvider> {
 /// of its own) needs before any client is built. Idempotent; call it before building one.
 pub fn install_default_provider() {
     // An error only means a default is installed already.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = crypto().install_default();
 }
 
 /// One loaded, checked set of certificates and the names that select them.
