@@ -71,11 +71,26 @@ edge_measure() { # round kind target
   fi
 }
 
+# What an OpenSSL client (the library of wrk and h2load) negotiates with `target`: protocol,
+# cipher suite and key exchange group, tab-separated.
+tls_negotiated() { # target
+  local port="${TLS_URL[$1]##*:}"
+  openssl s_client -connect "127.0.0.1:${port%/}" -brief </dev/null 2>&1 | awk -F': ' '
+    /^Protocol version/ {p = $2} /^Ciphersuite/ {c = $2} /^(Server|Peer) Temp Key/ {split($2, k, ","); g = k[1]}
+    END {printf "%s\t%s\t%s\n", p, c, g}'
+}
+
 # Before measuring: every TLS listener answers over HTTP/1.1 and HTTP/2 with the certificate
-# (curl checks it against the file), and every gRPC target answers SayHello (the tonic client).
+# (curl checks it against the file) and negotiates TLS 1.3 with an OpenSSL client (the rows
+# compare like handshakes), and every gRPC target answers SayHello (the tonic client).
 edge_sanity() {
-  local t proto answer
+  local t proto answer tls
+  printf 'target\tprotocol\tcipher\tgroup\n' >"$OUT/edge/tls.tsv"
   for t in switchyard nginx haproxy; do
+    tls=$(tls_negotiated "$t")
+    [[ "$tls" == TLSv1.3$'\t'* ]] || die "$t: an OpenSSL client negotiated ${tls%%$'\t'*}, not TLS 1.3"
+    printf '%s\t%s\n' "$t" "$tls" >>"$OUT/edge/tls.tsv"
+    printf '   %-10s openssl   %s\n' "$t" "${tls//$'\t'/ }"
     for proto in --http1.1 --http2; do
       answer=$(curl -fsS --max-time 2 "$proto" --cacert "$OUT/tls/cert.pem" \
         -w ' %{http_version}' "${TLS_URL[$t]}") || die "$t: no HTTPS answer ($proto)"

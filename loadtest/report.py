@@ -475,6 +475,18 @@ def parse_h2load(path):
     return out
 
 
+def negotiated(out_dir):
+    """What an OpenSSL client negotiated with each TLS listener (edge/tls.tsv), as a sentence."""
+    tsv = out_dir / "edge" / "tls.tsv"
+    if not tsv.exists():
+        return "TLS 1.3 is what every client here negotiates."
+    rows = [line.split("\t") for line in tsv.read_text().splitlines()[1:] if line]
+    each = "; ".join(f"{t} {p}, {c}, {g}" for t, p, c, g in rows)
+    return (f"an OpenSSL client (the library of wrk and h2load, `openssl s_client`) negotiated "
+            f"{each} (nginx is told `ssl_protocols TLSv1.2 TLSv1.3`: Debian's 1.22 offers "
+            f"only up to 1.2 by default).")
+
+
 def edge_section(out_dir, meta, clk_tck):
     """RESULTS.md lines for the edge rows, and the medians for the summary."""
     tsv = out_dir / "edge" / "cpu.tsv"
@@ -509,7 +521,7 @@ def edge_section(out_dir, meta, clk_tck):
     add("")
     add(f"switchyard, nginx and HAProxy terminate TLS with the same ECDSA P-256 certificate "
         "(made by `openssl req` at the start of the run), one worker/thread each, in front of the "
-        "same 3 backends; TLS 1.3 is what every client here negotiates. gRPC: one instance of "
+        f"same 3 backends; {negotiated(out_dir)} gRPC: one instance of "
         "`examples/grpc.rs` (tonic, `helloworld.Greeter/SayHello`), called directly or through "
         "each proxy over h2c (switchyard `protocol: h2c`, nginx `grpc_pass`, HAProxy `proto h2`). "
         f"Medians of {rounds} interleaved round(s) of {d} s per run; the load generator, the "
