@@ -20,8 +20,9 @@ use hyper::header;
 use hyper::http::request::Parts;
 use tokio::time::Instant;
 
-use super::clients::{AnswerBody, Sent, TryError};
+use super::clients::{AnswerBody, Outcome, Sent, TryError};
 use super::h1::body::Upgraded;
+use super::head::Head;
 use super::GatewayError;
 use crate::server::RequestBody;
 use crate::upstream::InstanceSlot;
@@ -199,12 +200,19 @@ impl Exchange {
         }
     }
 
-    /// The answer, or the client error; the slot moves into the answer's body.
-    pub async fn send(mut self) -> Result<hyper::Response<InstanceBody>, TryError> {
+    /// The answer, or the client error; the slot moves into the answer's body, and the
+    /// request's head, when the client gives it back, into `head` for the next try.
+    pub async fn send(
+        mut self,
+        head: &mut Head,
+    ) -> Result<hyper::Response<InstanceBody>, TryError> {
         let future = self.future.as_mut().expect("an exchange is sent once");
-        let result = future.await;
+        let outcome = future.await;
         self.future = None;
-        let response = result?;
+        if let Some(parts) = outcome.head {
+            head.put_back(parts);
+        }
+        let response = outcome.answer?;
         let (slot, deadline) = (self.slot.take(), self.deadline);
         Ok(response.map(|body| InstanceBody::new(body, slot, deadline)))
     }
@@ -217,7 +225,11 @@ impl Drop for Exchange {
         };
         let (slot, deadline) = (self.slot.take(), self.deadline);
         spawn_detached(async move {
-            if let Ok(Ok(response)) = tokio::time::timeout_at(deadline, future).await {
+            if let Ok(Outcome {
+                answer: Ok(response),
+                ..
+            }) = tokio::time::timeout_at(deadline, future).await
+            {
                 // A 101's connection just closes (its body is empty).
                 drain(response.into_body(), deadline).await;
             }

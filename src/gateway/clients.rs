@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::http::request::Parts;
 use hyper::http::uri::Authority;
 use hyper::{Request, Response};
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
@@ -146,19 +147,28 @@ impl TryError {
 /// A try on its way: the HTTP/1.1 client's (one boxed future: it must be movable into a task of its
 /// own when the client goes away mid-exchange, see `body::Exchange`) or hyper-util's.
 pub enum Sent {
-    Pooled(Pin<Box<dyn Future<Output = Result<Answer, TryError>> + Send>>),
+    Pooled(Pin<Box<dyn Future<Output = Outcome> + Send>>),
     Client(ResponseFuture),
 }
 
-impl Future for Sent {
-    type Output = Result<Answer, TryError>;
+/// What a try came to: the answer or the failure, and the request's head when the client gave
+/// it back (the HTTP/1.1 client does; hyper-util's keeps it).
+pub struct Outcome {
+    pub head: Option<Parts>,
+    pub answer: Result<Answer, TryError>,
+}
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+impl Future for Sent {
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
         match self.get_mut() {
             Sent::Pooled(future) => future.as_mut().poll(cx),
-            Sent::Client(future) => Pin::new(future).poll(cx).map(|r| {
-                r.map(|response| response.map(AnswerBody::Pooled))
-                    .map_err(TryError::Client)
+            Sent::Client(future) => Pin::new(future).poll(cx).map(|r| Outcome {
+                head: None,
+                answer: r
+                    .map(|response| response.map(AnswerBody::Pooled))
+                    .map_err(TryError::Client),
             }),
         }
     }
@@ -205,10 +215,16 @@ impl Clients {
             (_, Some(TlsClient::Http1(origin))) => Some(origin.clone()),
             (_, None) => None,
         };
-        let send = h1::send(self.http1, instance.clone(), origin, request, forwarded);
+        let (head, body) = request.into_parts();
+        let send = h1::send(self.http1, instance.clone(), origin, head, body, forwarded);
         Sent::Pooled(Box::pin(async move {
-            let response = send.await.map_err(TryError::H1)?;
-            Ok(response.map(AnswerBody::H1))
+            let (head, answer) = send.await;
+            Outcome {
+                head: Some(head),
+                answer: answer
+                    .map(|response| response.map(AnswerBody::H1))
+                    .map_err(TryError::H1),
+            }
         }))
     }
 

@@ -417,9 +417,12 @@ impl Gateway {
             client
         });
         parts.extensions.clear();
-        // A later try needs the head again only when there can be one: more than one attempt
-        // and a body that can be sent twice (a streamed body ends the tries after the first).
-        let copies = upstream.config.retry.attempts > 1 && body.is_replayable();
+        // A later try needs a copy of the head only when there can be one (more than one
+        // attempt and a body that can be sent twice: a streamed body ends the tries after the
+        // first) and the client keeps the head (the HTTP/1.1 client gives it back).
+        let copies = upstream.config.retry.attempts > 1
+            && body.is_replayable()
+            && !Clients::is_pooled(upstream.config.protocol);
         let mut forwarding = Forwarding {
             tls: route.tls.clone(),
             upstream,
@@ -517,7 +520,8 @@ impl Gateway {
             .clients
             .request(protocol, tls, &instance.authority, outgoing, forwarded);
         let exchange = Exchange::new(sent, slot, deadline);
-        match tokio::time::timeout_at(deadline, exchange.send()).await {
+        let sent = exchange.send(&mut forwarding.head);
+        match tokio::time::timeout_at(deadline, sent).await {
             Err(_) => forwarding.settle_timeout(instance),
             Ok(Ok(response)) => Ok(self.settle_answer(forwarding, instance, response, is_last)),
             Ok(Err(error)) => forwarding.settle_error(instance, &error),
@@ -635,9 +639,10 @@ impl Forwarding<'_> {
     }
 }
 
-/// The request for one try: the client's method and headers, to `instance`. The per-worker
-/// pool (`pooled`) takes the origin-form target, which is the client's own when the path is
-/// unchanged (no rebuild); hyper-util's client takes an absolute one.
+/// The request for one try: the client's method and headers, to `instance`. The HTTP/1.1
+/// client (`pooled`) takes the origin-form target, which is the client's own when the path is
+/// unchanged (no rebuild), and adds `Host` if missing; hyper-util's client takes an absolute
+/// one.
 fn outgoing_request(
     head: Parts,
     path: &PathAndQuery,
@@ -655,12 +660,6 @@ fn outgoing_request(
         let uri = outgoing.uri();
         if uri.scheme().is_some() || uri.path_and_query() != Some(path) {
             *outgoing.uri_mut() = Uri::from(path.clone());
-        }
-        if !outgoing.headers().contains_key(header::HOST) {
-            // An HTTP/1.0 client sent none; HTTP/1.1 requires one (hyper-util's client adds it).
-            let host = HeaderValue::from_str(instance.authority.as_str())
-                .map_err(|_| GatewayError::BadGateway)?;
-            outgoing.headers_mut().insert(header::HOST, host);
         }
         return Ok(outgoing);
     }

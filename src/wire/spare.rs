@@ -1,6 +1,6 @@
 //! Header maps reused between requests on one thread: the server's own HTTP/1.1 path takes
-//! each request's map from here, and the HTTP/1.1 client gives it back once the request is
-//! written and answered. A map built fresh costs two allocations and two frees per request
+//! each request's map from here, and the gateway gives it back once its tries are over
+//! (`gateway::head`). A map built fresh costs two allocations and two frees per request
 //! (its index and its entries); a cleared one keeps both. [`take`] and [`keep`] serve any
 //! such per-thread stash (the gateway's kept head lines too).
 

@@ -7,8 +7,8 @@
 //! its body through a third, each hop a task wake-up. callgrind put that connection task at
 //! 31% of the gateway's user-space instructions per proxied GET (17,000 of 54,000, thin LTO),
 //! of which parsing and encoding are about 7,000. Here the request's task writes the head
-//! (from the client's parts, no second `HeaderMap`; the map goes back to its thread's stash
-//! afterwards), reads the answer's head with httparse (its lines handed on as they arrived),
+//! (from the client's parts, no second `HeaderMap`; the parts go back to the gateway for a
+//! retry and then to their thread's stash), reads the answer's head with httparse (its lines handed on as they arrived),
 //! and the answer's body reads the socket itself while the client's connection polls it; no
 //! task, no channel, no lock. Idle connections wait in the per-worker [`pool`].
 //!
@@ -30,17 +30,16 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Either};
 use hyper::body::Body;
-use hyper::header;
+use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::http::uri::Authority;
-use hyper::{Method, Request, Response};
+use hyper::{Method, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::body::UpstreamBody;
 use super::headers::Forwarded;
 use super::retry::is_idempotent;
-use crate::wire;
 use body::ResponseBody;
 use codec::{Framing, RequestFraming, ResponseHead};
 pub use pool::PoolSettings;
@@ -115,57 +114,70 @@ impl H1Error {
     }
 }
 
-/// Sends `request` (origin-form target) to the instance at `key` over a pooled connection (a
-/// new one if none is idle), through `tls` if given. The answer's body holds the connection
-/// and gives it back to the pool once read to its end.
+/// What [`send`] gives back: the head it was lent (a retry sends it again, no copy made)
+/// and the answer or the failure.
+pub type Sent = (Parts, Result<Response<ResponseBody>, H1Error>);
+
+/// Sends `head` (origin-form target) and `body` to the instance at `key` over a pooled
+/// connection (a new one if none is idle), through `tls` if given. A head without `Host` (an
+/// HTTP/1.0 client's) gets the instance's. The answer's body holds the connection and gives
+/// it back to the pool once read to its end.
 pub async fn send(
     settings: PoolSettings,
     key: Authority,
     tls: Option<Arc<TlsOrigin>>,
-    request: Request<UpstreamBody>,
+    head: Parts,
+    mut body: UpstreamBody,
     forwarded: Forwarded,
-) -> Result<Response<ResponseBody>, H1Error> {
-    let (parts, mut body) = request.into_parts();
-    let parts = LentHead(parts);
-    let framing = RequestFraming::of(&parts.headers, body.size_hint().exact())?;
-    let asks_upgrade = parts.headers.contains_key(header::UPGRADE);
+) -> Sent {
+    let framing = match RequestFraming::of(&head.headers, body.size_hint().exact()) {
+        Ok(framing) => framing,
+        Err(error) => return (head, Err(error)),
+    };
+    let asks_upgrade = head.headers.contains_key(header::UPGRADE);
+    let host = match head.headers.contains_key(header::HOST) {
+        true => None,
+        false => HeaderValue::from_str(key.as_str()).ok(),
+    };
+    let lines = Lines {
+        forwarded: &forwarded,
+        host: host.as_ref(),
+    };
     loop {
         let Checkout {
             mut connection,
             reused,
-        } = pool::checkout(settings, &key, tls.as_deref()).await?;
+        } = match pool::checkout(settings, &key, tls.as_deref()).await {
+            Ok(checkout) => checkout,
+            Err(error) => return (head, Err(error)),
+        };
         // Kept to send again if this reused connection turns out closed (a cheap clone).
         let again = match &body {
-            Either::Left(full) if reused && is_idempotent(&parts.method) => Some(full.clone()),
+            Either::Left(full) if reused && is_idempotent(&head.method) => Some(full.clone()),
             _ => None,
         };
-        let exchanged = exchange(&mut connection, &parts, &forwarded, body, framing).await;
+        let exchanged = exchange(&mut connection, &head, lines, body, framing).await;
         match (exchanged, again) {
-            (Ok(head), _) => return answer(connection, head, asks_upgrade),
+            (Ok(answer_head), _) => {
+                let answered = answer(connection, answer_head, asks_upgrade);
+                return (head, answered);
+            }
             (Err(error), Some(again)) if error.is_stale() => body = Either::Left(again),
-            (Err(error), _) => return Err(error),
+            (Err(error), _) => return (head, Err(error)),
         }
     }
 }
 
-/// A request head whose header map goes back to its thread's stash for the next request's
-/// head (`server::h1`) once the send is over. A guard rather than a nested `async fn`, whose
-/// future holding copies of the arguments cost ~250 instructions of `memcpy` per request.
-struct LentHead(Parts);
-
-impl std::ops::Deref for LentHead {
-    type Target = Parts;
-
-    fn deref(&self) -> &Parts {
-        &self.0
-    }
+/// The lines a request goes out with besides its head's own.
+#[derive(Clone, Copy)]
+struct Lines<'a> {
+    forwarded: &'a Forwarded,
+    /// `Host`, when the head has none.
+    host: Option<&'a HeaderValue>,
 }
 
-impl Drop for LentHead {
-    fn drop(&mut self) {
-        wire::spare::give_back(std::mem::take(&mut self.0.headers));
-    }
-}
+/// `Host` as a name with a `'static` home, for the added line.
+static HOST: HeaderName = header::HOST;
 
 /// The answer to hand on, its body reading from `connection`.
 fn answer(
@@ -185,7 +197,7 @@ fn answer(
 async fn exchange(
     connection: &mut Connection,
     parts: &Parts,
-    forwarded: &Forwarded,
+    added: Lines<'_>,
     body: UpstreamBody,
     framing: RequestFraming,
 ) -> Result<ResponseHead, H1Error> {
@@ -197,7 +209,12 @@ async fn exchange(
     } = connection;
     write_buf.clear();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let lines = parts.headers.iter().chain(forwarded.lines());
+    let host = added.host.map(|value| (&HOST, value));
+    let lines = parts
+        .headers
+        .iter()
+        .chain(host)
+        .chain(added.forwarded.lines());
     codec::encode_head(write_buf, &parts.method, path, lines, framing);
     let method = &parts.method;
     match stream {
