@@ -42,7 +42,8 @@
 //! - [`registration`]: optional self-registration of the gateway in Consul.
 //! - [`server`]: the accept loop with connection deadlines and graceful shutdown, shared by
 //!   every listener (plain, TLS, admin); plain HTTP/1.1 requests without a body on its own
-//!   path ([`server::h1`]), everything else through hyper.
+//!   path ([`server::h1`]), everything else through hyper; each connection keeps a deadline
+//!   timer its requests reuse ([`server::timer`]).
 //! - [`wire`]: what both HTTP/1.1 sides share at the byte level (numbers, header spans, an
 //!   instance's header lines handed on as they arrived, request header maps reused per
 //!   thread, a stream with bytes put back); a leaf.

@@ -45,6 +45,7 @@ use crate::access_log::{AccessLog, Entry};
 use crate::config::{Config, ServiceConfig, UpstreamProtocol};
 use crate::metrics::RequestMetrics;
 use crate::routes::DynamicRoutes;
+use crate::server::timer::TimerSlot;
 use crate::server::{ClientConnection, RequestBody};
 use crate::tls::TlsError;
 use crate::upstream::{Instance, InstanceSlot, ServiceTable, Tried, Upstream, Upstreams};
@@ -269,13 +270,8 @@ impl Gateway {
         if let Some(response) = route_answer(route, connection.peer.ip(), &request, grpc) {
             return self.answer_routed(entry, route, Tries::default(), response, started);
         }
-        let hop = Hop {
-            client: connection.peer_ip_header().clone(),
-            trusted: self.settings.trusts(connection.peer.ip()),
-            secure: connection.secure,
-        };
         let mut tries = Tries::default();
-        let forwarded = self.forward(route, &hop, request, target, grpc, &mut tries);
+        let forwarded = self.forward(route, &connection, request, target, grpc, &mut tries);
         let response = match forwarded.await {
             Ok(response) => response,
             Err(error) => answer(error),
@@ -384,7 +380,7 @@ impl Gateway {
     async fn forward(
         &self,
         route: &Route,
-        hop: &Hop,
+        connection: &ClientConnection,
         mut request: Request<RequestBody>,
         target: Target,
         grpc: bool,
@@ -405,6 +401,11 @@ impl Gateway {
         let upgrade = upgrade::requested_protocol(&request)
             .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
         let (mut parts, body) = request.into_parts();
+        let hop = &Hop {
+            client: connection.peer_ip_header().clone(),
+            trusted: self.settings.trusts(connection.peer.ip()),
+            secure: connection.secure,
+        };
         // Only `balance: hash` computes a key (before the headers are rewritten).
         let key = upstream.config.hash_on.as_ref().and_then(|hash_on| {
             affinity::request_key(hash_on, &parts.headers, hop.client.as_bytes())
@@ -434,6 +435,7 @@ impl Gateway {
             path,
             body,
             deadline,
+            timer: connection.deadline_timer(),
             upgrade,
             grpc,
             client_deadline: client_deadline.is_some(),
@@ -520,11 +522,15 @@ impl Gateway {
             .clients
             .request(protocol, tls, &instance.authority, outgoing, forwarded);
         let exchange = Exchange::new(sent, slot, deadline);
+        let timer = forwarding.timer.lend(deadline);
         let sent = exchange.send(&mut forwarding.head);
-        match tokio::time::timeout_at(deadline, sent).await {
-            Err(_) => forwarding.settle_timeout(instance),
-            Ok(Ok(response)) => Ok(self.settle_answer(forwarding, instance, response, is_last)),
-            Ok(Err(error)) => forwarding.settle_error(instance, &error),
+        tokio::select! {
+            biased;
+            answer = sent => match answer {
+                Ok(response) => Ok(self.settle_answer(forwarding, instance, response, is_last)),
+                Err(error) => forwarding.settle_error(instance, &error),
+            },
+            () = timer => forwarding.settle_timeout(instance),
         }
     }
 
@@ -595,6 +601,8 @@ struct Forwarding<'a> {
     path: PathAndQuery,
     body: HeldBody,
     deadline: Instant,
+    /// The client connection's timer, lent to each try for the deadline.
+    timer: &'a TimerSlot,
     /// The client's side of an upgrade request, until an instance answers.
     upgrade: Option<OnUpgrade>,
     /// A gRPC call: never retried once sent (a `grpc-status` is an answer).

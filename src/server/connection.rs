@@ -16,6 +16,7 @@ use hyper::header::HeaderValue;
 use prometheus::IntCounter;
 
 use super::clients::Client;
+use super::timer::TimerSlot;
 
 /// What the handler learns about the connection a request came on.
 pub struct ClientConnection {
@@ -34,6 +35,8 @@ pub struct ClientConnection {
     /// The peer's IP as a header value, built on first use: every request on the connection
     /// shares it (`X-Forwarded-For`, `X-Real-IP`) instead of formatting it anew.
     peer_ip: OnceLock<HeaderValue>,
+    /// The deadline timer its requests reuse ([`TimerSlot`]).
+    timer: TimerSlot,
 }
 
 impl ClientConnection {
@@ -46,7 +49,13 @@ impl ClientConnection {
             in_flight: AtomicUsize::new(0),
             resets,
             peer_ip: OnceLock::new(),
+            timer: TimerSlot::default(),
         }
+    }
+
+    /// The timer a request on this connection borrows for its deadline.
+    pub fn deadline_timer(&self) -> &TimerSlot {
+        &self.timer
     }
 
     /// The peer's IP address as a header value (one allocation per connection).

@@ -28,6 +28,7 @@ pub mod clients;
 pub mod connection;
 pub mod h1;
 mod on_wake;
+pub mod timer;
 
 use std::convert::Infallible;
 use std::future::Future;
