@@ -7,10 +7,11 @@
 //! its body through a third, each hop a task wake-up. callgrind put that connection task at
 //! 31% of the gateway's user-space instructions per proxied GET (17,000 of 54,000, thin LTO),
 //! of which parsing and encoding are about 7,000. Here the request's task writes the head
-//! (from the client's parts, no second `HeaderMap`; the parts go back to the gateway for a
-//! retry and then to their thread's stash), reads the answer's head with httparse (its lines handed on as they arrived),
-//! and the answer's body reads the socket itself while the client's connection polls it; no
-//! task, no channel, no lock. Idle connections wait in the per-worker [`pool`].
+//! (from the client's parts, no second `HeaderMap`; the parts go back to the gateway, for a
+//! retry and then their thread's stash), reads the answer's head with httparse (its lines
+//! handed on as they arrived), and the answer's body reads the socket itself while the
+//! client's connection polls it; no task, no channel, no lock. Idle connections wait in the
+//! per-worker [`pool`].
 //!
 //! What it keeps from hyper's client: the framing rules of RFC 9112 §6.3 ([`codec`]); 1xx
 //! answers skipped (101 kept for upgrades); an answer that arrives while the request body is
