@@ -200,29 +200,29 @@ impl Clients {
         matches!(protocol, UpstreamProtocol::Http1 | UpstreamProtocol::Https)
     }
 
-    /// Sends `request` with the `forwarded` lines to `instance`: over the HTTP/1.1 client for
-    /// HTTP/1.1 (through `tls` for `https`), hyper-util's for h2c and `h2`.
+    /// Sends `head` and `body` with the `forwarded` lines to `instance`: over the HTTP/1.1
+    /// client for HTTP/1.1 (through `tls` for `https`), hyper-util's for h2c and `h2`.
     pub fn request(
         &self,
         protocol: UpstreamProtocol,
         tls: Option<&TlsClient>,
         instance: &Authority,
-        mut request: Request<UpstreamBody>,
+        mut head: Parts,
+        body: UpstreamBody,
         forwarded: Forwarded,
     ) -> Sent {
         let origin = match (protocol, tls) {
             (_, Some(TlsClient::H2(client))) => {
-                forwarded.apply(request.headers_mut());
-                return Sent::Client(client.request(request));
+                forwarded.apply(&mut head.headers);
+                return Sent::Client(client.request(Request::from_parts(head, body)));
             }
             (UpstreamProtocol::H2c | UpstreamProtocol::H2, None) => {
-                forwarded.apply(request.headers_mut());
-                return Sent::Client(self.h2c.request(request));
+                forwarded.apply(&mut head.headers);
+                return Sent::Client(self.h2c.request(Request::from_parts(head, body)));
             }
             (_, Some(TlsClient::Http1(origin))) => Some(origin.clone()),
             (_, None) => None,
         };
-        let (head, body) = request.into_parts();
         let send = h1::send(self.http1, instance.clone(), origin, head, body, forwarded);
         Sent::Pooled(Box::pin(send))
     }

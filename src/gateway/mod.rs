@@ -10,6 +10,11 @@
 //! own [`answers`]. It reads upstream tables and never writes them; it does not know about
 //! Consul. When the access log is on, it hands each answered request to it (a channel send,
 //! never a write).
+//!
+//! Futures on the request path: the largest stages return an `async move` block instead of
+//! being `async fn`s. An `async fn`'s future keeps its arguments twice (rustc moves them into
+//! locals on the first poll and does not reuse the room), so the request (264 bytes) was held
+//! and copied once more in each stage; an `async` block uses what it captures in place.
 
 pub mod affinity;
 pub mod answers;
@@ -25,6 +30,7 @@ pub mod retry;
 pub mod router;
 pub mod upgrade;
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -232,51 +238,54 @@ impl Gateway {
     }
 
     /// Answers one client request. Never fails: errors become the gateway's own answers.
-    pub async fn handle(
+    #[allow(clippy::manual_async_fn)] // on purpose: see the module doc on futures
+    pub fn handle(
         &self,
         connection: Arc<ClientConnection>,
         request: Request<RequestBody>,
-    ) -> Response<ProxyBody> {
-        let started = Instant::now();
-        let entry = self.access_log_entry(&connection, &request);
-        let screened = self.screen(&connection, &request);
-        let redirect = self.settings.redirect_https.filter(|_| !connection.secure);
-        if let (Ok(target), Some(port)) = (&screened, redirect) {
-            let response = redirect::to_https(target.authority.as_ref(), request.uri(), port);
-            return self.answer_unrouted(entry, response, started);
-        }
-        let grpc = grpc::is_grpc(request.headers());
-        let answer = |error: GatewayError| match grpc {
-            true => error.into_grpc_response(),
-            false => error.into_response(),
-        };
-        let router = self.router.load_full();
-        let routed = screened.and_then(|target| {
-            let path = target.path.as_deref().unwrap_or(request.uri().path());
-            let host = target
-                .authority
-                .as_ref()
-                .and_then(|a| a.to_str().ok())
-                .map(strip_port);
-            match router.find(host, path) {
-                Some(route) => Ok((route, target)),
-                None => Err(GatewayError::NoRoute),
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + '_ {
+        async move {
+            let started = Instant::now();
+            let entry = self.access_log_entry(&connection, &request);
+            let screened = self.screen(&connection, &request);
+            let redirect = self.settings.redirect_https.filter(|_| !connection.secure);
+            if let (Ok(target), Some(port)) = (&screened, redirect) {
+                let response = redirect::to_https(target.authority.as_ref(), request.uri(), port);
+                return self.answer_unrouted(entry, response, started);
             }
-        });
-        let (route, target) = match routed {
-            Ok(routed) => routed,
-            Err(error) => return self.answer_unrouted(entry, answer(error), started),
-        };
-        if let Some(response) = route_answer(route, connection.peer.ip(), &request, grpc) {
-            return self.answer_routed(entry, route, Tries::default(), response, started);
+            let grpc = grpc::is_grpc(request.headers());
+            let answer = |error: GatewayError| match grpc {
+                true => error.into_grpc_response(),
+                false => error.into_response(),
+            };
+            let router = self.router.load_full();
+            let routed = screened.and_then(|target| {
+                let path = target.path.as_deref().unwrap_or(request.uri().path());
+                let host = target
+                    .authority
+                    .as_ref()
+                    .and_then(|a| a.to_str().ok())
+                    .map(strip_port);
+                match router.find(host, path) {
+                    Some(route) => Ok((route, target)),
+                    None => Err(GatewayError::NoRoute),
+                }
+            });
+            let (route, target) = match routed {
+                Ok(routed) => routed,
+                Err(error) => return self.answer_unrouted(entry, answer(error), started),
+            };
+            if let Some(response) = route_answer(route, connection.peer.ip(), &request, grpc) {
+                return self.answer_routed(entry, route, Tries::default(), response, started);
+            }
+            let mut tries = Tries::default();
+            let forwarded = self.forward(route, &connection, request, target, grpc, &mut tries);
+            let response = match forwarded.await {
+                Ok(response) => response,
+                Err(error) => answer(error),
+            };
+            self.answer_routed(entry, route, tries, response, started)
         }
-        let mut tries = Tries::default();
-        let forwarded = self.forward(route, &connection, request, target, grpc, &mut tries);
-        let response = match forwarded.await {
-            Ok(response) => response,
-            Err(error) => answer(error),
-        };
-        self.answer_routed(entry, route, tries, response, started)
     }
 
     /// Counts and logs a routed request's answer.
@@ -377,70 +386,74 @@ impl Gateway {
 
     /// Sends the request to instances of `route` until one answers or the rules say stop;
     /// `grpc`: the client speaks gRPC (its `grpc-timeout` can shorten the deadline).
-    async fn forward(
-        &self,
-        route: &Route,
-        connection: &ClientConnection,
+    #[allow(clippy::manual_async_fn)] // on purpose: see the module doc on futures
+    fn forward<'a>(
+        &'a self,
+        route: &'a Route,
+        connection: &'a ClientConnection,
         mut request: Request<RequestBody>,
         target: Target,
         grpc: bool,
-        tries: &mut Tries,
-    ) -> Result<Response<ProxyBody>, GatewayError> {
-        let upstream = &route.upstream;
-        let table = upstream.table();
-        if table.is_empty() {
-            return Err(GatewayError::NoHealthyInstance);
+        tries: &'a mut Tries,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, GatewayError>> + Send + 'a {
+        async move {
+            let upstream = &route.upstream;
+            let table = upstream.table();
+            if table.is_empty() {
+                return Err(GatewayError::NoHealthyInstance);
+            }
+            upstream.retry_budget.deposit();
+            // A gRPC client's own deadline, when shorter than the route's, is the deadline.
+            let client_deadline = grpc
+                .then(|| grpc::timeout(request.headers()))
+                .flatten()
+                .filter(|asked| *asked < upstream.config.retry.timeout);
+            let deadline =
+                Instant::now() + client_deadline.unwrap_or(upstream.config.retry.timeout);
+            let upgrade = upgrade::requested_protocol(&request)
+                .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
+            let (mut parts, body) = request.into_parts();
+            let hop = &Hop {
+                client: connection.peer_ip_header().clone(),
+                trusted: self.settings.trusts(connection.peer.ip()),
+                secure: connection.secure,
+            };
+            // Only `balance: hash` computes a key (before the headers are rewritten).
+            let key = upstream.config.hash_on.as_ref().and_then(|hash_on| {
+                affinity::request_key(hash_on, &parts.headers, hop.client.as_bytes())
+            });
+            let body = HeldBody::hold(&parts, body, self.settings.body, deadline).await?;
+            let path = route.upstream_path(&parts.uri, target.path.as_deref());
+            let forwarded = forward_headers(&mut parts, target.authority, hop);
+            let upgrade = upgrade.map(|(protocol, client)| {
+                upgrade::restore_headers(&mut parts.headers, protocol);
+                client
+            });
+            parts.extensions.clear();
+            // A later try needs a copy of the head only when there can be one (more than one
+            // attempt and a body that can be sent twice: a streamed body ends the tries after the
+            // first) and the client keeps the head (the HTTP/1.1 client gives it back).
+            let copies = upstream.config.retry.attempts > 1
+                && body.is_replayable()
+                && !Clients::is_pooled(upstream.config.protocol);
+            let mut forwarding = Forwarding {
+                tls: route.tls.clone(),
+                upstream,
+                table,
+                key,
+                method: parts.method.clone(),
+                head: Head::new(parts, copies),
+                forwarded,
+                path,
+                body,
+                deadline,
+                timer: connection.deadline_timer(),
+                upgrade,
+                grpc,
+                client_deadline: client_deadline.is_some(),
+            };
+            self.tries(&mut forwarding, tries).await
         }
-        upstream.retry_budget.deposit();
-        // A gRPC client's own deadline, when shorter than the route's, is the deadline.
-        let client_deadline = grpc
-            .then(|| grpc::timeout(request.headers()))
-            .flatten()
-            .filter(|asked| *asked < upstream.config.retry.timeout);
-        let deadline = Instant::now() + client_deadline.unwrap_or(upstream.config.retry.timeout);
-        let upgrade = upgrade::requested_protocol(&request)
-            .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
-        let (mut parts, body) = request.into_parts();
-        let hop = &Hop {
-            client: connection.peer_ip_header().clone(),
-            trusted: self.settings.trusts(connection.peer.ip()),
-            secure: connection.secure,
-        };
-        // Only `balance: hash` computes a key (before the headers are rewritten).
-        let key = upstream.config.hash_on.as_ref().and_then(|hash_on| {
-            affinity::request_key(hash_on, &parts.headers, hop.client.as_bytes())
-        });
-        let body = HeldBody::hold(&parts, body, self.settings.body, deadline).await?;
-        let path = route.upstream_path(&parts.uri, target.path.as_deref());
-        let forwarded = forward_headers(&mut parts, target.authority, hop);
-        let upgrade = upgrade.map(|(protocol, client)| {
-            upgrade::restore_headers(&mut parts.headers, protocol);
-            client
-        });
-        parts.extensions.clear();
-        // A later try needs a copy of the head only when there can be one (more than one
-        // attempt and a body that can be sent twice: a streamed body ends the tries after the
-        // first) and the client keeps the head (the HTTP/1.1 client gives it back).
-        let copies = upstream.config.retry.attempts > 1
-            && body.is_replayable()
-            && !Clients::is_pooled(upstream.config.protocol);
-        let mut forwarding = Forwarding {
-            tls: route.tls.clone(),
-            upstream,
-            table,
-            key,
-            method: parts.method.clone(),
-            head: Head::new(parts, copies),
-            forwarded,
-            path,
-            body,
-            deadline,
-            timer: connection.deadline_timer(),
-            upgrade,
-            grpc,
-            client_deadline: client_deadline.is_some(),
-        };
-        self.tries(&mut forwarding, tries).await
     }
 
     /// The loop around one try: pick, send, settle.
@@ -509,18 +522,18 @@ impl Gateway {
         is_last: bool,
     ) -> Result<Next, GatewayError> {
         let protocol = forwarding.upstream.config.protocol;
-        let head = forwarding
+        let mut head = forwarding
             .head
             .for_try(is_last)
             .ok_or(GatewayError::BadGateway)?;
         let pooled = Clients::is_pooled(protocol);
-        let outgoing = outgoing_request(head, &forwarding.path, instance, protocol, pooled, body)?;
+        aim(&mut head, &forwarding.path, instance, protocol, pooled)?;
         let deadline = forwarding.deadline;
         let tls = forwarding.tls.as_deref();
         let forwarded = forwarding.forwarded.clone();
         let sent = self
             .clients
-            .request(protocol, tls, &instance.authority, outgoing, forwarded);
+            .request(protocol, tls, &instance.authority, head, body, forwarded);
         let exchange = Exchange::new(sent, slot, deadline);
         let timer = forwarding.timer.lend(deadline);
         let sent = exchange.send(&mut forwarding.head);
@@ -647,42 +660,39 @@ impl Forwarding<'_> {
     }
 }
 
-/// The request for one try: the client's method and headers, to `instance`. The HTTP/1.1
-/// client (`pooled`) takes the origin-form target, which is the client's own when the path is
+/// Aims the head of one try at `instance`: its version, and its target. The HTTP/1.1 client
+/// (`pooled`) takes the origin-form target, which is the client's own when the path is
 /// unchanged (no rebuild), and adds `Host` if missing; hyper-util's client takes an absolute
-/// one.
-fn outgoing_request(
-    head: Parts,
+/// one. In place: the head is 224 bytes, and each move of it is a `memcpy`.
+fn aim(
+    head: &mut Parts,
     path: &PathAndQuery,
     instance: &Instance,
     protocol: UpstreamProtocol,
     pooled: bool,
-    body: UpstreamBody,
-) -> Result<Request<UpstreamBody>, GatewayError> {
-    let mut outgoing = Request::from_parts(head, body);
-    *outgoing.version_mut() = match protocol {
+) -> Result<(), GatewayError> {
+    head.version = match protocol {
         UpstreamProtocol::Http1 | UpstreamProtocol::Https => Version::HTTP_11,
         UpstreamProtocol::H2c | UpstreamProtocol::H2 => Version::HTTP_2,
     };
     if pooled {
-        let uri = outgoing.uri();
-        if uri.scheme().is_some() || uri.path_and_query() != Some(path) {
-            *outgoing.uri_mut() = Uri::from(path.clone());
+        if head.uri.scheme().is_some() || head.uri.path_and_query() != Some(path) {
+            head.uri = Uri::from(path.clone());
         }
-        return Ok(outgoing);
+        return Ok(());
     }
     let scheme = if protocol.is_tls() {
         Scheme::HTTPS
     } else {
         Scheme::HTTP
     };
-    *outgoing.uri_mut() = Uri::builder()
+    head.uri = Uri::builder()
         .scheme(scheme)
         .authority(instance.authority.clone())
         .path_and_query(path.clone())
         .build()
         .map_err(|_| GatewayError::BadGateway)?;
-    Ok(outgoing)
+    Ok(())
 }
 
 /// What a route answers itself: 403 to a client its `allow=`/`deny=` refuses, its

@@ -25,6 +25,7 @@ pub mod pool;
 pub mod stream;
 
 use std::error::Error;
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 
@@ -123,48 +124,54 @@ pub type Sent = (Parts, Result<Response<ResponseBody>, H1Error>);
 /// connection (a new one if none is idle), through `tls` if given. A head without `Host` (an
 /// HTTP/1.0 client's) gets the instance's. The answer's body holds the connection and gives
 /// it back to the pool once read to its end.
-pub async fn send(
+///
+/// An `async` block rather than an `async fn`, whose future would hold the arguments twice
+/// (rustc moves them into locals): 520 bytes more in every boxed try (`clients::Sent`).
+#[allow(clippy::manual_async_fn)] // on purpose: see the doc above
+pub fn send(
     settings: PoolSettings,
     key: Authority,
     tls: Option<Arc<TlsOrigin>>,
     head: Parts,
     mut body: UpstreamBody,
     forwarded: Forwarded,
-) -> Sent {
-    let framing = match RequestFraming::of(&head.headers, body.size_hint().exact()) {
-        Ok(framing) => framing,
-        Err(error) => return (head, Err(error)),
-    };
-    let asks_upgrade = head.headers.contains_key(header::UPGRADE);
-    let host = match head.headers.contains_key(header::HOST) {
-        true => None,
-        false => HeaderValue::from_str(key.as_str()).ok(),
-    };
-    let lines = Lines {
-        forwarded: &forwarded,
-        host: host.as_ref(),
-    };
-    loop {
-        let Checkout {
-            mut connection,
-            reused,
-        } = match pool::checkout(settings, &key, tls.as_deref()).await {
-            Ok(checkout) => checkout,
+) -> impl Future<Output = Sent> + Send {
+    async move {
+        let framing = match RequestFraming::of(&head.headers, body.size_hint().exact()) {
+            Ok(framing) => framing,
             Err(error) => return (head, Err(error)),
         };
-        // Kept to send again if this reused connection turns out closed (a cheap clone).
-        let again = match &body {
-            Either::Left(full) if reused && is_idempotent(&head.method) => Some(full.clone()),
-            _ => None,
+        let asks_upgrade = head.headers.contains_key(header::UPGRADE);
+        let host = match head.headers.contains_key(header::HOST) {
+            true => None,
+            false => HeaderValue::from_str(key.as_str()).ok(),
         };
-        let exchanged = exchange(&mut connection, &head, lines, body, framing).await;
-        match (exchanged, again) {
-            (Ok(answer_head), _) => {
-                let answered = answer(connection, answer_head, asks_upgrade);
-                return (head, answered);
+        let lines = Lines {
+            forwarded: &forwarded,
+            host: host.as_ref(),
+        };
+        loop {
+            let Checkout {
+                mut connection,
+                reused,
+            } = match pool::checkout(settings, &key, tls.as_deref()).await {
+                Ok(checkout) => checkout,
+                Err(error) => return (head, Err(error)),
+            };
+            // Kept to send again if this reused connection turns out closed (a cheap clone).
+            let again = match &body {
+                Either::Left(full) if reused && is_idempotent(&head.method) => Some(full.clone()),
+                _ => None,
+            };
+            let exchanged = exchange(&mut connection, &head, lines, body, framing).await;
+            match (exchanged, again) {
+                (Ok(answer_head), _) => {
+                    let answered = answer(connection, answer_head, asks_upgrade);
+                    return (head, answered);
+                }
+                (Err(error), Some(again)) if error.is_stale() => body = Either::Left(again),
+                (Err(error), _) => return (head, Err(error)),
             }
-            (Err(error), Some(again)) if error.is_stale() => body = Either::Left(again),
-            (Err(error), _) => return (head, Err(error)),
         }
     }
 }

@@ -190,31 +190,37 @@ fn reserve(buf: &mut BytesMut) {
 }
 
 /// Writes the answer; `Ok(true)` when the connection closes after it.
-async fn write_response<S, B>(
-    stream: &mut S,
-    out: &mut Vec<u8>,
+///
+/// An `async` block rather than an `async fn`, whose future would hold the response twice
+/// (rustc moves the arguments into locals).
+#[allow(clippy::manual_async_fn)] // on purpose: see the doc above
+fn write_response<'a, S, B>(
+    stream: &'a mut S,
+    out: &'a mut Vec<u8>,
     response: Response<B>,
     head_only: bool,
     close: bool,
-) -> io::Result<bool>
+) -> impl Future<Output = io::Result<bool>> + 'a
 where
     S: AsyncWrite + Unpin,
-    B: Body + HeadLines + Unpin,
+    B: Body + HeadLines + Unpin + 'a,
 {
-    let (parts, mut body) = response.into_parts();
-    out.clear();
-    let exact = body.size_hint().exact();
-    let lines = body.take_lines();
-    let encoded = response::encode_head(out, &parts, lines.as_ref(), exact, head_only, close);
-    drop(parts);
-    if encoded.framing != Framing::None {
-        write_body(stream, out, &mut body, encoded.framing).await?;
+    async move {
+        let (parts, mut body) = response.into_parts();
+        out.clear();
+        let exact = body.size_hint().exact();
+        let lines = body.take_lines();
+        let encoded = response::encode_head(out, &parts, lines.as_ref(), exact, head_only, close);
+        drop(parts);
+        if encoded.framing != Framing::None {
+            write_body(stream, out, &mut body, encoded.framing).await?;
+        }
+        if !out.is_empty() {
+            stream.write_all(out).await?;
+        }
+        stream.flush().await?;
+        Ok(encoded.close)
     }
-    if !out.is_empty() {
-        stream.write_all(out).await?;
-    }
-    stream.flush().await?;
-    Ok(encoded.close)
 }
 
 /// Writes the body after the head in `out`: what the body has at once goes out with the
