@@ -77,13 +77,9 @@ impl Head {
         Some(parts)
     }
 
-    /// The head a try's client gave back, for the next try (its kept copy, if any, is not
-    /// needed any more).
+    /// The head a try's client gave back, for the next try.
     pub fn put_back(&mut self, parts: Parts) {
         self.parts = Some(parts);
-        if let Some(kept) = self.kept.take() {
-            give_back(kept.lines);
-        }
     }
 }
 

@@ -78,17 +78,22 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// Which timer the slot keeps, if any (its address: the same timer or another).
+    fn kept(slot: &TimerSlot) -> Option<*const Sleep> {
+        slot.lock().as_ref().map(|sleep| &**sleep as *const Sleep)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_lent_timer_fires_at_its_deadline_and_the_kept_one_is_reset() {
         let slot = TimerSlot::default();
         let start = Instant::now();
         slot.lend(start + Duration::from_secs(5)).await;
         assert_eq!(Instant::now(), start + Duration::from_secs(5));
-        let kept: *const Sleep = &**slot.lock().as_ref().expect("kept after use");
+        let before = kept(&slot).expect("kept after use");
         let timer = slot.lend(Instant::now() + Duration::from_secs(30));
-        assert!(slot.lock().is_none(), "lent out");
+        assert!(kept(&slot).is_none(), "lent out");
         let lent: *const Sleep = &**timer.sleep.as_ref().unwrap();
-        assert_eq!(kept, lent, "the kept timer, not a new one");
+        assert_eq!(before, lent, "the kept timer, not a new one");
         timer.await;
         assert_eq!(Instant::now(), start + Duration::from_secs(35));
     }
@@ -117,11 +122,12 @@ mod tests {
         let second = slot.lend(start + Duration::from_secs(2));
         second.await;
         assert_eq!(Instant::now(), start + Duration::from_secs(2));
-        assert!(
-            slot.lock().is_some(),
-            "the second one kept as the slot was empty"
-        );
+        let second = kept(&slot).expect("the second one kept as the slot was empty");
         drop(first);
-        assert!(slot.lock().is_some());
+        assert_eq!(
+            kept(&slot),
+            Some(second),
+            "the first, back when the slot was full, did not replace it"
+        );
     }
 }
