@@ -9,12 +9,15 @@
 #   h2    HTTP/2 over TLS (ALPN h2), h2load -c50 -m10 (10 streams per connection)
 #   hs    full TLS handshakes: wrk -t1 -c50 with `Connection: close`, so every request opens a
 #         new connection with a full handshake (wrk keeps no session, so none is resumed)
+#   fresh the hs load again, while tls_probe.py opens one connection at a time and times its
+#         request from connect to the last byte (wrk's latency leaves out the handshake's wait);
+#         only the probe's timings are reported from these runs
 #   grpc  unary helloworld.Greeter/SayHello over h2c, h2load -c50 -m10 with a prepared body
 
-EDGE_KINDS=(tls h2 hs grpc)
+EDGE_KINDS=(tls h2 hs fresh grpc)
 declare -A EDGE_TARGETS=(
   [tls]="switchyard nginx haproxy" [h2]="switchyard nginx haproxy"
-  [hs]="switchyard nginx haproxy" [grpc]="direct switchyard nginx haproxy"
+  [hs]="switchyard nginx haproxy" [fresh]="switchyard nginx haproxy" [grpc]="direct switchyard nginx haproxy"
 )
 declare -A TLS_URL=(
   [switchyard]="https://127.0.0.1:$SY_TLS/"
@@ -40,11 +43,11 @@ handshakes_total() {
 # One run: kind target; the tool's output in edge/r<round>-<kind>-<target>.txt (and h2load's
 # per-request log in .log), CPU ticks of the target and of the rest of the machine in edge/cpu.tsv.
 edge_measure() { # round kind target
-  local round="$1" kind="$2" target="$3" file cmd=() before after t0 busy0 ours0 busy1 ours1 hs0=- hs1=-
+  local round="$1" kind="$2" target="$3" file cmd=() before after t0 busy0 ours0 busy1 ours1 hs0=- hs1=- probe=
   file="$OUT/edge/r$round-$kind-$target"
   case "$kind" in
     tls) cmd=(wrk -t1 "-c$CONNS" "-d${EDGE_DURATION}s" --latency "${TLS_URL[$target]}") ;;
-    hs) cmd=(wrk -t1 "-c$CONNS" "-d${EDGE_DURATION}s" --latency -H "Connection: close" "${TLS_URL[$target]}") ;;
+    hs | fresh) cmd=(wrk -t1 "-c$CONNS" "-d${EDGE_DURATION}s" --latency -H "Connection: close" "${TLS_URL[$target]}") ;;
     h2) cmd=(h2load -t1 "-c$CONNS" -m10 -D "$EDGE_DURATION" "--log-file=$file.log" "${TLS_URL[$target]}") ;;
     grpc) cmd=(h2load -t1 "-c$CONNS" -m10 -D "$EDGE_DURATION" "--log-file=$file.log"
                  -d "$OUT/edge/grpc-body.bin" -H "content-type: application/grpc" -H "te: trailers"
@@ -52,10 +55,12 @@ edge_measure() { # round kind target
   esac
   check_alive
   echo "# edge round $round, $kind, $target" >>"$OUT/commands.txt"
-  [[ "$target" == switchyard && "$kind" != grpc ]] && hs0=$(handshakes_total)
+  [[ "$target" == switchyard && "$kind" =~ ^(tls|h2|hs)$ ]] && hs0=$(handshakes_total)
   t0=$(now_us); busy0=$(machine_busy); ours0=$(($(cpu_ticks "${PIDS[@]}") + $(self_ticks)))
   before=$(cpu_ticks "${EDGE_CPU_PIDS[$target]}")
+  if [[ "$kind" == fresh ]]; then run_probe "$target" "$file" & probe=$!; fi
   run_logged "${cmd[@]}" >"$file.txt" 2>&1 || die "${cmd[0]} failed against $target ($kind): $(tail -5 "$file.txt")"
+  [[ -n "$probe" ]] && { wait "$probe" || die "tls_probe.py failed against $target: $(tail -5 "$file.probe.err")"; }
   after=$(cpu_ticks "${EDGE_CPU_PIDS[$target]}")
   busy1=$(machine_busy); ours1=$(($(cpu_ticks "${PIDS[@]}") + $(self_ticks)))
   [[ "$hs0" != - ]] && hs1=$(handshakes_total)
@@ -69,6 +74,17 @@ edge_measure() { # round kind target
     printf '   round %s %-4s %-10s %10s req/s  %s\n' "$round" "$kind" "$target" \
       "$(awk '/^finished in/ {print $4}' "$file.txt")" "$(grep -m1 '^requests:' "$file.txt")"
   fi
+}
+
+# tls_probe.py against `target` from 0.5 s into the run to 0.5 s before its end (at least 1 s),
+# one request on a new connection every ~20 ms (run in the background). Timings: <file>.probe.tsv.
+run_probe() { # target file
+  local url="${TLS_URL[$1]}" port
+  port="${url##*:}"
+  sleep 0.5
+  printf 'python3 %s/tls_probe.py 127.0.0.1 %s ...\n' "$HERE" "${port%/}" >>"$OUT/commands.txt"
+  exec python3 "$HERE/tls_probe.py" 127.0.0.1 "${port%/}" "$OUT/tls/cert.pem" \
+    "$((EDGE_DURATION > 2 ? EDGE_DURATION - 1 : 1))" 20 >"$2.probe.tsv" 2>"$2.probe.err"
 }
 
 # What an OpenSSL client (the library of wrk and h2load) negotiates with `target`: protocol,

@@ -445,6 +445,64 @@ EDGE_KINDS = {
     "grpc": ("gRPC unary over h2c", "calls/s"),
 }
 EDGE_TARGETS = ["direct", "switchyard", "nginx", "haproxy"]
+# The handshake load again, with tls_probe.py timing one client's requests on new connections.
+FRESH = "fresh"
+
+
+def parse_probe(path):
+    """tls_probe.py's lines -> one [connected, handshake done, first byte, last byte] (ms,
+    from the connect call) per request."""
+    return [[float(x) * 1000 for x in line.split("\t")]
+            for line in path.read_text().splitlines() if line.strip()]
+
+
+def quantile(values, q):
+    """Nearest-rank quantile of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def fresh_section(runs, d):
+    """RESULTS.md lines for the probe's requests on new TLS connections, pooled over rounds."""
+    targets = [t for t in EDGE_TARGETS if (FRESH, t) in runs]
+    if not targets:
+        return []
+    lines = ["### A request on a new TLS connection, under the handshake load", ""]
+    add = lines.append
+    add(f"wrk's latency on the handshake row starts when wrk writes the request, after its own "
+        "handshake: the time a new connection waits for the server's handshake is not in it. "
+        f"These runs repeat the handshake load ({d} s per run) while `loadtest/tls_probe.py` "
+        "(Python's `ssl`, OpenSSL, TLS 1.3, no resumption) opens one connection at a time, "
+        "~50 a second, sends one `GET` with `Connection: close` and times it from the connect "
+        "call; its requests pooled over the rounds (ms). The servers' CPU is not counted here.")
+    add("")
+    add("| target | requests | TCP connect p50 | handshake done p50 · p99 | answer after the "
+        "handshake p50 · p99 | connect → last byte p50 · p90 · p99 | wrk's latency p50 (same runs) |")
+    add("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    totals = {}
+    for t in targets:
+        probes = [row for _, p in runs[(FRESH, t)] for row in p["probe"]]
+        if not probes:
+            add(f"| {t} | 0 | | | | | |")
+            continue
+        connect = [r[0] for r in probes]
+        handshake = [r[1] for r in probes]
+        answer = [r[3] - r[1] for r in probes]
+        total = [r[3] for r in probes]
+        totals[t] = (quantile(total, 0.5), quantile(total, 0.99))
+        wrk_p50 = median([p["p50"] for _, p in runs[(FRESH, t)]]) / 1000
+        add(f"| {t} | {len(probes)} | {quantile(connect, 0.5):.2f} | "
+            f"{quantile(handshake, 0.5):.2f} · {quantile(handshake, 0.99):.2f} | "
+            f"{quantile(answer, 0.5):.2f} · {quantile(answer, 0.99):.2f} | "
+            f"{quantile(total, 0.5):.2f} · {quantile(total, 0.9):.2f} · {quantile(total, 0.99):.2f} | "
+            f"{wrk_p50:.2f} |")
+    add("")
+    if "switchyard" in totals and "nginx" in totals:
+        (sp50, sp99), (np50, np99) = totals["switchyard"], totals["nginx"]
+        add(f"switchyard vs nginx, a request on a new connection from connect to its last byte: "
+            f"p50 {100 * sp50 / np50:.0f}%, p99 {100 * sp99 / np99:.0f}%.")
+        add("")
+    return lines
 
 
 def parse_h2load(path):
@@ -496,7 +554,9 @@ def edge_section(out_dir, meta, clk_tck):
     for line in tsv.read_text().splitlines()[1:]:
         round_, kind, target, ticks, loadavg, other_ticks, seconds, handshakes = line.split("\t")
         path = out_dir / "edge" / f"r{round_}-{kind}-{target}.txt"
-        parsed = parse_wrk(path) if kind in ("tls", "hs") else parse_h2load(path)
+        parsed = parse_wrk(path) if kind in ("tls", "hs", FRESH) else parse_h2load(path)
+        if kind == FRESH:
+            parsed["probe"] = parse_probe(path.with_suffix(".probe.tsv"))
         parsed["cpu"] = int(ticks) * 1e6 / clk_tck / max(1, parsed["requests"])
         parsed["ticks"] = int(ticks)
         parsed["other"] = int(other_ticks) / clk_tck / float(seconds)
@@ -574,6 +634,7 @@ def edge_section(out_dir, meta, clk_tck):
                 f"p99 {100 * sy['p99'] / ng['p99']:.0f}%, {cpu_title} "
                 f"{100 * sy['cpu'] / ng['cpu']:.0f}% — {verdict}.")
             add("")
+    lines += fresh_section(runs, d)
     add("<details><summary>Every round (edge rows)</summary>")
     add("")
     add("| row | target | round | rate | requests | p50 | p99 | CPU ticks | CPU per request | errors | switchyard handshakes | other processes' CPU |")
