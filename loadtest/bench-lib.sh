@@ -1,7 +1,8 @@
 # Shared set-up of the single-machine measurement scripts (callgrind.sh, syscalls.sh,
-# workers.sh): one nginx backend answering a fixed 200, a dev Consul agent with the backend
-# registered as service `web`, and a gateway config routing `/` to it. Sourced, not run.
-# Every process started is added to PIDS; the caller's EXIT trap stops them.
+# workers.sh) and of scripts/build-pgo.sh's training run: one nginx backend answering a fixed
+# 200, a dev Consul agent with the backend registered as service `web`, and a gateway config
+# routing `/` to it; run.sh takes only the installer. Sourced, not run. Every process started
+# is added to PIDS; the caller's EXIT trap stops them.
 
 PIDS=()
 
@@ -11,6 +12,27 @@ require_tools() {
   for tool in "$@"; do
     command -v "$tool" > /dev/null || { echo "$(basename "$0"): $tool is missing" >&2; exit 1; }
   done
+}
+
+as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+
+# Installs the Debian packages of the given `command:package` pairs whose command is missing.
+install_debs() {
+  local missing=() pair policy=/usr/sbin/policy-rc.d created=0 status=0
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+  done
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  echo "== installing ${missing[*]} (apt)"
+  # Debian's postinst would start system-wide nginx/haproxy services listening on all
+  # interfaces; a policy-rc.d that says "no" for the duration of the install prevents that.
+  if [[ ! -e "$policy" ]]; then
+    as_root sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"; created=1
+  fi
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || status=$?
+  [[ $created == 1 ]] && as_root rm -f "$policy"
+  return "$status"
 }
 
 # Starts an nginx (1 worker) on 127.0.0.1:$2 that answers every request with a fixed 200;

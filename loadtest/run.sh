@@ -7,6 +7,7 @@
 #   ROUNDS=5 DURATION=20 bash loadtest/run.sh
 #   PIN=0 bash loadtest/run.sh           # do not pin the c=1 runs to one CPU (see README)
 #   EDGE=0 bash loadtest/run.sh          # skip the TLS, HTTP/2 and gRPC rows (edge.sh)
+#   PGO=1 bash loadtest/run.sh           # measure the profile-guided build (scripts/build-pgo.sh)
 #
 # Writes loadtest/RESULTS.md, loadtest/chart.svg and loadtest/scenarios.svg; raw outputs, configs
 # and logs go to loadtest/out/ (not committed). Everything listens on 127.0.0.1 on free ports,
@@ -34,6 +35,7 @@ CHURN_SECONDS="$(positive "$CHURN_SECONDS")"; KILL_SECONDS="$(positive "$KILL_SE
 (( KILL_AT < KILL_SECONDS )) || { echo "run.sh: KILL_AT ($KILL_AT) must be below KILL_SECONDS ($KILL_SECONDS)" >&2; exit 2; }
 PIN="${PIN:-1}"
 EDGE="${EDGE:-1}"                               # the TLS / HTTP/2 / gRPC rows (edge.sh)
+PGO="${PGO:-0}"                                 # 1: the profile-guided build (scripts/build-pgo.sh)
 EDGE_DURATION="$(positive "${EDGE_DURATION:-$DURATION}")"
 if [[ "$PIN" == 1 && $(nproc) -lt 2 ]]; then echo "run.sh: one CPU only; PIN=0"; PIN=0; fi
 CONNS=50          # the c=50 runs
@@ -47,28 +49,10 @@ die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 # ---------------------------------------------------------------------------------------------
 # Tools: Debian packages, oha from crates.io, consul via the project's installer
 # ---------------------------------------------------------------------------------------------
-as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
-install_debs() {
-  local missing=() cmd pkg
-  for pair in curl:curl nginx:nginx-light haproxy:haproxy wrk:wrk python3:python3 \
-    h2load:nghttp2-client openssl:openssl; do
-    cmd="${pair%%:*}"; pkg="${pair#*:}"
-    command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
-  done
-  [[ ${#missing[@]} -eq 0 ]] && return
-  log "installing ${missing[*]} (apt)"
-  # Debian's postinst would start system-wide nginx/haproxy services listening on all
-  # interfaces; a policy-rc.d that says "no" for the duration of the install prevents that.
-  local policy=/usr/sbin/policy-rc.d created=0
-  if [[ ! -e "$policy" ]]; then
-    as_root sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"; created=1
-  fi
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || { [[ $created == 1 ]] && as_root rm -f "$policy"; die "apt-get install ${missing[*]} failed"; }
-  [[ $created == 1 ]] && as_root rm -f "$policy"
-  return 0
-}
-install_debs
+# shellcheck source=loadtest/bench-lib.sh
+source "$HERE/bench-lib.sh"
+install_debs curl:curl nginx:nginx-light haproxy:haproxy wrk:wrk python3:python3 \
+  h2load:nghttp2-client openssl:openssl || die "apt-get install failed"
 if ! command -v oha >/dev/null 2>&1; then
   log "installing oha (cargo install oha --locked; takes a few minutes)"
   cargo install oha --locked
@@ -81,6 +65,12 @@ done
 log "building switchyard and the gRPC example (cargo build --release)"
 cargo build --release --quiet --bin switchyard --example grpc
 SWITCHYARD_BIN="$ROOT/target/release/switchyard"
+BUILD="fat LTO (cargo build --release)"
+if [[ "$PGO" == 1 ]]; then
+  log "building switchyard with profile-guided optimization (scripts/build-pgo.sh)"
+  SWITCHYARD_BIN="$(bash scripts/build-pgo.sh)"
+  BUILD="fat LTO + PGO (scripts/build-pgo.sh)"
+fi
 GREETER_BIN="$ROOT/target/release/examples/grpc"
 
 # ---------------------------------------------------------------------------------------------
@@ -476,10 +466,11 @@ done
   echo "pin=$PIN"
   echo "edge=$EDGE"
   echo "edge_duration=$EDGE_DURATION"
+  echo "pgo=$PGO"
 } >"$OUT/meta.txt"
 {
   rev="$(git rev-parse --short HEAD)"; git diff --quiet HEAD -- src Cargo.toml Cargo.lock || rev="$rev (with uncommitted changes)"
-  echo "switchyard: $rev ($("$SWITCHYARD_BIN" --version))"
+  echo "switchyard: $rev ($("$SWITCHYARD_BIN" --version)), $BUILD"
   echo "nginx: $(nginx -v 2>&1)"
   echo "haproxy: $(haproxy -v | head -1)"
   echo "wrk: $(wrk -v 2>&1 | head -1)"
