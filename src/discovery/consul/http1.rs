@@ -66,24 +66,27 @@ pub struct LightClient {
     headers: HeaderMap,
     idle: Mutex<Vec<Idle>>,
     max_idle: usize,
+    /// A proxy is set in the environment (read once, as reqwest does when it is built).
+    proxied: bool,
 }
 
 impl LightClient {
     pub fn new(headers: HeaderMap, max_idle: usize) -> Self {
+        let proxied = ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+            .iter()
+            .any(|var| std::env::var_os(var).is_some_and(|v| !v.is_empty()));
         Self {
             headers,
             idle: Mutex::new(Vec::new()),
             max_idle,
+            proxied,
         }
     }
 
     /// Whether this client takes `url`: `http://`, with no proxy configured in the
     /// environment (reqwest honours one; this client does not).
-    pub fn serves(url: &reqwest::Url) -> bool {
-        url.scheme() == "http"
-            && ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
-                .iter()
-                .all(|var| std::env::var_os(var).is_none_or(|v| v.is_empty()))
+    pub fn serves(&self, url: &reqwest::Url) -> bool {
+        url.scheme() == "http" && !self.proxied
     }
 
     /// A GET of `url`: status, headers and whole body, whatever the status.

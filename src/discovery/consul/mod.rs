@@ -5,6 +5,8 @@
 //! never reaches a log), TLS for `https://` addresses, and failover between the configured
 //! addresses (after a server-side error every user moves on to the next one). The watches
 //! and self-registration (`crate::registration`) share it, so both fail over alike.
+//! Its GETs on `http://` addresses (the blocking queries) go through [`http1`], a small
+//! client that holds no buffer while a query waits; PUTs and `https://` go through reqwest.
 //!
 //! [`watch`] is the per-service blocking query as a [`Source`](super::Source)
 //! ([`ConsulSource`]): it sends typed updates with `X-Consul-Index` as their version, and
@@ -428,7 +430,7 @@ impl ConsulClient {
 
     /// A GET of `url`: its status, headers and whole body, whatever the status.
     pub(super) async fn get_raw(&self, url: reqwest::Url) -> Result<RawAnswer, DiscoveryError> {
-        if http1::LightClient::serves(&url) {
+        if self.light.serves(&url) {
             return self
                 .light
                 .get(&url)
