@@ -5,6 +5,8 @@
 //! never reaches a log), TLS for `https://` addresses, and failover between the configured
 //! addresses (after a server-side error every user moves on to the next one). The watches
 //! and self-registration (`crate::registration`) share it, so both fail over alike.
+//! Its GETs on `http://` addresses (the blocking queries) go through [`http1`], a small
+//! client that holds no buffer while a query waits; PUTs and `https://` go through reqwest.
 //!
 //! [`watch`] is the per-service blocking query as a [`Source`](super::Source)
 //! ([`ConsulSource`]): it sends typed updates with `X-Consul-Index` as their version, and
@@ -23,6 +25,7 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 mod catalog;
+mod http1;
 pub mod limits;
 mod set;
 pub mod tag_routes;
@@ -62,6 +65,8 @@ pub(crate) const RATE_INTERVAL: Duration = Duration::from_millis(20);
 pub enum DiscoveryError {
     #[error("Consul request failed: {0}")]
     Transport(#[source] reqwest::Error),
+    #[error("Consul request failed: {0}")]
+    Connection(#[source] http1::Http1Error),
     #[error("Consul long-poll hung past {0:?} and was cut")]
     Hung(Duration),
     #[error("Consul answered {status}: {body}")]
@@ -164,6 +169,8 @@ pub trait Discovery: Send + Sync + 'static {
 /// addresses: after an error every watch moves on to the next one.
 pub struct ConsulClient {
     http: reqwest::Client,
+    /// GETs on `http://` addresses (the long-polls): far less memory per connection.
+    light: http1::LightClient,
     bases: Vec<reqwest::Url>,
     current: AtomicUsize,
     datacenter: Option<String>,
@@ -182,8 +189,13 @@ impl ConsulClient {
             .pool_max_idle_per_host(idle_connections(config.max_connections))
             .build()
             .map_err(DiscoveryError::Transport)?;
+        let light = http1::LightClient::new(
+            consul_headers(config)?,
+            idle_connections(config.max_connections),
+        );
         Ok(Self {
             http,
+            light,
             bases: config.addresses.clone(),
             current: AtomicUsize::new(0),
             datacenter: config.datacenter.clone(),
@@ -322,9 +334,10 @@ impl DiscoveryError {
     /// Whether another Consul server might do better (not, say, a malformed answer).
     fn is_server_side(&self) -> bool {
         match self {
-            DiscoveryError::Transport(_) | DiscoveryError::Hung(_) | DiscoveryError::NoLeader => {
-                true
-            }
+            DiscoveryError::Transport(_)
+            | DiscoveryError::Connection(_)
+            | DiscoveryError::Hung(_)
+            | DiscoveryError::NoLeader => true,
             DiscoveryError::Status { status, .. } => *status >= 500 || *status == 429,
             DiscoveryError::MissingIndex
             | DiscoveryError::Decode(_)
@@ -417,6 +430,13 @@ impl ConsulClient {
 
     /// A GET of `url`: its status, headers and whole body, whatever the status.
     pub(super) async fn get_raw(&self, url: reqwest::Url) -> Result<RawAnswer, DiscoveryError> {
+        if self.light.serves(&url) {
+            return self
+                .light
+                .get(&url)
+                .await
+                .map_err(DiscoveryError::Connection);
+        }
         let response = self
             .http
             .get(url)
