@@ -62,14 +62,15 @@ for tool in consul nginx haproxy wrk oha curl python3 taskset h2load openssl; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool is still missing after the install step"
 done
 
-log "building switchyard and the gRPC example (cargo build --release)"
-cargo build --release --quiet --bin switchyard --example grpc
-SWITCHYARD_BIN="$ROOT/target/release/switchyard"
-BUILD="fat LTO (cargo build --release)"
 if [[ "$PGO" == 1 ]]; then
-  log "building switchyard with profile-guided optimization (scripts/build-pgo.sh)"
+  log "building switchyard with profile-guided optimization (scripts/build-pgo.sh; it builds the gRPC example too)"
   SWITCHYARD_BIN="$(bash scripts/build-pgo.sh)"
   BUILD="fat LTO + PGO (scripts/build-pgo.sh)"
+else
+  log "building switchyard and the gRPC example (cargo build --release)"
+  cargo build --release --quiet --bin switchyard --example grpc
+  SWITCHYARD_BIN="$ROOT/target/release/switchyard"
+  BUILD="fat LTO (cargo build --release)"
 fi
 GREETER_BIN="$ROOT/target/release/examples/grpc"
 
