@@ -10,7 +10,7 @@
 #   bash scripts/build-pgo.sh      # prints the binary's path: target/pgo/<host>/release/switchyard
 #
 # Installs what it uses when missing: rustup's llvm-tools (llvm-profdata), nginx, wrk,
-# h2load, curl and openssl (apt), Consul. Both builds take as long as a release build each;
+# h2load, curl, openssl and python3 (apt), Consul, protoc. Both builds take as long as a release build each;
 # their target directories are target/pgo-gen and target/pgo. Uses free ports on 127.0.0.1
 # and stops everything it started.
 set -euo pipefail
@@ -29,10 +29,11 @@ WORK="$GEN/train"
 
 install_tools() {
   [[ -x "$PROFDATA" ]] || rustup component add llvm-tools-preview >&2
-  install_debs curl:curl nginx:nginx-light wrk:wrk h2load:nghttp2-client openssl:openssl >&2
+  install_debs curl:curl nginx:nginx-light wrk:wrk h2load:nghttp2-client openssl:openssl \
+    python3:python3 >&2
   bash scripts/install-consul.sh >&2
   bash scripts/install-protoc.sh >&2
-  require_tools curl nginx wrk h2load openssl consul
+  require_tools curl nginx wrk h2load openssl python3 consul
 }
 
 # `--target` keeps RUSTFLAGS off build scripts and proc macros: only what ships is
