@@ -77,7 +77,7 @@ edge_measure() { # round kind target
 }
 
 # tls_probe.py against `target` from 0.5 s into the run to 0.5 s before its end (at least 1 s),
-# one request on a new connection every ~20 ms (run in the background). Timings: <file>.probe.tsv.
+# one request on a new connection at a time, 20 ms apart (run in the background). Timings: <file>.probe.tsv.
 run_probe() { # target file
   local url="${TLS_URL[$1]}" port
   port="${url##*:}"

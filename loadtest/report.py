@@ -473,8 +473,9 @@ def fresh_section(runs, d):
         "handshake: the time a new connection waits for the server's handshake is not in it. "
         f"These runs repeat the handshake load ({d} s per run) while `loadtest/tls_probe.py` "
         "(Python's `ssl`, OpenSSL, TLS 1.3, no resumption) opens one connection at a time, "
-        "~50 a second, sends one `GET` with `Connection: close` and times it from the connect "
-        "call; its requests pooled over the rounds (ms). The servers' CPU is not counted here.")
+        "pausing 20 ms after each (at most ~50 a second), sends one `GET` with "
+        "`Connection: close` and times it from the connect call; its requests pooled over the "
+        "rounds (ms). The servers' CPU is not counted here.")
     add("")
     add("| target | requests | TCP connect p50 | handshake done p50 · p99 | answer after the "
         "handshake p50 · p99 | connect → last byte p50 · p90 · p99 | wrk's latency p50 (same runs) |")
