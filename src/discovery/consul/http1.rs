@@ -46,7 +46,7 @@ pub enum Http1Error {
     Connect(String, #[source] std::io::Error),
     #[error("connecting to {0} took longer than {CONNECT_TIMEOUT:?}")]
     ConnectTimeout(String),
-    #[error("error sending request: {0}")]
+    #[error("reading or writing the connection: {0}")]
     Io(#[source] std::io::Error),
     #[error("connection closed before the answer was complete")]
     Closed,
