@@ -1,10 +1,12 @@
 //! What both HTTP/1.1 sides — the server's own path for plain requests and the client to
-//! instances — share at the byte level: numbers as HTTP/1.1 writes them (decimal lengths, hex
+//! instances — share at the byte level (and the Consul client, the chunked coding's reader,
+//! [`chunked`]): numbers as HTTP/1.1 writes them (decimal lengths, hex
 //! chunk sizes, appended without formatting machinery or allocation), where httparse's
 //! header lines lie in a head ([`spans_of`]), an instance's lines handed on as they arrived
 //! ([`RawLines`]), request header maps reused on a thread ([`spare`]), and a stream with bytes already read put back
 //! in front ([`Rewind`]: a connection handed to hyper, an upgraded connection to an instance).
 
+pub mod chunked;
 mod lines;
 mod rewind;
 pub mod spare;

@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::RawAnswer;
+use crate::wire::chunked::{Chunked, Decoded};
 
 /// How long an idle connection is kept for reuse (reqwest's `pool_idle_timeout` before).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -306,18 +307,24 @@ async fn read_body(
     buf: &mut BytesMut,
     framing: Framing,
 ) -> Result<Bytes, Http1Error> {
-    let mut chunks = Chunks::default();
+    let mut chunked = Chunked::Size;
+    let mut body = BytesMut::new();
     loop {
-        let done = match framing {
-            Framing::Length(length) => (buf.len() >= length).then_some(length),
-            Framing::Chunked => chunks.scan(buf)?,
-            Framing::UntilClose => None,
-        };
-        if let Some(end) = done {
-            return Ok(match framing {
-                Framing::Chunked => chunks.body(buf, end),
-                _ => buf.split_to(end).freeze(),
-            });
+        match framing {
+            Framing::Length(length) if buf.len() >= length => {
+                return Ok(buf.split_to(length).freeze())
+            }
+            Framing::Chunked => loop {
+                match chunked
+                    .decode(buf)
+                    .map_err(|_| Http1Error::Malformed("chunked body"))?
+                {
+                    Decoded::Data(data) => body.extend_from_slice(&data),
+                    Decoded::End => return Ok(body.freeze()),
+                    Decoded::More => break,
+                }
+            },
+            _ => {}
         }
         match read_some(stream, buf).await.map_err(Http1Error::Io)? {
             0 if framing == Framing::UntilClose => return Ok(buf.split().freeze()),
@@ -325,83 +332,6 @@ async fn read_body(
             _ => {}
         }
     }
-}
-
-/// A chunked body scanned as it arrives: the data ranges found so far and where the next
-/// size line starts.
-#[derive(Debug, Default)]
-struct Chunks {
-    next: usize,
-    data: Vec<(usize, usize)>,
-    /// The last chunk was seen; trailer lines follow from here.
-    last: Option<usize>,
-}
-
-impl Chunks {
-    /// Scans what arrived; the end of the message (after the trailers) once it is there.
-    fn scan(&mut self, buf: &[u8]) -> Result<Option<usize>, Http1Error> {
-        if let Some(trailers) = self.last {
-            return Ok(trailers_end(buf, trailers));
-        }
-        while let Some(line_end) = find_crlf(buf, self.next) {
-            let size = chunk_size(&buf[self.next..line_end])?;
-            let start = line_end + 2;
-            if size == 0 {
-                self.last = Some(start);
-                return Ok(trailers_end(buf, start));
-            }
-            let end = start
-                .checked_add(size)
-                .ok_or(Http1Error::Malformed("chunk size"))?;
-            if buf.len() < end + 2 {
-                return Ok(None);
-            }
-            if &buf[end..end + 2] != b"\r\n" {
-                return Err(Http1Error::Malformed("chunk end"));
-            }
-            self.data.push((start, end));
-            self.next = end + 2;
-        }
-        if buf.len() - self.next > 1024 {
-            return Err(Http1Error::Malformed("chunk size line"));
-        }
-        Ok(None)
-    }
-
-    /// The data of the chunks, taking the message (up to `end`) out of `buf`.
-    fn body(&self, buf: &mut BytesMut, end: usize) -> Bytes {
-        let message = buf.split_to(end);
-        let mut body = Vec::with_capacity(self.data.iter().map(|(s, e)| e - s).sum());
-        for &(start, end) in &self.data {
-            body.extend_from_slice(&message[start..end]);
-        }
-        Bytes::from(body)
-    }
-}
-
-/// The end of the trailer section starting at `from` (an empty line ends it).
-fn trailers_end(buf: &[u8], mut from: usize) -> Option<usize> {
-    loop {
-        let line_end = find_crlf(buf, from)?;
-        if line_end == from {
-            return Some(line_end + 2);
-        }
-        from = line_end + 2;
-    }
-}
-
-fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
-    buf.get(from..)?
-        .windows(2)
-        .position(|w| w == b"\r\n")
-        .map(|at| from + at)
-}
-
-/// A chunk's size from its size line (hex, then optional `;extensions`).
-fn chunk_size(line: &[u8]) -> Result<usize, Http1Error> {
-    let hex = line.split(|&b| b == b';').next().unwrap_or(line);
-    let hex = std::str::from_utf8(hex).map_err(|_| Http1Error::Malformed("chunk size"))?;
-    usize::from_str_radix(hex.trim(), 16).map_err(|_| Http1Error::Malformed("chunk size"))
 }
 
 #[cfg(test)]
@@ -432,23 +362,6 @@ mod tests {
         assert!(parse_head(&mut partial).unwrap().is_none());
         let mut bad = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n");
         assert!(parse_head(&mut bad).is_err());
-    }
-
-    #[test]
-    fn chunked_bodies_are_scanned_as_they_arrive() {
-        let message = b"5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nTrailer: x\r\n\r\nNEXT";
-        let mut chunks = Chunks::default();
-        // Byte by byte: incomplete until the empty line after the trailers.
-        for n in 0..message.len() - 4 {
-            assert_eq!(chunks.scan(&message[..n]).unwrap(), None, "at {n}");
-        }
-        let end = chunks.scan(&message[..]).unwrap().unwrap();
-        assert_eq!(&message[end..], b"NEXT");
-        let mut buf = BytesMut::from(&message[..]);
-        assert_eq!(&chunks.body(&mut buf, end)[..], b"hello, world");
-        assert_eq!(&buf[..], b"NEXT");
-        assert!(Chunks::default().scan(b"zz\r\n").is_err());
-        assert!(Chunks::default().scan(b"2\r\nabXY").is_err());
     }
 
     /// A server that answers each request on a connection with the next of `answers`,

@@ -1,19 +1,20 @@
 //! The HTTP/1.1 wire format of the upstream client: the request head written from the
 //! gateway's parts, the response head parsed with httparse (its kept lines handed on as
 //! they arrived, or as hyper's types where they cannot be), and the
-//! response body's framing (RFC 9112 §6.3) with its chunked decoder.
+//! response body's framing (RFC 9112 §6.3); its chunked decoder is [`wire::chunked`]'s.
 //!
 //! Pure functions over buffers: no I/O here, so every rule is unit-tested on bytes.
 
 use std::mem::MaybeUninit;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::response;
 use hyper::{Method, Response, StatusCode, Version};
 
 use super::super::headers::is_hop_by_hop_name;
 use super::H1Error;
+pub use crate::wire::chunked::{Chunked, Decoded};
 use crate::wire::{self, RawLines, RunsBuilder, Span};
 
 /// Largest response head accepted (nginx's `proxy_buffer_size` is 4–8 KiB; hyper's limit
@@ -21,9 +22,6 @@ use crate::wire::{self, RawLines, RunsBuilder, Span};
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header lines in a response head (hyper's default).
 const MAX_HEADERS: usize = 100;
-/// Longest chunk-size line (with extensions) and all trailer lines together.
-const MAX_CHUNK_LINE: usize = 4096;
-const MAX_TRAILERS: usize = 64 * 1024;
 
 /// How the request body goes out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,115 +294,6 @@ fn parse_length(value: &[u8]) -> Result<u64, H1Error> {
         .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
 }
 
-/// What the chunked decoder got out of the buffer.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Decoded {
-    Data(Bytes),
-    /// The last chunk and the trailers (dropped) are read.
-    End,
-    /// More bytes are needed.
-    More,
-}
-
-/// The chunked transfer coding's reader (RFC 9112 §7.1), a state machine over the bytes as
-/// they arrive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Chunked {
-    Size,
-    Data(u64),
-    DataEnd,
-    Trailers(usize),
-    Done,
-}
-
-impl Chunked {
-    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, H1Error> {
-        loop {
-            match *self {
-                Chunked::Size => {
-                    let Some(line) = take_line(buf, MAX_CHUNK_LINE)? else {
-                        return Ok(Decoded::More);
-                    };
-                    let size = chunk_size(&line)?;
-                    *self = if size == 0 {
-                        Chunked::Trailers(0)
-                    } else {
-                        Chunked::Data(size)
-                    };
-                }
-                Chunked::Data(left) => {
-                    if buf.is_empty() {
-                        return Ok(Decoded::More);
-                    }
-                    let n = left.min(buf.len() as u64);
-                    let data = buf.split_to(n as usize).freeze();
-                    *self = match left - n {
-                        0 => Chunked::DataEnd,
-                        left => Chunked::Data(left),
-                    };
-                    return Ok(Decoded::Data(data));
-                }
-                Chunked::DataEnd => {
-                    // The CRLF after a chunk's data (a bare LF accepted).
-                    let ending = match buf.first() {
-                        None => return Ok(Decoded::More),
-                        Some(b'\n') => 1,
-                        Some(b'\r') if buf.len() < 2 => return Ok(Decoded::More),
-                        Some(b'\r') if buf[1] == b'\n' => 2,
-                        Some(_) => return Err(H1Error::Chunk),
-                    };
-                    buf.advance(ending);
-                    *self = Chunked::Size;
-                }
-                Chunked::Trailers(read) => {
-                    let Some(line) = take_line(buf, MAX_TRAILERS - read)? else {
-                        return Ok(Decoded::More);
-                    };
-                    if line.is_empty() {
-                        *self = Chunked::Done;
-                        return Ok(Decoded::End);
-                    }
-                    *self = Chunked::Trailers(read + line.len() + 2);
-                }
-                Chunked::Done => return Ok(Decoded::End),
-            }
-        }
-    }
-}
-
-/// The next line off `buf` without its CRLF (a bare LF is accepted, as hyper and nginx do);
-/// `None` until it is complete; an error once `limit` bytes pass without one.
-fn take_line(buf: &mut BytesMut, limit: usize) -> Result<Option<BytesMut>, H1Error> {
-    let Some(end) = buf.iter().take(limit + 1).position(|&b| b == b'\n') else {
-        return match buf.len() > limit {
-            true => Err(H1Error::Chunk),
-            false => Ok(None),
-        };
-    };
-    let mut line = buf.split_to(end + 1);
-    line.truncate(end);
-    if line.last() == Some(&b'\r') {
-        line.truncate(end - 1);
-    }
-    Ok(Some(line))
-}
-
-/// A chunk-size line's size: hex digits, then optional extensions after `;` (ignored).
-fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
-    let digits_end = line
-        .iter()
-        .position(|b| !b.is_ascii_hexdigit())
-        .unwrap_or(line.len());
-    let (digits, rest) = line.split_at(digits_end);
-    let rest = rest.trim_ascii_start();
-    if digits.is_empty() || digits.len() > 15 || !(rest.is_empty() || rest[0] == b';') {
-        return Err(H1Error::Chunk);
-    }
-    Ok(digits.iter().fold(0u64, |n, &d| {
-        n << 4 | u64::from((d as char).to_digit(16).unwrap_or(0))
-    }))
-}
-
 /// Takes up to `left` bytes of a `Content-Length` body off `buf`.
 pub fn take_length(buf: &mut BytesMut, left: &mut u64) -> Option<Bytes> {
     if buf.is_empty() || *left == 0 {
@@ -623,50 +512,5 @@ mod tests {
             head("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n")
                 .keep_alive
         );
-    }
-
-    #[test]
-    fn chunked_bodies_decode_across_any_split() {
-        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\n";
-        for split in 1..wire.len() {
-            let mut decoder = Chunked::Size;
-            let mut buf = BytesMut::new();
-            let mut body = Vec::new();
-            let mut ended = false;
-            for piece in [&wire[..split], &wire[split..]] {
-                buf.extend_from_slice(piece);
-                loop {
-                    match decoder.decode(&mut buf).unwrap() {
-                        Decoded::Data(data) => body.extend_from_slice(&data),
-                        Decoded::End => {
-                            ended = true;
-                            break;
-                        }
-                        Decoded::More => break,
-                    }
-                }
-            }
-            assert!(ended, "split at {split}");
-            assert_eq!(body, b"hello world", "split at {split}");
-            assert!(buf.is_empty());
-        }
-    }
-
-    #[test]
-    fn bad_chunks_fail() {
-        for bad in ["zz\r\n", "5\r\nhelloXX", "1 x\r\n", "10000000000000000\r\n"] {
-            let mut decoder = Chunked::Size;
-            let mut buf = BytesMut::from(bad);
-            let mut result = decoder.decode(&mut buf);
-            while let Ok(Decoded::Data(_)) = result {
-                result = decoder.decode(&mut buf);
-            }
-            assert!(matches!(result, Err(H1Error::Chunk)), "{bad}: {result:?}");
-        }
-        let mut endless = BytesMut::from(&[b'1'; MAX_CHUNK_LINE + 2][..]);
-        assert!(matches!(
-            Chunked::Size.decode(&mut endless),
-            Err(H1Error::Chunk)
-        ));
     }
 }

@@ -92,6 +92,13 @@ pub enum H1Error {
     Body(#[source] Box<dyn Error + Send + Sync>),
 }
 
+/// A chunked body that breaks the coding's rules is the instance's bad answer.
+impl From<crate::wire::chunked::ChunkError> for H1Error {
+    fn from(_: crate::wire::chunked::ChunkError) -> Self {
+        H1Error::Chunk
+    }
+}
+
 impl H1Error {
     /// Nothing reached the instance: the try may go to another one, whatever its method.
     pub fn is_connect(&self) -> bool {
