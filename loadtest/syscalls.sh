@@ -9,6 +9,9 @@
 # Part 1: `strace -c -f` attached to each proxy during N keep-alive GETs at c=1 (oha).
 # Part 2: utime/stime from /proc/<pid>/stat over `wrk -t1 -c50 -d8s`, two rounds each; these
 # are wall-clock figures, as noisy as the machine (run it quiet).
+# Part 3: `perf record -g` (cpu-clock samples of each proxy alone) over 6 s of `wrk -t1 -c50`:
+# the share of its CPU in user space and in the kernel's paths (shares hold up under noise
+# better than Part 2's microseconds).
 # Uses ports 18280-18283, 18600 and 18400-18402 on 127.0.0.1; files go to loadtest/out/syscalls.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -18,7 +21,8 @@ D="$ROOT/loadtest/out/syscalls"; mkdir -p "$D"; cd "$D"
 GPORT=18280; BPORT=18281; APORT=18282; NPORT=18283; CPORT=18600
 # shellcheck source=loadtest/bench-lib.sh
 source "$ROOT/loadtest/bench-lib.sh"
-require_tools strace nginx consul oha wrk curl
+install_debs perf:linux-perf >&2 || { echo "syscalls.sh: apt-get install linux-perf failed" >&2; exit 1; }
+require_tools strace nginx consul oha wrk curl perf
 cat > proxy.conf <<NG
 worker_processes 1; daemon off; master_process off; pid $D/proxy.pid; error_log $D/proxy.err;
 events { worker_connections 1024; }
@@ -64,3 +68,28 @@ for round in 1 2; do
   done
 done
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+# Inclusive shares of the kernel paths (perf's "children" column): sending includes the
+# loopback delivery to the receiver (net_rx_action runs in the sender's system call), and a
+# context switch can happen inside any of them; "user" is the proxy's binary, libc and vdso.
+echo "## Where each proxy's CPU goes (perf record -g, cpu-clock, wrk -t1 -c50, % of its samples)"
+kernel_paths() { # perf.data
+  perf report -i "$1" --children --sort sym -g none --stdio 2> /dev/null | awk '
+    $3 == "[k]" { sub("%", "", $1); share[$4] = $1 }
+    $3 == "[k]" && $4 ~ /^(do_syscall_64|entry_SYSCALL_64|syscall_exit_to_user_mode|syscall_return_via_sysret)/ { entry += $2 }
+    END { printf "send %5.1f (loopback delivery %4.1f) | recv %4.1f | epoll_wait %4.1f | context switches %4.1f | system call entry and exit %4.1f\n",
+      share["tcp_sendmsg"], share["net_rx_action"], share["tcp_recvmsg"], share["do_epoll_wait"], share["__schedule"], entry }'
+}
+user_share() { # perf.data
+  perf report -i "$1" --no-children --sort dso --stdio 2> /dev/null | awk '
+    /^ +[0-9]/ { sub("%", "", $1); if ($2 == "[kernel.kallsyms]") k += $1; else u += $1 }
+    END { printf "user %4.1f, kernel %4.1f", u, k }'
+}
+for target in "${TARGETS[@]}"; do
+  read -r name pid port <<< "$target"
+  wrk -t1 -c50 -d8s "http://127.0.0.1:$port/" > /dev/null & WRK=$!
+  sleep 1  # past wrk's connection set-up
+  perf record -q -g -o "$D/perf.$name" -p "$pid" -- sleep 6 2> /dev/null
+  wait $WRK
+  printf '%-10s %s | %s\n' "$name" "$(user_share "$D/perf.$name")" "$(kernel_paths "$D/perf.$name")"
+done
