@@ -80,6 +80,7 @@ use std::collections::HashSet;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -91,7 +92,7 @@ use crate::discovery::consul::tag_routes::TagRouteWatch;
 use crate::discovery::consul::{ConnectionBudget, ConsulClient};
 use crate::discovery::{SourceSettings, Sources, WatchSet};
 use crate::gateway::Gateway;
-use crate::metrics::Metrics;
+use crate::metrics::{ConnectionMetrics, Metrics};
 use crate::routes::DynamicRoutes;
 use crate::server::{ServeSettings, Source, Transport};
 use crate::tls::{TlsSettings, TlsTerminator};
@@ -144,33 +145,6 @@ pub struct Listeners {
     /// More sockets on `listen` (bound with `SO_REUSEPORT`), one per extra worker: each is
     /// served by an accept loop on a current-thread runtime of its own (`workers: N`).
     pub workers: Vec<std::net::TcpListener>,
-}
-
-/// The tag-route watcher of `config` (`tag_routes.enabled`): it reads the file's services
-/// from `files` (swapped, and `reloaded` notified, on every reload) and hands each changed
-/// set of routes to the gateway's router and the admin listener.
-fn tag_route_watch(
-    config: &Config,
-    discovery: &Arc<ConsulClient>,
-    (files, reloaded): (&Arc<ArcSwap<Upstreams>>, &Arc<Notify>),
-    budget: &Arc<ConnectionBudget>,
-    metrics: &Arc<Metrics>,
-    gateway: Arc<Gateway>,
-    admin: Arc<Admin>,
-) -> TagRouteWatch {
-    TagRouteWatch {
-        discovery: discovery.clone(),
-        settings: config.tag_routes.clone(),
-        consul: config.consul.clone(),
-        budget: budget.clone(),
-        files: files.clone(),
-        reloaded: reloaded.clone(),
-        metrics: metrics.clone(),
-        publish: Box::new(move |routes: Arc<DynamicRoutes>| {
-            admin.dynamic.store(routes.clone());
-            gateway.replace_dynamic_routes(routes);
-        }),
-    }
 }
 
 /// Runs the gateway on `listener` and the admin endpoints on `admin_listener` until
@@ -300,63 +274,6 @@ pub async fn run_with_reload(
     run_listeners(config, listeners, shutdown, reloads).await
 }
 
-/// Runs an accept loop for each extra gateway socket, each on a current-thread runtime of
-/// its own (nginx's and Pingora's worker model): the kernel spreads connections across the
-/// `SO_REUSEPORT` sockets, and a connection's requests stay on its worker's thread. The
-/// workers share the gateway (routes, tables, pools) and the per-client registry.
-fn spawn_workers(
-    sockets: Vec<std::net::TcpListener>,
-    gateway: &Arc<Gateway>,
-    clients: &Arc<server::Clients>,
-    server_config: &config::ServerConfig,
-    metrics: &Metrics,
-    shutdown: &CancellationToken,
-) -> Vec<std::thread::JoinHandle<()>> {
-    let mut threads = Vec::new();
-    for (i, socket) in sockets.into_iter().enumerate() {
-        let worker = i + 1;
-        let (gateway, clients) = (gateway.clone(), clients.clone());
-        let builder = server::http_builder(server_config);
-        let settings = ServeSettings::from_server("gateway", server_config);
-        let connections = metrics.for_worker_connections("gateway", worker);
-        let shutdown = shutdown.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("switchyard-worker-{worker}"))
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(error) => return error!(worker, %error, "worker runtime failed to start"),
-                };
-                runtime.block_on(async move {
-                    tokio::spawn(server::timer_heartbeat(shutdown.clone()));
-                    let listener = match TcpListener::from_std(socket) {
-                        Ok(listener) => listener,
-                        Err(error) => return error!(worker, %error, "worker socket unusable"),
-                    };
-                    let source = Source {
-                        listener,
-                        transport: Transport::Plain,
-                        clients,
-                    };
-                    let handler = move |connection, request| {
-                        let gateway = gateway.clone();
-                        async move { gateway.handle(connection, request).await }
-                    };
-                    server::serve_on(source, builder, handler, settings, connections, shutdown)
-                        .await;
-                });
-            });
-        match spawned {
-            Ok(thread) => threads.push(thread),
-            Err(error) => error!(worker, %error, "worker thread failed to start"),
-        }
-    }
-    threads
-}
-
 /// Loads the certificates and binds `tls.listen` (unless `bound`) when the config has TLS.
 async fn start_tls(
     config: &Config,
@@ -384,6 +301,346 @@ async fn start_tls(
     Ok(Some((listener, terminator)))
 }
 
+/// What every listener and background task of a running gateway shares, built before
+/// anything is spawned: a bad access-log path or a TLS client file fails the start cleanly.
+struct Wiring {
+    config: Config,
+    metrics: Arc<Metrics>,
+    discovery: Arc<ConsulClient>,
+    gateway: Arc<Gateway>,
+    admin: Arc<Admin>,
+    /// Gateway connections per client address, counted across the plain and TLS listeners
+    /// and every worker.
+    clients: Arc<server::Clients>,
+    /// The file's services (swapped on every reload, so that a removed service's tables and
+    /// metric series go; no other copy is kept here) as the watches, the reloader and the
+    /// tag-route watcher see them, and the tag-route watcher's wake-up on reload.
+    files: Arc<ArcSwap<Upstreams>>,
+    reloaded: Arc<Notify>,
+    shutdown: CancellationToken,
+    /// Cancelled after the listeners have drained: retries during the drain still see fresh
+    /// tables.
+    stop_watchers: CancellationToken,
+}
+
+/// The access log's writer task and its stop, cancelled once the gateway listener has
+/// drained so that every answered request is logged.
+struct AccessLogWriter {
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Wiring {
+    async fn build(
+        config: Config,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<(Self, AccessLogWriter), RunError> {
+        let upstreams = Upstreams::new(&config.services, &metrics);
+        let discovery = Arc::new(ConsulClient::new(&config.consul)?);
+        let stop = CancellationToken::new();
+        let dropped = metrics.access_log_dropped();
+        let access_log = access_log::start(&config.access_log, dropped, stop.clone()).await?;
+        let (access_log, task) = access_log.unzip();
+        let unrouted = metrics.for_requests(metrics::UNROUTED);
+        let gateway = Arc::new(Gateway::new(&config, &upstreams, unrouted, access_log)?);
+        let admin = Arc::new(Admin {
+            metrics: metrics.clone(),
+            upstreams: ArcSwap::from_pointee(upstreams.clone()),
+            dynamic: ArcSwap::from_pointee(DynamicRoutes::default()),
+            stale_after: config.consul.stale_after,
+        });
+        let clients =
+            server::Clients::new(ServeSettings::from_server("gateway", &config.server).clients);
+        let wiring = Self {
+            files: Arc::new(ArcSwap::from_pointee(upstreams.clone())),
+            reloaded: Arc::new(Notify::new()),
+            stop_watchers: CancellationToken::new(),
+            config,
+            metrics,
+            discovery,
+            gateway,
+            admin,
+            clients,
+            shutdown,
+        };
+        Ok((wiring, AccessLogWriter { stop, task }))
+    }
+
+    /// Starts a watch for each of the file's services, sharing one Consul connection budget
+    /// with the tag-route watcher, whose catalog and KV long-polls come off the top.
+    fn start_watches(&self) -> (WatchSet, Arc<ConnectionBudget>) {
+        let sources = Sources::new(
+            self.discovery.clone(),
+            SourceSettings::from_config(&self.config),
+        );
+        let tag_route_polls = match &self.config.tag_routes {
+            t if !t.enabled => 0,
+            t => 1 + usize::from(t.kv_path.is_some()),
+        };
+        let budget = ConnectionBudget::new(&self.config.consul, tag_route_polls);
+        let watches = WatchSet::start(
+            sources,
+            &self.config.consul,
+            budget.clone(),
+            &self.files.load(),
+        );
+        (watches, budget)
+    }
+
+    /// The admin endpoints on `listener`: quick requests only, few connections, a short drain.
+    fn spawn_admin(&self, listener: TcpListener) -> JoinHandle<()> {
+        let mut builder = Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.config.server.header_read_timeout);
+        let admin = self.admin.clone();
+        let handler = move |_connection, request| {
+            let admin = admin.clone();
+            async move { admin.handle(&request) }
+        };
+        let settings = ServeSettings {
+            name: "admin",
+            max_connections: ADMIN_MAX_CONNECTIONS,
+            grace: ADMIN_GRACE,
+            ..ServeSettings::from_server("admin", &self.config.server)
+        };
+        let connections = self.metrics.for_connections("admin");
+        let serving = server::serve(
+            listener,
+            builder,
+            handler,
+            settings,
+            connections,
+            self.shutdown.clone(),
+        );
+        tokio::spawn(serving)
+    }
+
+    /// The tag-route watcher (`tag_routes.enabled`), which hands each changed set of routes to
+    /// the gateway's router and the admin listener.
+    fn spawn_tag_routes(&self, budget: &Arc<ConnectionBudget>) -> Option<JoinHandle<()>> {
+        if !self.config.tag_routes.enabled {
+            return None;
+        }
+        let (gateway, admin) = (self.gateway.clone(), self.admin.clone());
+        let watch = TagRouteWatch {
+            discovery: self.discovery.clone(),
+            settings: self.config.tag_routes.clone(),
+            consul: self.config.consul.clone(),
+            budget: budget.clone(),
+            files: self.files.clone(),
+            reloaded: self.reloaded.clone(),
+            metrics: self.metrics.clone(),
+            publish: Box::new(move |routes: Arc<DynamicRoutes>| {
+                admin.dynamic.store(routes.clone());
+                gateway.replace_dynamic_routes(routes);
+            }),
+        };
+        Some(tokio::spawn(watch.run(self.stop_watchers.clone())))
+    }
+
+    /// The TLS listener: the same gateway through the same connection path.
+    fn spawn_tls(&self, listener: TcpListener, terminator: Arc<TlsTerminator>) -> JoinHandle<()> {
+        let source = Source {
+            listener,
+            transport: Transport::Tls(terminator),
+            clients: self.clients.clone(),
+        };
+        tokio::spawn(serve_gateway(
+            self.gateway.clone(),
+            source,
+            server::tls_http_builder(&self.config.server),
+            ServeSettings::from_server("tls", &self.config.server),
+            self.metrics.for_connections("tls"),
+            self.shutdown.clone(),
+        ))
+    }
+
+    /// Applies each config from `reloads` (SIGHUP in `main`) until the watchers stop.
+    fn spawn_reloader(
+        &self,
+        watches: WatchSet,
+        tls: Option<Arc<TlsTerminator>>,
+        reloads: mpsc::Receiver<Config>,
+    ) -> JoinHandle<()> {
+        let state = Reload {
+            config: self.config.clone(),
+            upstreams: Upstreams::clone(&self.files.load()),
+            watches,
+            gateway: self.gateway.clone(),
+            admin: self.admin.clone(),
+            metrics: self.metrics.clone(),
+            tls,
+            files: self.files.clone(),
+            reloaded: self.reloaded.clone(),
+        };
+        tokio::spawn(apply_reloads(state, reloads, self.stop_watchers.clone()))
+    }
+
+    /// Self-registration (`register`): registered once serving, deregistered as soon as
+    /// shutdown starts, before the drain.
+    fn spawn_registration(&self) -> Option<JoinHandle<()>> {
+        let register = self.config.register.clone()?;
+        Some(tokio::spawn(registration::maintain(
+            self.discovery.clone(),
+            register,
+            self.config.listen,
+            self.config.admin_listen,
+            self.shutdown.clone(),
+        )))
+    }
+
+    /// Upgraded (spliced) connections outlive their HTTP exchange: they get the same grace.
+    fn spawn_upgrade_drain(&self) -> JoinHandle<()> {
+        let (gateway, shutdown) = (self.gateway.clone(), self.shutdown.clone());
+        let grace = self.config.server.shutdown_grace;
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            gateway.upgrades().drain(grace).await;
+        })
+    }
+
+    /// The plain listener (`listen`), served on this task until shutdown, then drained.
+    async fn serve_plain(&self, listener: TcpListener) {
+        tokio::spawn(server::timer_heartbeat(self.shutdown.clone()));
+        let source = Source {
+            listener,
+            transport: Transport::Plain,
+            clients: self.clients.clone(),
+        };
+        serve_gateway(
+            self.gateway.clone(),
+            source,
+            server::http_builder(&self.config.server),
+            ServeSettings::from_server("gateway", &self.config.server),
+            self.metrics.for_connections("gateway"),
+            self.shutdown.clone(),
+        )
+        .await;
+    }
+
+    /// Runs an accept loop for each extra gateway socket, each on a current-thread runtime of
+    /// its own (nginx's and Pingora's worker model): the kernel spreads connections across the
+    /// `SO_REUSEPORT` sockets, and a connection's requests stay on its worker's thread. The
+    /// workers share the gateway (routes, tables, pools) and the per-client registry.
+    fn spawn_workers(
+        &self,
+        sockets: Vec<std::net::TcpListener>,
+    ) -> Vec<std::thread::JoinHandle<()>> {
+        let mut threads = Vec::new();
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let worker = i + 1;
+            let serving = self.worker(worker, socket);
+            let spawned = std::thread::Builder::new()
+                .name(format!("switchyard-worker-{worker}"))
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime.block_on(serving),
+                        Err(error) => error!(worker, %error, "worker runtime failed to start"),
+                    }
+                });
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(error) => error!(worker, %error, "worker thread failed to start"),
+            }
+        }
+        threads
+    }
+
+    /// Worker `worker`'s accept loop on `socket`, to run on its own runtime.
+    fn worker(
+        &self,
+        worker: usize,
+        socket: std::net::TcpListener,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (gateway, clients) = (self.gateway.clone(), self.clients.clone());
+        let builder = server::http_builder(&self.config.server);
+        let settings = ServeSettings::from_server("gateway", &self.config.server);
+        let connections = self.metrics.for_worker_connections("gateway", worker);
+        let shutdown = self.shutdown.clone();
+        async move {
+            tokio::spawn(server::timer_heartbeat(shutdown.clone()));
+            let listener = match TcpListener::from_std(socket) {
+                Ok(listener) => listener,
+                Err(error) => return error!(worker, %error, "worker socket unusable"),
+            };
+            let source = Source {
+                listener,
+                transport: Transport::Plain,
+                clients,
+            };
+            serve_gateway(gateway, source, builder, settings, connections, shutdown).await;
+        }
+    }
+}
+
+/// Serves `gateway` on `source` until `shutdown`, then drains: the plain and TLS listeners
+/// and each worker.
+async fn serve_gateway(
+    gateway: Arc<Gateway>,
+    source: Source,
+    builder: Builder<TokioExecutor>,
+    settings: ServeSettings,
+    connections: ConnectionMetrics,
+    shutdown: CancellationToken,
+) {
+    let handler = move |connection, request| {
+        let gateway = gateway.clone();
+        async move { gateway.handle(connection, request).await }
+    };
+    server::serve_on(source, builder, handler, settings, connections, shutdown).await;
+}
+
+/// What runs beside the plain listener, stopped by [`Running::stop`] once it has drained.
+struct Running {
+    workers: Vec<std::thread::JoinHandle<()>>,
+    tls: Option<JoinHandle<()>>,
+    upgrades_drained: JoinHandle<()>,
+    registration: Option<JoinHandle<()>>,
+    access_log: AccessLogWriter,
+    stop_watchers: CancellationToken,
+    admin: JoinHandle<()>,
+    reloader: JoinHandle<()>,
+    tag_routes: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// In the order the drain needs: the workers, the TLS listener and upgraded connections
+    /// finish draining; then the registration (already deregistered), the access log's last
+    /// lines, the watches and the reloader, the admin listener.
+    async fn stop(self) {
+        let workers = self.workers;
+        let _ = tokio::task::spawn_blocking(move || {
+            for worker in workers {
+                let _ = worker.join();
+            }
+        })
+        .await;
+        for task in [self.tls, Some(self.upgrades_drained), self.registration]
+            .into_iter()
+            .flatten()
+        {
+            let _ = task.await;
+        }
+        self.access_log.stop.cancel();
+        if let Some(writer) = self.access_log.task {
+            let _ = writer.await;
+        }
+        self.stop_watchers.cancel();
+        for task in [Some(self.admin), Some(self.reloader), self.tag_routes]
+            .into_iter()
+            .flatten()
+        {
+            let _ = task.await;
+        }
+    }
+}
+
 /// [`run_with_reload`] on sockets the caller bound, the TLS one included.
 pub async fn run_listeners(
     config: Config,
@@ -391,84 +648,13 @@ pub async fn run_listeners(
     shutdown: CancellationToken,
     reloads: mpsc::Receiver<Config>,
 ) -> Result<(), RunError> {
-    let Listeners {
-        gateway: listener,
-        admin: admin_listener,
-        tls,
-        workers,
-    } = listeners;
     let metrics = Arc::new(Metrics::new()?);
-    let tls = start_tls(&config, &metrics, tls).await?;
-    let upstreams = Upstreams::new(&config.services, &metrics);
-    let discovery = Arc::new(ConsulClient::new(&config.consul)?);
-    // Opened before anything is spawned, so a bad path fails the start cleanly. The writer
-    // stops after the gateway listener has drained, so every answered request is logged.
-    let stop_access_log = CancellationToken::new();
-    let access_log = access_log::start(
-        &config.access_log,
-        metrics.access_log_dropped(),
-        stop_access_log.clone(),
-    )
-    .await?;
-    let (access_log, access_log_writer) = access_log.unzip();
-
-    // Watchers outlive the listeners' drain so retries during it still see fresh tables.
-    let stop_watchers = CancellationToken::new();
-    let sources = Sources::new(discovery.clone(), SourceSettings::from_config(&config));
-    // One Consul connection budget for the file's watches and the tag-route watcher's, whose
-    // catalog and KV long-polls come off the top.
-    let tag_route_polls = match &config.tag_routes {
-        t if !t.enabled => 0,
-        t => 1 + usize::from(t.kv_path.is_some()),
-    };
-    let budget = ConnectionBudget::new(&config.consul, tag_route_polls);
-    let watches = WatchSet::start(sources, &config.consul, budget.clone(), &upstreams);
-    let admin = Arc::new(Admin {
-        metrics: metrics.clone(),
-        upstreams: ArcSwap::from_pointee(upstreams.clone()),
-        dynamic: ArcSwap::from_pointee(DynamicRoutes::default()),
-        stale_after: config.consul.stale_after,
-    });
-    let mut admin_builder = Builder::new(TokioExecutor::new());
-    admin_builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.server.header_read_timeout);
-    let admin_for_server = admin.clone();
-    let admin_task = tokio::spawn(server::serve(
-        admin_listener,
-        admin_builder,
-        move |_connection, request| {
-            let admin = admin_for_server.clone();
-            async move { admin.handle(&request) }
-        },
-        ServeSettings {
-            name: "admin",
-            max_connections: ADMIN_MAX_CONNECTIONS,
-            grace: ADMIN_GRACE,
-            ..ServeSettings::from_server("admin", &config.server)
-        },
-        metrics.for_connections("admin"),
-        shutdown.clone(),
-    ));
-
-    let gateway = Arc::new(Gateway::new(
-        &config,
-        &upstreams,
-        metrics.for_requests(metrics::UNROUTED),
-        access_log,
-    )?);
-    let files = Arc::new(ArcSwap::from_pointee(upstreams.clone()));
-    let reloaded = Arc::new(Notify::new());
-    let tag_routes = config.tag_routes.enabled.then(|| {
-        let inputs = (&files, &reloaded);
-        let (gateway, admin) = (gateway.clone(), admin.clone());
-        let watch = tag_route_watch(
-            &config, &discovery, inputs, &budget, &metrics, gateway, admin,
-        );
-        tokio::spawn(watch.run(stop_watchers.clone()))
-    });
-    let builder = server::http_builder(&config.server);
+    let tls = start_tls(&config, &metrics, listeners.tls).await?;
+    let (wiring, access_log) = Wiring::build(config, metrics, shutdown.clone()).await?;
+    let (watches, budget) = wiring.start_watches();
+    let admin = wiring.spawn_admin(listeners.admin);
+    let tag_routes = wiring.spawn_tag_routes(&budget);
+    let config = &wiring.config;
     info!(
         listen = %config.listen,
         admin = %config.admin_listen,
@@ -476,113 +662,20 @@ pub async fn run_listeners(
         services = config.services.len(),
         "switchyard serving"
     );
-    // The TLS listener serves the same gateway through the same connection path, and counts
-    // a client address's connections together with the plain listener's.
-    let settings = ServeSettings::from_server("gateway", &config.server);
-    let clients = server::Clients::new(settings.clients);
     let terminator = tls.as_ref().map(|(_, terminator)| terminator.clone());
-    let tls_task = tls.map(|(tls_listener, terminator)| {
-        let gateway = gateway.clone();
-        tokio::spawn(server::serve_on(
-            Source {
-                listener: tls_listener,
-                transport: Transport::Tls(terminator),
-                clients: clients.clone(),
-            },
-            server::tls_http_builder(&config.server),
-            move |connection, request| {
-                let gateway = gateway.clone();
-                async move { gateway.handle(connection, request).await }
-            },
-            ServeSettings::from_server("tls", &config.server),
-            metrics.for_connections("tls"),
-            shutdown.clone(),
-        ))
-    });
-    let reloader = tokio::spawn(apply_reloads(
-        Reload {
-            config: config.clone(),
-            upstreams,
-            watches,
-            gateway: gateway.clone(),
-            admin,
-            metrics: metrics.clone(),
-            tls: terminator,
-            files,
-            reloaded,
-        },
-        reloads,
-        stop_watchers.clone(),
-    ));
-    // Registered once serving; deregistered as soon as shutdown starts, before the drain.
-    let registration = config.register.clone().map(|register| {
-        tokio::spawn(registration::maintain(
-            discovery.clone(),
-            register,
-            config.listen,
-            config.admin_listen,
-            shutdown.clone(),
-        ))
-    });
-    // Upgraded (spliced) connections outlive their HTTP exchange: they get the same grace.
-    let upgrades_drained = tokio::spawn({
-        let (gateway, shutdown) = (gateway.clone(), shutdown.clone());
-        let grace = config.server.shutdown_grace;
-        async move {
-            shutdown.cancelled().await;
-            gateway.upgrades().drain(grace).await;
-        }
-    });
-    tokio::spawn(server::timer_heartbeat(shutdown.clone()));
-    let extra_workers = spawn_workers(
-        workers,
-        &gateway,
-        &clients,
-        &config.server,
-        &metrics,
-        &shutdown,
-    );
-    let plain = Source {
-        listener,
-        transport: Transport::Plain,
-        clients,
+    let running = Running {
+        tls: tls.map(|(listener, terminator)| wiring.spawn_tls(listener, terminator)),
+        reloader: wiring.spawn_reloader(watches, terminator, reloads),
+        registration: wiring.spawn_registration(),
+        upgrades_drained: wiring.spawn_upgrade_drain(),
+        workers: wiring.spawn_workers(listeners.workers),
+        stop_watchers: wiring.stop_watchers.clone(),
+        access_log,
+        admin,
+        tag_routes,
     };
-    server::serve_on(
-        plain,
-        builder,
-        move |connection, request| {
-            let gateway = gateway.clone();
-            async move { gateway.handle(connection, request).await }
-        },
-        settings,
-        metrics.for_connections("gateway"),
-        shutdown,
-    )
-    .await;
-    let _ = tokio::task::spawn_blocking(move || {
-        for worker in extra_workers {
-            let _ = worker.join();
-        }
-    })
-    .await;
-    if let Some(tls_task) = tls_task {
-        let _ = tls_task.await;
-    }
-    let _ = upgrades_drained.await;
-
-    if let Some(registration) = registration {
-        let _ = registration.await;
-    }
-    stop_access_log.cancel();
-    if let Some(writer) = access_log_writer {
-        let _ = writer.await;
-    }
-    stop_watchers.cancel();
-    let _ = admin_task.await;
-    let _ = reloader.await;
-    if let Some(tag_routes) = tag_routes {
-        let _ = tag_routes.await;
-    }
+    wiring.serve_plain(listeners.gateway).await;
+    running.stop().await;
     info!("switchyard stopped");
     Ok(())
 }
