@@ -13,9 +13,10 @@ use common::{Backend, Gateway, Load};
 
 const WAIT: Duration = Duration::from_secs(15);
 
-/// A gateway routing `/web` to the etcd service `web` (prefix `/services/web/`); its Consul
-/// address is a port nothing listens on (no service uses Consul).
+/// A gateway routing `/web` to the etcd service `web` (prefix `/services/web/`), its log in
+/// the test's output; its Consul address is a port nothing listens on (no service uses Consul).
 async fn gateway(cluster: &EtcdCluster) -> Gateway {
+    common::log_to_test_output();
     let rest = format!(
         "etcd:\n  endpoints: [{}]\n  timeout: 1s\nservices:\n  - name: web\n    source: etcd\n    route: {{path_prefix: /web}}\n",
         quoted(&cluster.endpoints())
@@ -147,7 +148,9 @@ async fn killed_leader_costs_no_request_and_later_changes_arrive() {
     put(&cluster, &backends[1]).await;
     cluster.delete(&key("web-1")).await;
     let took = wait_for(&gateway, &["web-2"]).await;
+    let failed = errors(&gateway).await;
     println!("etcd leader m{leader} killed: later changes in the gateway after {took:?}");
+    println!("etcd leader m{leader} killed: {failed} failed discovery attempts");
     assert!(took.is_some(), "after the leader's death");
     let mut stats = load.finish().await;
     println!("etcd leader killed: {}", stats.summary());
