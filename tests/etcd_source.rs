@@ -13,9 +13,10 @@ use common::{Backend, Gateway, Load};
 
 const WAIT: Duration = Duration::from_secs(15);
 
-/// A gateway routing `/web` to the etcd service `web` (prefix `/services/web/`); its Consul
-/// address is a port nothing listens on (no service uses Consul).
+/// A gateway routing `/web` to the etcd service `web` (prefix `/services/web/`), its log in
+/// the test's output; its Consul address is a port nothing listens on (no service uses Consul).
 async fn gateway(cluster: &EtcdCluster) -> Gateway {
+    common::log_to_test_output();
     let rest = format!(
         "etcd:\n  endpoints: [{}]\n  timeout: 1s\nservices:\n  - name: web\n    source: etcd\n    route: {{path_prefix: /web}}\n",
         quoted(&cluster.endpoints())
@@ -147,9 +148,55 @@ async fn killed_leader_costs_no_request_and_later_changes_arrive() {
     put(&cluster, &backends[1]).await;
     cluster.delete(&key("web-1")).await;
     let took = wait_for(&gateway, &["web-2"]).await;
+    let failed = errors(&gateway).await;
     println!("etcd leader m{leader} killed: later changes in the gateway after {took:?}");
+    println!("etcd leader m{leader} killed: {failed} failed discovery attempts");
     assert!(took.is_some(), "after the leader's death");
     let mut stats = load.finish().await;
     println!("etcd leader killed: {}", stats.summary());
     stats.expect_no_failures("etcd leader killed");
+}
+
+/// The member the gateway's watch goes through dies while the cluster keeps its leader:
+/// crashed (SIGKILL: the kernel closes its sockets) or silent (SIGSTOP: nothing is closed and
+/// nothing answers). Each time the watch must move to a live member after exactly one failed
+/// attempt, and the next change must be routed within `DEAD_MEMBER_BOUND` of the death
+/// (a silent death is noticed by the watch's unanswered progress request, 2 × `timeout`).
+/// Six deaths, alternating; the member is restarted and serving before the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_member_holding_the_watch_dies_and_the_watch_moves_on() {
+    const DEAD_MEMBER_BOUND: Duration = Duration::from_secs(5);
+    let (mut cluster, backends, gateway) = serving_web_1().await;
+    for death in 0..6 {
+        let silent = death % 2 == 1;
+        let (old, new) = (&backends[death % 2], &backends[(death + 1) % 2]);
+        let member = cluster.wait_for_watching_member(WAIT).await;
+        let member = member.expect("exactly one member serves the gateway's watch");
+        cluster.make_follower(member, WAIT).await;
+        let before = errors(&gateway).await;
+        let died = std::time::Instant::now();
+        if silent {
+            cluster.pause(member);
+        } else {
+            cluster.kill(member);
+        }
+        put(&cluster, new).await;
+        cluster.delete(&key(&old.id)).await;
+        let routed = wait_for(&gateway, &[&new.id]).await.map(|_| died.elapsed());
+        let failed = errors(&gateway).await - before;
+        let how = if silent { "SIGSTOP" } else { "SIGKILL" };
+        println!("watching member m{member} {how}: next change routed {routed:?} after");
+        println!("watching member m{member} {how}: {failed} failed attempts");
+        assert!(
+            routed.is_some_and(|took| took < DEAD_MEMBER_BOUND),
+            "m{member} {how}: next change routed {routed:?} after the death"
+        );
+        assert_eq!(
+            failed, 1.0,
+            "m{member} {how}: failed attempts before the move"
+        );
+        cluster.restart(member);
+        let serving = cluster.wait_until_serving(member, WAIT).await;
+        assert!(serving.is_some(), "m{member} did not rejoin");
+    }
 }

@@ -4,14 +4,28 @@
 //!
 //! Each watch lists the prefix (a range get), watches the prefix from the list's revision + 1
 //! (so no change between the two is lost) and sends the listed set. Watch events are applied to the
-//! listed set; a compacted or cancelled watch lists again at once, a broken one after a
-//! jittered backoff. A connect, a list or a watch set-up that takes longer than
-//! `etcd.timeout` is cut; a watch is asked for a progress report every `etcd.timeout` and one
-//! that does not answer within another `etcd.timeout` counts as hung. Every failed attempt
-//! is an [`Update::Failed`]; the table keeps the last good set meanwhile.
+//! listed set; a compacted watch lists again at once. A connect, a list or a watch set-up that
+//! takes longer than `etcd.timeout` is cut; a watch is asked for a progress report every
+//! `etcd.timeout` and one that does not answer within another `etcd.timeout` counts as hung.
+//! Every failed attempt is an [`Update::Failed`]; the table keeps the last good set meanwhile.
 //!
-//! All etcd-sourced services share one [`Client`] (one gRPC channel: each watch is an HTTP/2
-//! stream on it), connected on first use; a failed list or watch set-up replaces it.
+//! All etcd-sourced services share one [`Client`] of **one member** at a time (one HTTP/2
+//! connection: each watch is a stream on it). Any failed round (broken, hung or cancelled
+//! watch, failed list or set-up) drops that client and moves to the next member; the next
+//! round starts after `backoff_base`, and the backoff grows only once every member failed
+//! in a row (see [`Retry`]).
+//!
+//! Why not etcd-client's balanced channel over all endpoints: it cannot tell a dead member
+//! from a live one. Its connections are lazy: a crashed member's refused connect is kept as
+//! "ready" and returned to the next call routed there (often the first call of a new
+//! channel, as a refusal is ready before a live member's handshake), and a frozen member's
+//! TCP connect still succeeds, so the rounds after a death kept landing on the dead member,
+//! each failure growing the backoff (up to 5 s a step). Measured (tests/etcd_source.rs, the
+//! member holding the watch killed, `timeout` 1 s): 2 failed attempts after a SIGKILL; 5
+//! attempts and 6.7 s to the next routed change after a SIGSTOP (3 lists or set-ups cut at
+//! 1 s on the frozen member); with 1 of 3 members dead, 22-26 of 60 first lists of a fresh
+//! client failed, 15-17 of 60 lists on a kept one. One member at a time: 1 failed attempt,
+//! next change routed 73-150 ms after a SIGKILL and 1.8-2.9 s after a SIGSTOP.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,7 +50,7 @@ const SOURCE: &str = "etcd";
 /// What the etcd source needs to know: the cluster and its pacing.
 #[derive(Debug, Clone)]
 pub struct EtcdSettings {
-    /// Client URLs of the members (`http://127.0.0.1:2379`); the client balances over them.
+    /// Client URLs of the members (`http://127.0.0.1:2379`); one is used at a time.
     pub endpoints: Vec<String>,
     /// Bounds a connect, a list, a watch set-up and a progress report.
     pub timeout: Duration,
@@ -64,9 +78,9 @@ impl EtcdSettings {
 /// Why one list-and-watch round ended.
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
-    #[error("connecting to {endpoints}: {source}")]
+    #[error("connecting to {endpoint}: {source}")]
     Connect {
-        endpoints: String,
+        endpoint: String,
         source: etcd_client::Error,
     },
     #[error(transparent)]
@@ -85,24 +99,39 @@ pub enum EtcdError {
     Compacted(i64),
 }
 
+/// etcd's `--grpc-keepalive-min-time` default: a client that pings more often on a
+/// connection the server has not written to since is sent `GOAWAY too_many_pings` after three
+/// such pings. Measured with pings every 1 s (`etcd.timeout` of the tests): each idle
+/// connection of the balanced channel was closed that way ~4 s after it opened.
+const ETCD_MIN_PING_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The etcd source; one per gateway, shared by every `source: etcd` service.
 pub struct EtcdSource {
     settings: EtcdSettings,
     client: Mutex<Shared>,
 }
 
-/// The shared client and its generation, so a watch that saw it fail drops only that one.
-#[derive(Default)]
+/// The shared client, the member it talks to and its generation, so a watch that saw it fail
+/// drops only that one.
 struct Shared {
     generation: u64,
+    /// Index in `endpoints` of the member in use.
+    member: usize,
     client: Option<Client>,
 }
 
 impl EtcdSource {
+    /// Starts at a random member, so that a fleet of gateways spreads over the cluster.
     pub fn new(settings: EtcdSettings) -> Self {
+        let member = fastrand::usize(..settings.endpoints.len().max(1));
+        let shared = Shared {
+            generation: 0,
+            member,
+            client: None,
+        };
         Self {
             settings,
-            client: Mutex::new(Shared::default()),
+            client: Mutex::new(shared),
         }
     }
 
@@ -112,44 +141,53 @@ impl EtcdSource {
         if let Some(client) = shared.client.as_ref() {
             return Ok((shared.generation, client.clone()));
         }
-        let timeout = self.settings.timeout;
-        // HTTP/2 pings every `timeout`: a member that vanished without closing the connection
-        // breaks its watch streams within 2 × timeout instead of at TCP's own timeouts.
-        // `require_leader`: a member cut off from its leader cancels its watches (they would
-        // silently stop seeing changes), so they move to a member of the majority.
-        let options = ConnectOptions::new()
-            .with_connect_timeout(timeout)
-            .with_keep_alive(timeout, timeout)
-            .with_require_leader(true);
-        let connect = Client::connect(&self.settings.endpoints, Some(options));
-        let client = bounded("connect", timeout, connect)
+        let endpoint = &self.settings.endpoints[shared.member];
+        let connect = Client::connect([endpoint], Some(self.connect_options()));
+        let client = bounded("connect", self.settings.timeout, connect)
             .await?
             .map_err(|source| EtcdError::Connect {
-                endpoints: self.settings.endpoints.join(","),
+                endpoint: endpoint.clone(),
                 source,
             })?;
+        debug!(endpoint, "etcd client connected");
         shared.client = Some(client.clone());
         Ok((shared.generation, client))
     }
 
-    /// Drops client `generation` after a failed list or watch set-up: the next attempt
-    /// connects anew. Measured (loadtest/sources.sh, 30 s outage of the whole cluster): with
-    /// the client kept, a change written 0.4 s after the restart was routed 4.4 s and 10.6 s
-    /// after it (two runs: tries on the old channel timed out); with a new client, 2.4 s,
-    /// which is the source's own backoff.
+    /// HTTP/2 pings while streams are open, `timeout` to answer: a member that vanished
+    /// without closing the connection breaks its unary calls and watches within seconds
+    /// instead of at TCP's own timeouts (the watch's progress requests usually notice first,
+    /// in 2 × timeout). No pings on an idle connection, and none more often than etcd
+    /// accepts ([`ETCD_MIN_PING_INTERVAL`]). `require_leader`: a member cut off from its
+    /// leader cancels its watches (they would silently stop seeing changes), so they move on.
+    fn connect_options(&self) -> ConnectOptions {
+        let timeout = self.settings.timeout;
+        ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_keep_alive(timeout.max(ETCD_MIN_PING_INTERVAL), timeout)
+            .with_keep_alive_while_idle(false)
+            .with_require_leader(true)
+    }
+
+    /// Drops client `generation` after a failed round and moves to the next member: the
+    /// next attempt connects anew. Measured (loadtest/sources.sh, 30 s outage of the whole
+    /// cluster): with the client kept, a change written 0.4 s after the restart was routed
+    /// 4.4 s and 10.6 s after it (two runs: tries on the old channel timed out); with a new
+    /// client, 2.4 s, which is the source's own backoff.
     async fn forget(&self, generation: u64) {
         let mut shared = self.client.lock().await;
         if shared.generation == generation {
             shared.generation += 1;
+            shared.member = (shared.member + 1) % self.settings.endpoints.len().max(1);
             shared.client = None;
         }
     }
 
     /// Lists and watches `prefix` until nobody follows; every failed round is reported.
     async fn run(self: Arc<Self>, service: String, prefix: String, updates: Updates) {
-        let mut backoff = Backoff::new(self.settings.backoff_base, self.settings.backoff_max);
+        let mut retry = Retry::new(&self.settings);
         loop {
-            let error = match self.round(&service, &prefix, &updates, &mut backoff).await {
+            let error = match self.round(&service, &prefix, &updates, &mut retry).await {
                 Ok(()) => return,
                 Err(EtcdError::Compacted(revision)) => {
                     info!(
@@ -161,36 +199,83 @@ impl EtcdSource {
                 Err(error) => error,
             };
             let failed = Update::Failed(SourceError::new(SOURCE, &error));
-            if !updates.send_then_wait(failed, backoff.next_delay()).await {
+            if !updates.send_then_wait(failed, retry.next_delay()).await {
                 return;
             }
         }
     }
 
-    /// One list, then the watch from the next revision. `Ok` when nobody follows any more.
+    /// One round on the current member; any failure but a compaction drops its client,
+    /// so the next round goes to the next member. `Ok` when nobody follows any more.
     async fn round(
         &self,
         service: &str,
         prefix: &str,
         updates: &Updates,
-        backoff: &mut Backoff,
+        retry: &mut Retry,
+    ) -> Result<(), EtcdError> {
+        let generation = self.client.lock().await.generation;
+        let result = self.list_and_watch(service, prefix, updates, retry).await;
+        if matches!(result, Err(ref error) if !matches!(error, EtcdError::Compacted(_))) {
+            self.forget(generation).await;
+        }
+        result
+    }
+
+    /// One list, then the watch from the next revision, until it ends.
+    async fn list_and_watch(
+        &self,
+        service: &str,
+        prefix: &str,
+        updates: &Updates,
+        retry: &mut Retry,
     ) -> Result<(), EtcdError> {
         let timeout = self.settings.timeout;
-        let (generation, mut client) = self.client().await?;
-        let started = start(&mut client, service, prefix, timeout).await;
-        let (mut set, revision, mut stream) = match started {
-            Ok(started) => started,
-            Err(error) => {
-                self.forget(generation).await;
-                return Err(error);
-            }
-        };
+        let (_, mut client) = self.client().await?;
+        let (mut set, revision, mut stream) = start(&mut client, service, prefix, timeout).await?;
         if !updates.send(set.update(revision)).await {
             return Ok(());
         }
-        backoff.reset();
+        retry.reset();
         debug!(service, prefix, revision, "etcd watch started");
         follow_watch(&mut stream, service, &mut set, updates, timeout).await
+    }
+}
+
+/// Pacing of one watch's failed rounds: each moves to the next member, which is tried after
+/// `backoff_base` (jittered; a dead member costs one failed attempt, not a growing backoff); once
+/// every member failed in a row (an outage, not a member's death), the jittered
+/// exponential backoff paces the passes.
+struct Retry {
+    backoff: Backoff,
+    base: Duration,
+    members: usize,
+    failed: usize,
+}
+
+impl Retry {
+    fn new(settings: &EtcdSettings) -> Self {
+        Self {
+            backoff: Backoff::new(settings.backoff_base, settings.backoff_max),
+            base: settings.backoff_base,
+            members: settings.endpoints.len().max(1),
+            failed: 0,
+        }
+    }
+
+    /// The delay before the round after a failed one.
+    fn next_delay(&mut self) -> Duration {
+        self.failed += 1;
+        if self.failed.is_multiple_of(self.members) {
+            self.backoff.next_delay()
+        } else {
+            self.base.mul_f64(0.5 + fastrand::f64() / 2.0)
+        }
+    }
+
+    fn reset(&mut self) {
+        self.failed = 0;
+        self.backoff.reset();
     }
 }
 
@@ -361,6 +446,42 @@ fn instance(key: &str, value: &[u8]) -> Option<Instance> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn settings(members: usize) -> EtcdSettings {
+        EtcdSettings {
+            endpoints: (0..members)
+                .map(|i| format!("http://127.0.0.1:{i}"))
+                .collect(),
+            timeout: Duration::from_secs(1),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn a_failed_member_is_left_for_the_next_at_once_and_a_failed_pass_backs_off() {
+        let mut retry = Retry::new(&settings(3));
+        let delays: Vec<Duration> = (0..9).map(|_| retry.next_delay()).collect();
+        let base = Duration::from_millis(100);
+        for (i, delay) in delays.iter().enumerate() {
+            let pass = i / 3;
+            let (low, high) = if i % 3 == 2 {
+                let exp = (base * (1 << pass)).min(Duration::from_secs(5));
+                (exp / 2, exp)
+            } else {
+                (base / 2, base)
+            };
+            assert!((low..=high).contains(delay), "failure {i}: {delay:?}");
+        }
+        retry.reset();
+        assert!(retry.next_delay() <= base, "a success starts over");
+        let mut alone = Retry::new(&settings(1));
+        let grows: Vec<Duration> = (0..3).map(|_| alone.next_delay()).collect();
+        assert!(
+            grows[2] >= Duration::from_millis(200),
+            "one member: {grows:?}"
+        );
+    }
 
     #[test]
     fn values_become_instances_with_the_key_as_id() {

@@ -14,6 +14,8 @@ use super::free_port;
 /// One `etcd` member of an [`EtcdCluster`].
 pub struct EtcdMember {
     child: Option<Child>,
+    /// Frozen by [`EtcdCluster::pause`]: the test's own clients leave it alone.
+    paused: bool,
     pub name: String,
     pub client_port: u16,
     peer_port: u16,
@@ -25,8 +27,9 @@ impl EtcdMember {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
+    /// Started, and neither killed nor paused.
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
+        self.child.is_some() && !self.paused
     }
 }
 
@@ -47,6 +50,7 @@ impl EtcdCluster {
                     let client_port = free_port();
                     EtcdMember {
                         child: None,
+                        paused: false,
                         name: format!("m{i}"),
                         client_port,
                         peer_port: free_port(),
@@ -171,9 +175,100 @@ impl EtcdCluster {
         super::poll_some(timeout, || self.leader()).await
     }
 
+    /// The members that serve at least one watch (etcd's `etcd_debugging_mvcc_watcher_total`
+    /// gauge on each running member's `/metrics`): where a client's watch streams go.
+    pub async fn watching_members(&self) -> Vec<usize> {
+        let client = super::http_client();
+        let mut watching = Vec::new();
+        for (i, member) in self.members.iter().enumerate() {
+            if !member.is_running() {
+                continue;
+            }
+            let url = format!("{}/metrics", member.endpoint());
+            let get = client.get(url).timeout(Duration::from_secs(1)).send();
+            let Ok(response) = get.await else {
+                continue;
+            };
+            let text = response.text().await.unwrap_or_default();
+            if super::metric(&text, "etcd_debugging_mvcc_watcher_total") > 0.0 {
+                watching.push(i);
+            }
+        }
+        watching
+    }
+
+    /// The one member serving watches, once exactly one does (within `timeout`).
+    pub async fn wait_for_watching_member(&self, timeout: Duration) -> Option<usize> {
+        super::poll_some(timeout, || async {
+            match self.watching_members().await[..] {
+                [one] => Some(one),
+                _ => None,
+            }
+        })
+        .await
+    }
+
+    /// Freezes member `i` (SIGSTOP): its sockets stay open and the kernel still accepts
+    /// connections and data for it, but nothing answers, as a hung or cut-off host.
+    pub fn pause(&mut self, i: usize) {
+        self.signal(i, "-STOP");
+        self.members[i].paused = true;
+    }
+
+    /// Thaws member `i` (SIGCONT) after [`Self::pause`].
+    pub fn resume(&mut self, i: usize) {
+        self.signal(i, "-CONT");
+        self.members[i].paused = false;
+    }
+
+    /// Makes member `i` a follower: if it leads, it hands leadership to another running
+    /// member (etcd's `MoveLeader`, no election timeout to wait out) and this waits for it.
+    pub async fn make_follower(&self, i: usize, timeout: Duration) {
+        if self.leader().await != Some(i) {
+            return;
+        }
+        let mut client = member_client(&self.members[i]).await;
+        let members = client.member_list().await.expect("etcd member list");
+        let target = members
+            .members()
+            .iter()
+            .find(|m| m.name() != self.members[i].name)
+            .expect("another member")
+            .id();
+        client.move_leader(target).await.expect("etcd move-leader");
+        let moved = super::poll_some(timeout, || async {
+            self.leader().await.filter(|&leader| leader != i)
+        })
+        .await;
+        assert!(moved.is_some(), "member {i} still leads");
+    }
+
+    /// Waits until member `i` answers a linearizable read (it has a leader and caught up).
+    pub async fn wait_until_serving(&self, i: usize, timeout: Duration) -> Option<Duration> {
+        let member = &self.members[i];
+        super::wait_until(timeout, || async {
+            let read = async { member_client(member).await.get("/", None).await };
+            matches!(
+                tokio::time::timeout(Duration::from_secs(1), read).await,
+                Ok(Ok(_))
+            )
+        })
+        .await
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        let child = self.members[i].child.as_ref().expect("a running member");
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill {signal} member {i}");
+    }
+
     /// Kills member `i` at once (SIGKILL), as a crash.
     pub fn kill(&mut self, i: usize) {
         super::kill_child(&mut self.members[i].child);
+        self.members[i].paused = false;
     }
 
     /// Starts member `i` again on its ports and data (it rejoins with its state).
@@ -214,6 +309,14 @@ impl EtcdCluster {
         })
         .await;
     }
+}
+
+/// A client of `member` alone.
+async fn member_client(member: &EtcdMember) -> Client {
+    let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(1));
+    Client::connect([member.endpoint()], Some(options))
+        .await
+        .expect("an etcd client")
 }
 
 /// Runs `op` until it succeeds, for at most 30 s (each try bounded by 3 s).

@@ -35,6 +35,17 @@ pub mod raw;
 pub mod sources;
 pub mod zookeeper;
 
+/// Sends the in-process gateway's log (tracing) to the test's output, which nextest shows
+/// when the test fails; `RUST_LOG` filters it (default `switchyard=info`). Once per process.
+pub fn log_to_test_output() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("switchyard=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
     StdTcpListener::bind("127.0.0.1:0")
