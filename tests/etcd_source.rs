@@ -160,12 +160,14 @@ async fn killed_leader_costs_no_request_and_later_changes_arrive() {
 /// The member the gateway's watch goes through dies while the cluster keeps its leader:
 /// crashed (SIGKILL: the kernel closes its sockets) or silent (SIGSTOP: nothing is closed and
 /// nothing answers). Each time the watch must move to a live member after exactly one failed
-/// attempt, and the next change must be routed within `DEAD_MEMBER_BOUND` of the death
-/// (a silent death is noticed by the watch's unanswered progress request, 2 × `timeout`).
-/// Six deaths, alternating; the member is restarted and serving before the next.
+/// attempt (the code before this test took 2-7: its retries kept landing on the dead member),
+/// and the next change must be routed within `DEAD_MEMBER_BOUND` of the death: a silent death
+/// is noticed by the watch's unanswered progress request, 2-3 × `timeout` (measured 1.8-2.9 s,
+/// a SIGKILL 73-150 ms); the bound leaves room for a loaded CI machine, the count is the
+/// sharp check. Six deaths, alternating; the member is restarted and serving before the next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_member_holding_the_watch_dies_and_the_watch_moves_on() {
-    const DEAD_MEMBER_BOUND: Duration = Duration::from_secs(5);
+    const DEAD_MEMBER_BOUND: Duration = Duration::from_secs(8);
     let (mut cluster, backends, gateway) = serving_web_1().await;
     for death in 0..6 {
         let silent = death % 2 == 1;
