@@ -58,7 +58,7 @@ start_consul_with_backend() {
   consul agent -dev -bind 127.0.0.1 -http-port "$2" -dns-port -1 -grpc-port -1 -server-port "$3" \
     -serf-lan-port $(($3 + 1)) -serf-wan-port $(($3 + 2)) -data-dir "$1/consul-data" \
     > "$1/consul.log" 2>&1 & PIDS+=($!)
-  for _ in $(seq 1 60); do curl -sf "http://127.0.0.1:$2/v1/status/leader" | grep -q : && break; sleep 0.5; done
+  for _ in $(seq 1 60); do [[ "$(curl -sf "http://127.0.0.1:$2/v1/status/leader")" == *:* ]] && break; sleep 0.5; done
   curl -sf -X PUT -d "{\"Name\":\"web\",\"ID\":\"web-1\",\"Address\":\"127.0.0.1\",\"Port\":$4}" \
     "http://127.0.0.1:$2/v1/agent/service/register"
 }

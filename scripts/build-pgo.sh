@@ -73,7 +73,10 @@ training_config() { # listen admin consul tls
 routed() { # instance admin-port
   local _
   for _ in $(seq 1 60); do
-    curl -fsS "http://127.0.0.1:$2/routes" | grep -q "\"$1\"" && return 0
+    # Read whole first: `curl | grep -q` fails under pipefail when grep exits before curl
+    # has written the body (curl: (23) Failed writing body), as the training's larger
+    # /routes did.
+    [[ "$(curl -fsS "http://127.0.0.1:$2/routes")" == *"\"$1\""* ]] && return 0
     sleep 0.5
   done
   return 1
