@@ -327,7 +327,7 @@ struct Wiring {
 /// drained so that every answered request is logged.
 struct AccessLogWriter {
     stop: CancellationToken,
-    task: Option<tokio::task::JoinHandle<()>>,
+    task: Option<JoinHandle<()>>,
 }
 
 impl Wiring {
