@@ -443,19 +443,32 @@ impl Wiring {
 
     /// The TLS listener: the same gateway through the same connection path.
     fn spawn_tls(&self, listener: TcpListener, terminator: Arc<TlsTerminator>) -> JoinHandle<()> {
+        let builder = server::tls_http_builder(&self.config.server);
+        let transport = Transport::Tls(terminator);
+        tokio::spawn(self.serve_listener("tls", listener, transport, builder))
+    }
+
+    /// The gateway on listener `name`'s socket until shutdown, then drained.
+    fn serve_listener(
+        &self,
+        name: &'static str,
+        listener: TcpListener,
+        transport: Transport,
+        builder: Builder<TokioExecutor>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let source = Source {
             listener,
-            transport: Transport::Tls(terminator),
+            transport,
             clients: self.clients.clone(),
         };
-        tokio::spawn(serve_gateway(
+        serve_gateway(
             self.gateway.clone(),
             source,
-            server::tls_http_builder(&self.config.server),
-            ServeSettings::from_server("tls", &self.config.server),
-            self.metrics.for_connections("tls"),
+            builder,
+            ServeSettings::from_server(name, &self.config.server),
+            self.metrics.for_connections(name),
             self.shutdown.clone(),
-        ))
+        )
     }
 
     /// Applies each config from `reloads` (SIGHUP in `main`) until the watchers stop.
@@ -505,20 +518,9 @@ impl Wiring {
     /// The plain listener (`listen`), served on this task until shutdown, then drained.
     async fn serve_plain(&self, listener: TcpListener) {
         tokio::spawn(server::timer_heartbeat(self.shutdown.clone()));
-        let source = Source {
-            listener,
-            transport: Transport::Plain,
-            clients: self.clients.clone(),
-        };
-        serve_gateway(
-            self.gateway.clone(),
-            source,
-            server::http_builder(&self.config.server),
-            ServeSettings::from_server("gateway", &self.config.server),
-            self.metrics.for_connections("gateway"),
-            self.shutdown.clone(),
-        )
-        .await;
+        let builder = server::http_builder(&self.config.server);
+        self.serve_listener("gateway", listener, Transport::Plain, builder)
+            .await;
     }
 
     /// Runs an accept loop for each extra gateway socket, each on a current-thread runtime of
