@@ -125,170 +125,188 @@ impl Drop for SeriesLease {
     }
 }
 
+/// Registers `collector` in `registry` and gives it back: a family is made and registered in
+/// one step.
+fn register<C>(registry: &Registry, collector: C) -> Result<C, prometheus::Error>
+where
+    C: prometheus::core::Collector + Clone + 'static,
+{
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
+}
+
+/// A counter family labelled by service.
 fn counter_vec(
     registry: &Registry,
     name: &str,
     help: &str,
 ) -> Result<IntCounterVec, prometheus::Error> {
-    let vec = IntCounterVec::new(Opts::new(name, help), &["service"])?;
-    registry.register(Box::new(vec.clone()))?;
-    Ok(vec)
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), &["service"])?,
+    )
+}
+
+/// An integer gauge family labelled by service.
+fn int_gauge_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+) -> Result<IntGaugeVec, prometheus::Error> {
+    register(
+        registry,
+        IntGaugeVec::new(Opts::new(name, help), &["service"])?,
+    )
+}
+
+/// A gauge family labelled by service.
+fn gauge_vec(registry: &Registry, name: &str, help: &str) -> Result<GaugeVec, prometheus::Error> {
+    register(
+        registry,
+        GaugeVec::new(Opts::new(name, help), &["service"])?,
+    )
+}
+
+impl PerService {
+    /// The families labelled by service: requests and retries (the gateway), the table and
+    /// outlier detection (upstream), discovery and Consul errors (discovery), upgrades.
+    fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let requests = register(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "switchyard_requests_total",
+                    "Requests answered, by service and status code.",
+                ),
+                &["service", "code"],
+            )?,
+        )?;
+        let duration = register(
+            registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "switchyard_request_duration_seconds",
+                    "Time from request received to response head sent, all tries included.",
+                )
+                .buckets(DURATION_BUCKETS.to_vec()),
+                &["service"],
+            )?,
+        )?;
+        let discovery_errors = register(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "switchyard_discovery_errors_total",
+                    "Failed discovery attempts (queries, lookups, watches), by service and source.",
+                ),
+                &["service", "source"],
+            )?,
+        )?;
+        Ok(Self {
+            requests,
+            duration,
+            retries: counter_vec(
+                registry,
+                "switchyard_retries_total",
+                "Tries after the first, by service.",
+            )?,
+            instances: int_gauge_vec(
+                registry,
+                "switchyard_upstream_instances",
+                "Healthy instances in the current table.",
+            )?,
+            table_updates: counter_vec(
+                registry,
+                "switchyard_table_updates_total",
+                "Times a service's instance table was replaced with a different set.",
+            )?,
+            consul_errors: counter_vec(
+                registry,
+                "switchyard_consul_errors_total",
+                "Failed Consul queries, by service.",
+            )?,
+            discovery_errors,
+            consul_last_success: gauge_vec(
+                registry,
+                "switchyard_consul_last_success_timestamp_seconds",
+                "Unix time of the last successful Consul answer, by service.",
+            )?,
+            consul_hung: counter_vec(
+                registry,
+                "switchyard_consul_hung_queries_total",
+                "Consul long-polls cut by the watchdog after hanging past wait plus slack.",
+            )?,
+            consul_failing: gauge_vec(
+                registry,
+                "switchyard_consul_failing_seconds",
+                "How long Consul queries have failed without a success in between (0 when fine).",
+            )?,
+            ejections: counter_vec(
+                registry,
+                "switchyard_ejections_total",
+                "Instances ejected by passive outlier detection.",
+            )?,
+            ejected: int_gauge_vec(
+                registry,
+                "switchyard_ejected_instances",
+                "Instances ejected right now.",
+            )?,
+            retry_budget_exhausted: counter_vec(
+                registry,
+                "switchyard_retry_budget_exhausted_total",
+                "Retries refused because the retry budget was spent.",
+            )?,
+            upgraded: int_gauge_vec(
+                registry,
+                "switchyard_upgraded_connections",
+                "Upgraded (WebSocket and other) connections spliced to an instance now.",
+            )?,
+            leases: Mutex::new(HashMap::new()),
+        })
+    }
 }
 
 impl Metrics {
     /// Builds and registers all families. Fails only on a programming error (duplicate names).
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "switchyard_requests_total",
-                "Requests answered, by service and status code.",
-            ),
-            &["service", "code"],
-        )?;
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "switchyard_request_duration_seconds",
-                "Time from request received to response head sent, all tries included.",
-            )
-            .buckets(DURATION_BUCKETS.to_vec()),
-            &["service"],
-        )?;
-        let retries = IntCounterVec::new(
-            Opts::new(
-                "switchyard_retries_total",
-                "Tries after the first, by service.",
-            ),
-            &["service"],
-        )?;
-        let instances = IntGaugeVec::new(
-            Opts::new(
-                "switchyard_upstream_instances",
-                "Healthy instances in the current table.",
-            ),
-            &["service"],
-        )?;
-        let table_updates = IntCounterVec::new(
-            Opts::new(
-                "switchyard_table_updates_total",
-                "Times a service's instance table was replaced with a different set.",
-            ),
-            &["service"],
-        )?;
-        let consul_errors = IntCounterVec::new(
-            Opts::new(
-                "switchyard_consul_errors_total",
-                "Failed Consul queries, by service.",
-            ),
-            &["service"],
-        )?;
-        let consul_last_success = GaugeVec::new(
-            Opts::new(
-                "switchyard_consul_last_success_timestamp_seconds",
-                "Unix time of the last successful Consul answer, by service.",
-            ),
-            &["service"],
-        )?;
-        let access_log_dropped = IntCounter::new(
-            "switchyard_access_log_dropped_total",
-            "Access log entries dropped because the writer fell behind.",
-        )?;
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(duration.clone()))?;
-        registry.register(Box::new(retries.clone()))?;
-        registry.register(Box::new(instances.clone()))?;
-        registry.register(Box::new(table_updates.clone()))?;
-        registry.register(Box::new(consul_errors.clone()))?;
-        let discovery_errors = IntCounterVec::new(
-            Opts::new(
-                "switchyard_discovery_errors_total",
-                "Failed discovery attempts (queries, lookups, watches), by service and source.",
-            ),
-            &["service", "source"],
-        )?;
-        registry.register(Box::new(discovery_errors.clone()))?;
-        registry.register(Box::new(consul_last_success.clone()))?;
-        let consul_hung = counter_vec(
+        let per_service = Arc::new(PerService::register(&registry)?);
+        let propagation = register(
             &registry,
-            "switchyard_consul_hung_queries_total",
-            "Consul long-polls cut by the watchdog after hanging past wait plus slack.",
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "switchyard_propagation_seconds",
+                    "Time from a source reporting a change (a Consul watch or change detector answering, a DNS lookup, ...) to the new table being swapped in, by source.",
+                )
+                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+                &["source"],
+            )?,
         )?;
-        let consul_failing = GaugeVec::new(
-            Opts::new(
-                "switchyard_consul_failing_seconds",
-                "How long Consul queries have failed without a success in between (0 when fine).",
-            ),
-            &["service"],
-        )?;
-        registry.register(Box::new(consul_failing.clone()))?;
-        let ejections = counter_vec(
+        let access_log_dropped = register(
             &registry,
-            "switchyard_ejections_total",
-            "Instances ejected by passive outlier detection.",
+            IntCounter::new(
+                "switchyard_access_log_dropped_total",
+                "Access log entries dropped because the writer fell behind.",
+            )?,
         )?;
-        let ejected = IntGaugeVec::new(
-            Opts::new(
-                "switchyard_ejected_instances",
-                "Instances ejected right now.",
-            ),
-            &["service"],
-        )?;
-        registry.register(Box::new(ejected.clone()))?;
-        let retry_budget_exhausted = counter_vec(
+        let tls_handshakes = register(
             &registry,
-            "switchyard_retry_budget_exhausted_total",
-            "Retries refused because the retry budget was spent.",
+            IntCounterVec::new(
+                Opts::new(
+                    "switchyard_tls_handshakes_total",
+                    "TLS handshakes on the TLS listener, by result: ok, error (failed or not TLS), timeout (not done within server.header_read_timeout).",
+                ),
+                &["result"],
+            )?,
         )?;
-        let propagation = HistogramVec::new(
-            HistogramOpts::new(
-                "switchyard_propagation_seconds",
-                "Time from a source reporting a change (a Consul watch or change detector answering, a DNS lookup, ...) to the new table being swapped in, by source.",
-            )
-            .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
-            &["source"],
-        )?;
-        registry.register(Box::new(propagation.clone()))?;
-        registry.register(Box::new(access_log_dropped.clone()))?;
-        let tls_handshakes = IntCounterVec::new(
-            Opts::new(
-                "switchyard_tls_handshakes_total",
-                "TLS handshakes on the TLS listener, by result: ok, error (failed or not TLS), timeout (not done within server.header_read_timeout).",
-            ),
-            &["result"],
-        )?;
-        registry.register(Box::new(tls_handshakes.clone()))?;
         let connections = ConnectionFamilies::register(&registry)?;
-        let upgraded = IntGaugeVec::new(
-            Opts::new(
-                "switchyard_upgraded_connections",
-                "Upgraded (WebSocket and other) connections spliced to an instance now.",
-            ),
-            &["service"],
-        )?;
-        registry.register(Box::new(upgraded.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(Self {
             registry,
-            per_service: Arc::new(PerService {
-                requests,
-                duration,
-                retries,
-                instances,
-                table_updates,
-                consul_errors,
-                discovery_errors,
-                consul_last_success,
-                consul_hung,
-                consul_failing,
-                ejections,
-                ejected,
-                retry_budget_exhausted,
-                upgraded,
-                leases: Mutex::new(HashMap::new()),
-            }),
+            per_service,
             propagation,
             access_log_dropped,
             tls_handshakes,
