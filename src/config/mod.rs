@@ -1551,87 +1551,13 @@ impl RawService {
         if let Some(i) = self.tags.iter().position(|t| t.trim().is_empty()) {
             return Err(invalid(format!("{key}.tags[{i}]"), "empty tag"));
         }
-        let raw_route = self.route.unwrap_or(RawRoute {
-            path_prefix: None,
-            host: String::new(),
-            strip_prefix: false,
-        });
-        let path_prefix = raw_route.path_prefix.unwrap_or_else(|| format!("/{name}"));
-        if !path_prefix.starts_with('/') {
-            return Err(invalid(
-                format!("{key}.route.path_prefix"),
-                format!("{path_prefix:?} must start with '/'"),
-            ));
-        }
-        let host = raw_route.host.trim().to_ascii_lowercase();
-        if host.contains(['/', ' ', ':']) {
-            return Err(invalid(
-                format!("{key}.route.host"),
-                format!("{host:?} must be a bare host name without scheme, port or path"),
-            ));
-        }
-        let route = RouteConfig {
-            path_prefix,
-            host: Some(host).filter(|h| !h.is_empty()),
-            strip_prefix: raw_route.strip_prefix,
-        };
-        if self.retry.attempts == 0 {
-            return Err(invalid(
-                format!("{key}.retry.attempts"),
-                "must be at least 1",
-            ));
-        }
-        if self.retry.budget_percent > 100 {
-            return Err(invalid(
-                format!("{key}.retry.budget_percent"),
-                "must be between 0 and 100",
-            ));
-        }
+        let route = RawRoute::validate(self.route, key, &name)?;
+        let retry = self.retry.validate(key)?;
         let outlier = self.outlier.validate(&format!("{key}.outlier"))?;
-        let retry = RetryConfig {
-            budget_percent: self.retry.budget_percent,
-            budget_min_per_second: self.retry.budget_min_per_second,
-            attempts: self.retry.attempts,
-            timeout: parse_positive_duration(&format!("{key}.retry.timeout"), &self.retry.timeout)?,
-        };
-        let protocol = match self.protocol.as_deref().map(str::trim) {
-            None | Some("http1") => UpstreamProtocol::Http1,
-            Some("h2c") => UpstreamProtocol::H2c,
-            Some("https") => UpstreamProtocol::Https,
-            Some("h2") => UpstreamProtocol::H2,
-            Some(other) => {
-                return Err(invalid(
-                    format!("{key}.protocol"),
-                    format!("{other:?} is not one of \"http1\", \"h2c\", \"https\", \"h2\""),
-                ))
-            }
-        };
-        let tls = match (protocol.is_tls(), self.tls) {
-            (true, raw) => Some(raw.unwrap_or_default().validate(&format!("{key}.tls"))?),
-            (false, None) => None,
-            (false, Some(_)) => {
-                return Err(invalid(
-                    format!("{key}.tls"),
-                    "needs `protocol: https` or `protocol: h2`",
-                ))
-            }
-        };
+        let protocol = parse_protocol(key, self.protocol.as_deref())?;
+        let tls = service_tls(key, protocol, self.tls)?;
         let balance = parse_balance(key, self.balance.as_deref())?;
-        let hash_on =
-            match (balance, self.hash_on.trim()) {
-                (Balance::Hash, "") => return Err(invalid(
-                    format!("{key}.hash_on"),
-                    "is required by `balance: hash` (header:<name>, cookie:<name> or client_ip)",
-                )),
-                (Balance::Hash, text) => Some(HashOn::parse(&format!("{key}.hash_on"), text)?),
-                (_, "") => None,
-                (_, _) => {
-                    return Err(invalid(
-                        format!("{key}.hash_on"),
-                        "is only used by `balance: hash`",
-                    ))
-                }
-            };
+        let hash_on = parse_hash_on(key, balance, self.hash_on.trim())?;
         let split = validate_splits(key, self.split)?;
         let source = RawServiceSource {
             source: self.source,
@@ -1654,6 +1580,107 @@ impl RawService {
             outlier,
             source,
         })
+    }
+}
+
+impl RawRoute {
+    /// Service `name`'s route (`key.route`); without one, the path prefix `/<name>`.
+    fn validate(raw: Option<Self>, key: &str, name: &str) -> Result<RouteConfig, ConfigError> {
+        let raw = raw.unwrap_or(RawRoute {
+            path_prefix: None,
+            host: String::new(),
+            strip_prefix: false,
+        });
+        let path_prefix = raw.path_prefix.unwrap_or_else(|| format!("/{name}"));
+        if !path_prefix.starts_with('/') {
+            return Err(invalid(
+                format!("{key}.route.path_prefix"),
+                format!("{path_prefix:?} must start with '/'"),
+            ));
+        }
+        let host = raw.host.trim().to_ascii_lowercase();
+        if host.contains(['/', ' ', ':']) {
+            return Err(invalid(
+                format!("{key}.route.host"),
+                format!("{host:?} must be a bare host name without scheme, port or path"),
+            ));
+        }
+        Ok(RouteConfig {
+            path_prefix,
+            host: Some(host).filter(|h| !h.is_empty()),
+            strip_prefix: raw.strip_prefix,
+        })
+    }
+}
+
+impl RawRetry {
+    /// `key.retry`: at least one attempt, a budget between 0 and 100 percent.
+    fn validate(self, key: &str) -> Result<RetryConfig, ConfigError> {
+        if self.attempts == 0 {
+            return Err(invalid(
+                format!("{key}.retry.attempts"),
+                "must be at least 1",
+            ));
+        }
+        if self.budget_percent > 100 {
+            return Err(invalid(
+                format!("{key}.retry.budget_percent"),
+                "must be between 0 and 100",
+            ));
+        }
+        Ok(RetryConfig {
+            budget_percent: self.budget_percent,
+            budget_min_per_second: self.budget_min_per_second,
+            attempts: self.attempts,
+            timeout: parse_positive_duration(&format!("{key}.retry.timeout"), &self.timeout)?,
+        })
+    }
+}
+
+fn parse_protocol(key: &str, text: Option<&str>) -> Result<UpstreamProtocol, ConfigError> {
+    match text.map(str::trim) {
+        None | Some("http1") => Ok(UpstreamProtocol::Http1),
+        Some("h2c") => Ok(UpstreamProtocol::H2c),
+        Some("https") => Ok(UpstreamProtocol::Https),
+        Some("h2") => Ok(UpstreamProtocol::H2),
+        Some(other) => Err(invalid(
+            format!("{key}.protocol"),
+            format!("{other:?} is not one of \"http1\", \"h2c\", \"https\", \"h2\""),
+        )),
+    }
+}
+
+/// `key.tls`: defaults for a TLS protocol, an error for a plain one.
+fn service_tls(
+    key: &str,
+    protocol: UpstreamProtocol,
+    raw: Option<RawUpstreamTls>,
+) -> Result<Option<UpstreamTlsConfig>, ConfigError> {
+    match (protocol.is_tls(), raw) {
+        (true, raw) => Ok(Some(
+            raw.unwrap_or_default().validate(&format!("{key}.tls"))?,
+        )),
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err(invalid(
+            format!("{key}.tls"),
+            "needs `protocol: https` or `protocol: h2`",
+        )),
+    }
+}
+
+/// `key.hash_on`: required by (and only used by) `balance: hash`.
+fn parse_hash_on(key: &str, balance: Balance, text: &str) -> Result<Option<HashOn>, ConfigError> {
+    match (balance, text) {
+        (Balance::Hash, "") => Err(invalid(
+            format!("{key}.hash_on"),
+            "is required by `balance: hash` (header:<name>, cookie:<name> or client_ip)",
+        )),
+        (Balance::Hash, text) => Ok(Some(HashOn::parse(&format!("{key}.hash_on"), text)?)),
+        (_, "") => Ok(None),
+        (_, _) => Err(invalid(
+            format!("{key}.hash_on"),
+            "is only used by `balance: hash`",
+        )),
     }
 }
 
