@@ -135,7 +135,8 @@ impl EtcdSource {
         }
     }
 
-    /// The shared client and its generation, connected on first use (bounded by the timeout).
+    /// The shared client and its generation, connected on first use (bounded by the timeout);
+    /// a member that cannot be connected to is left for the next at once.
     async fn client(&self) -> Result<(u64, Client), EtcdError> {
         let mut shared = self.client.lock().await;
         if let Some(client) = shared.client.as_ref() {
@@ -143,15 +144,26 @@ impl EtcdSource {
         }
         let endpoint = &self.settings.endpoints[shared.member];
         let connect = Client::connect([endpoint], Some(self.connect_options()));
-        let client = bounded("connect", self.settings.timeout, connect)
-            .await?
-            .map_err(|source| EtcdError::Connect {
-                endpoint: endpoint.clone(),
-                source,
-            })?;
-        debug!(endpoint, "etcd client connected");
-        shared.client = Some(client.clone());
-        Ok((shared.generation, client))
+        let connected = bounded("connect", self.settings.timeout, connect)
+            .await
+            .map_err(EtcdError::from)
+            .and_then(|connected| {
+                connected.map_err(|source| EtcdError::Connect {
+                    endpoint: endpoint.clone(),
+                    source,
+                })
+            });
+        match connected {
+            Ok(client) => {
+                debug!(endpoint, "etcd client connected");
+                shared.client = Some(client.clone());
+                Ok((shared.generation, client))
+            }
+            Err(error) => {
+                self.next_member(&mut shared);
+                Err(error)
+            }
+        }
     }
 
     /// HTTP/2 pings while streams are open, `timeout` to answer: a member that vanished
@@ -177,10 +189,15 @@ impl EtcdSource {
     async fn forget(&self, generation: u64) {
         let mut shared = self.client.lock().await;
         if shared.generation == generation {
-            shared.generation += 1;
-            shared.member = (shared.member + 1) % self.settings.endpoints.len().max(1);
-            shared.client = None;
+            self.next_member(&mut shared);
         }
+    }
+
+    /// Drops the client and moves to the next member, a new generation.
+    fn next_member(&self, shared: &mut Shared) {
+        shared.generation += 1;
+        shared.member = (shared.member + 1) % self.settings.endpoints.len().max(1);
+        shared.client = None;
     }
 
     /// Lists and watches `prefix` until nobody follows; every failed round is reported.
@@ -205,8 +222,9 @@ impl EtcdSource {
         }
     }
 
-    /// One round on the current member; any failure but a compaction drops its client,
-    /// so the next round goes to the next member. `Ok` when nobody follows any more.
+    /// One round on the current member; any failure but a compaction drops its client (the
+    /// generation the round got it with), so the next round goes to the next member. `Ok`
+    /// when nobody follows any more.
     async fn round(
         &self,
         service: &str,
@@ -214,24 +232,26 @@ impl EtcdSource {
         updates: &Updates,
         retry: &mut Retry,
     ) -> Result<(), EtcdError> {
-        let generation = self.client.lock().await.generation;
-        let result = self.list_and_watch(service, prefix, updates, retry).await;
+        let (generation, client) = self.client().await?;
+        let result = self
+            .list_and_watch(client, service, prefix, updates, retry)
+            .await;
         if matches!(result, Err(ref error) if !matches!(error, EtcdError::Compacted(_))) {
             self.forget(generation).await;
         }
         result
     }
 
-    /// One list, then the watch from the next revision, until it ends.
+    /// One list on `client`, then the watch from the next revision, until it ends.
     async fn list_and_watch(
         &self,
+        mut client: Client,
         service: &str,
         prefix: &str,
         updates: &Updates,
         retry: &mut Retry,
     ) -> Result<(), EtcdError> {
         let timeout = self.settings.timeout;
-        let (_, mut client) = self.client().await?;
         let (mut set, revision, mut stream) = start(&mut client, service, prefix, timeout).await?;
         if !updates.send(set.update(revision)).await {
             return Ok(());
