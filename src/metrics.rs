@@ -135,36 +135,17 @@ where
     Ok(collector)
 }
 
-/// A counter family labelled by service.
-fn counter_vec(
+/// A family labelled by service, made by `make` (`IntCounterVec::new`, `GaugeVec::new`, ...).
+fn by_service<C>(
     registry: &Registry,
+    make: fn(Opts, &[&str]) -> Result<C, prometheus::Error>,
     name: &str,
     help: &str,
-) -> Result<IntCounterVec, prometheus::Error> {
-    register(
-        registry,
-        IntCounterVec::new(Opts::new(name, help), &["service"])?,
-    )
-}
-
-/// An integer gauge family labelled by service.
-fn int_gauge_vec(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-) -> Result<IntGaugeVec, prometheus::Error> {
-    register(
-        registry,
-        IntGaugeVec::new(Opts::new(name, help), &["service"])?,
-    )
-}
-
-/// A gauge family labelled by service.
-fn gauge_vec(registry: &Registry, name: &str, help: &str) -> Result<GaugeVec, prometheus::Error> {
-    register(
-        registry,
-        GaugeVec::new(Opts::new(name, help), &["service"])?,
-    )
+) -> Result<C, prometheus::Error>
+where
+    C: prometheus::core::Collector + Clone + 'static,
+{
+    register(registry, make(Opts::new(name, help), &["service"])?)
 }
 
 impl PerService {
@@ -205,59 +186,70 @@ impl PerService {
         Ok(Self {
             requests,
             duration,
-            retries: counter_vec(
+            retries: by_service(
                 registry,
+                IntCounterVec::new,
                 "switchyard_retries_total",
                 "Tries after the first, by service.",
             )?,
-            instances: int_gauge_vec(
+            instances: by_service(
                 registry,
+                IntGaugeVec::new,
                 "switchyard_upstream_instances",
                 "Healthy instances in the current table.",
             )?,
-            table_updates: counter_vec(
+            table_updates: by_service(
                 registry,
+                IntCounterVec::new,
                 "switchyard_table_updates_total",
                 "Times a service's instance table was replaced with a different set.",
             )?,
-            consul_errors: counter_vec(
+            consul_errors: by_service(
                 registry,
+                IntCounterVec::new,
                 "switchyard_consul_errors_total",
                 "Failed Consul queries, by service.",
             )?,
             discovery_errors,
-            consul_last_success: gauge_vec(
+            consul_last_success: by_service(
                 registry,
+                GaugeVec::new,
                 "switchyard_consul_last_success_timestamp_seconds",
                 "Unix time of the last successful Consul answer, by service.",
             )?,
-            consul_hung: counter_vec(
+            consul_hung: by_service(
                 registry,
+                IntCounterVec::new,
                 "switchyard_consul_hung_queries_total",
                 "Consul long-polls cut by the watchdog after hanging past wait plus slack.",
             )?,
-            consul_failing: gauge_vec(
+            consul_failing: by_service(
                 registry,
+                GaugeVec::new,
                 "switchyard_consul_failing_seconds",
                 "How long Consul queries have failed without a success in between (0 when fine).",
             )?,
-            ejections: counter_vec(
+            ejections: by_service(
                 registry,
+                IntCounterVec::new,
                 "switchyard_ejections_total",
                 "Instances ejected by passive outlier detection.",
             )?,
-            ejected: int_gauge_vec(
+            ejected: by_service(
                 registry,
+                IntGaugeVec::new,
                 "switchyard_ejected_instances",
                 "Instances ejected right now.",
             )?,
-            retry_budget_exhausted: counter_vec(
+            retry_budget_exhausted: by_service(
                 registry,
+                IntCounterVec::new,
                 "switchyard_retry_budget_exhausted_total",
                 "Retries refused because the retry budget was spent.",
             )?,
-            upgraded: int_gauge_vec(
+            upgraded: by_service(
                 registry,
+                IntGaugeVec::new,
                 "switchyard_upgraded_connections",
                 "Upgraded (WebSocket and other) connections spliced to an instance now.",
             )?,
