@@ -337,7 +337,9 @@ impl Wiring {
         shutdown: CancellationToken,
     ) -> Result<(Self, AccessLogWriter), RunError> {
         let upstreams = Upstreams::new(&config.services, &metrics);
-        let discovery = Arc::new(ConsulClient::new(&config.consul)?);
+        let mut discovery = ConsulClient::new(&config.consul)?;
+        discovery.negotiate_http2().await;
+        let discovery = Arc::new(discovery);
         let stop = CancellationToken::new();
         let dropped = metrics.access_log_dropped();
         let access_log = access_log::start(&config.access_log, dropped, stop.clone()).await?;
@@ -378,7 +380,11 @@ impl Wiring {
             t if !t.enabled => 0,
             t => 1 + usize::from(t.kv_path.is_some()),
         };
-        let budget = ConnectionBudget::new(&self.config.consul, tag_route_polls);
+        let budget = ConnectionBudget::new(
+            &self.config.consul,
+            tag_route_polls,
+            self.discovery.queries_per_connection(),
+        );
         let watches = WatchSet::start(
             sources,
             &self.config.consul,

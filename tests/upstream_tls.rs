@@ -352,3 +352,92 @@ async fn consul_over_tls_with_a_client_certificate() {
     );
     assert!(refused.instances("web").await.is_empty());
 }
+
+/// Established TCP connections to `port` on 127.0.0.1, from any local socket (the gateway's
+/// to the agent: nothing else in this test connects to that port).
+fn connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("reading /proc/net/tcp");
+    let remote = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(2) == Some(&remote.as_str()) && fields.get(3) == Some(&"01")
+        })
+        .count()
+}
+
+/// Consul's HTTPS listener speaks HTTP/2, so the gateway's blocking queries share
+/// connections: an agent allowing 12 connections per client serves 260 services watched with
+/// a query each (over HTTP/1.1 that is 260 connections, and the 12th on are refused). More
+/// queries than Consul's 250 streams per connection: on one connection, the ones past 250
+/// wait in the connection's queue behind long-polls and miss changes; the gateway spreads
+/// them over a few (lanes of at most 100), so a change to any one service is routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_queries_share_http2_connections_to_consul_over_https() {
+    const SERVICES: usize = 260;
+    let pki = Pki::new("consul-h2");
+    let server = pki.leaf("consul", "consul.test", &["consul.test"]);
+    let client = pki.leaf("client", "switchyard", &["switchyard.test"]);
+    let hcl = "limits { http_max_conns_per_client = 12 }";
+    let consul = Consul::start_tls_with_hcl(&pki.ca_file, &server, hcl).await;
+    let backend = common::Backend::start("any", common::Behavior::Ok).await;
+    let mut services = String::from("services:\n");
+    for n in 0..SERVICES {
+        consul
+            .register(&format!("s{n}"), &format!("s{n}-1"), backend.port, &[])
+            .await;
+        services.push_str(&format!("  - name: s{n}\n"));
+    }
+    let tls = format!(
+        "  ca_file: {:?}\n  cert_file: {:?}\n  key_file: {:?}\n  tls_server_name: consul.test\n  watch: per_service\n  max_connections: 8\n",
+        pki.ca_file, client.cert_file, client.key_file
+    );
+    let gateway = common::Gateway::start_with(&[consul.https_url()], &tls, &services).await;
+    // Every table filled, read from one `/routes` per look.
+    let synced = common::wait_until(Duration::from_secs(20), || async {
+        let routes: serde_json::Value =
+            serde_json::from_str(&gateway.admin_get("/routes").await).expect("/routes is JSON");
+        let filled = routes["services"].as_array().into_iter().flatten();
+        filled
+            .filter(|s| s["instances"].as_array().is_some_and(|i| i.len() == 1))
+            .count()
+            == SERVICES
+    })
+    .await;
+    assert!(
+        synced.is_some(),
+        "every service watched over shared connections"
+    );
+    let https_port: u16 = consul
+        .https_url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let held = connections_to(https_port);
+    // Three lanes of at most 100 queries, and the connection of the startup question.
+    assert!(
+        (3..=4).contains(&held),
+        "{held} connections carry {SERVICES} blocking queries"
+    );
+
+    // One service at a time, so no other service's change frees a place in a queue.
+    for n in 0..SERVICES {
+        let (service, late) = (format!("s{n}"), format!("s{n}-2"));
+        consul.register(&service, &late, backend.port, &[]).await;
+        let routed = gateway
+            .wait_for_instances(
+                &service,
+                &[format!("s{n}-1").as_str(), late.as_str()],
+                Duration::from_secs(5),
+            )
+            .await;
+        assert!(
+            routed.is_some(),
+            "the change to {service} reaches its table"
+        );
+    }
+}

@@ -164,6 +164,15 @@ impl Consul {
     /// Starts an agent that also serves HTTPS (at [`Consul::https_url`]) with `cert`, and
     /// there requires client certificates signed by `ca_file` (`verify_incoming_https`).
     pub async fn start_tls(ca_file: &std::path::Path, cert: &CertificateConfig) -> Consul {
+        Self::start_tls_with_hcl(ca_file, cert, "").await
+    }
+
+    /// [`Consul::start_tls`] with extra configuration in HCL, as [`Consul::start_with_hcl`].
+    pub async fn start_tls_with_hcl(
+        ca_file: &std::path::Path,
+        cert: &CertificateConfig,
+        hcl: &str,
+    ) -> Consul {
         let config = json!({
             "ports": {"https": "{https_port}"},
             "ca_file": ca_file,
@@ -175,7 +184,8 @@ impl Consul {
         let text = config
             .to_string()
             .replace("\"{https_port}\"", "{https_port}");
-        Self::start_with_config(Some(text), None).await
+        let hcl = Some(hcl.trim().to_owned()).filter(|h| !h.is_empty());
+        Self::start_with_config(Some(text), hcl).await
     }
 
     pub fn https_url(&self) -> String {

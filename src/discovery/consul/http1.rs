@@ -17,7 +17,6 @@
 //! ([`LightClient::serves`]).
 
 use std::sync::Mutex;
-use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
@@ -26,13 +25,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::RawAnswer;
+use super::{RawAnswer, CONNECT_TIMEOUT, IDLE_TIMEOUT};
 use crate::wire::chunked::{Chunked, Decoded};
 
-/// How long an idle connection is kept for reuse (reqwest's `pool_idle_timeout` before).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// A connection not made within this is an error (as `connect_timeout` was).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The largest answer head accepted (Consul's are ~400 bytes).
 const MAX_HEAD: usize = 64 * 1024;
 /// Most header lines in an answer head (Consul sends ~10).
@@ -82,6 +77,11 @@ impl LightClient {
             max_idle,
             proxied,
         }
+    }
+
+    /// The headers every request carries (the token).
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
     }
 
     /// Whether this client takes `url`: `http://`, with no proxy configured in the

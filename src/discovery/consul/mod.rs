@@ -26,6 +26,7 @@ use tracing::{info, warn};
 
 mod catalog;
 mod http1;
+mod lanes;
 pub mod limits;
 mod set;
 pub mod tag_routes;
@@ -50,6 +51,13 @@ pub fn idle_connections(max_connections: usize) -> usize {
         0
     }
 }
+/// A connection to Consul not made within this is an error.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an idle connection to Consul is kept for reuse.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// The startup question whether Consul's HTTPS speaks HTTP/2 waits at most this (a TLS
+/// handshake and one small answer; ~5 ms on loopback).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Agent calls (self-registration) are answered at once; one that takes longer is cut.
 const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Extra time beyond Consul's own `wait + wait/16` before a long-poll counts as hung.
@@ -126,7 +134,9 @@ pub fn consul_tls(config: &ConsulConfig) -> Result<Option<rustls::ClientConfig>,
         insecure_skip_verify: false,
         server_name: tls.server_name.clone(),
     };
-    client_config(&settings, &[b"http/1.1"]).map(Some)
+    // HTTP/2 first: Consul's HTTPS listener speaks it, and the long-polls then share
+    // connections ([`lanes`]).
+    client_config(&settings, &[b"h2", b"http/1.1"]).map(Some)
 }
 
 pub fn consul_headers(config: &ConsulConfig) -> Result<HeaderMap, DiscoveryError> {
@@ -171,6 +181,10 @@ pub struct ConsulClient {
     http: reqwest::Client,
     /// GETs on `http://` addresses (the long-polls): far less memory per connection.
     light: http1::LightClient,
+    /// GETs on `https://` addresses once Consul was seen answering over HTTP/2.
+    lanes: Option<lanes::Lanes>,
+    /// What the lanes are built from, until [`ConsulClient::negotiate_http2`] has run.
+    lane_settings: Option<lanes::LaneSettings>,
     bases: Vec<reqwest::Url>,
     current: AtomicUsize,
     datacenter: Option<String>,
@@ -183,9 +197,9 @@ impl ConsulClient {
         // Consul adds up to wait/16 of jitter to every blocking query.
         let hung_after = config.wait + config.wait / 16 + LONG_POLL_SLACK;
         let http = consul_client(config)?
-            .connect_timeout(Duration::from_secs(2))
+            .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(IDLE_TIMEOUT)
             .pool_max_idle_per_host(idle_connections(config.max_connections))
             .build()
             .map_err(DiscoveryError::Transport)?;
@@ -193,15 +207,70 @@ impl ConsulClient {
             consul_headers(config)?,
             idle_connections(config.max_connections),
         );
+        let lane_settings = consul_tls(config)?.map(|tls| lanes::LaneSettings {
+            headers: light.headers().clone(),
+            tls,
+            connect_timeout: CONNECT_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            max_lanes: config.max_connections,
+        });
         Ok(Self {
             http,
             light,
+            lanes: None,
+            lane_settings,
             bases: config.addresses.clone(),
             current: AtomicUsize::new(0),
             datacenter: config.datacenter.clone(),
             wait: config.wait,
             hung_after,
         })
+    }
+
+    /// Learns whether Consul's HTTPS answers over HTTP/2 (a `GET /v1/status/leader` on the
+    /// first address, within [`PROBE_TIMEOUT`]); if it does, the long-polls share connections
+    /// from then on ([`lanes`]). When not every address is `https://`, when Consul answers
+    /// HTTP/1.1 or cannot be reached, each long-poll keeps a connection of its own for the
+    /// life of the process, as over `http://`.
+    pub async fn negotiate_http2(&mut self) {
+        let Some(settings) = self.lane_settings.take() else {
+            return;
+        };
+        if !self.bases.iter().all(|base| base.scheme() == "https") {
+            return;
+        }
+        let mut url = self.bases[0].clone();
+        url.set_path("/v1/status/leader");
+        match tokio::time::timeout(PROBE_TIMEOUT, self.http.get(url).send()).await {
+            Ok(Ok(answer)) if answer.version() == reqwest::Version::HTTP_2 => {
+                info!(
+                    queries_per_connection = lanes::STREAMS_PER_LANE,
+                    "Consul answers HTTPS over HTTP/2: blocking queries share connections"
+                );
+                self.lanes = Some(lanes::Lanes::new(settings));
+            }
+            Ok(Ok(answer)) => info!(
+                version = ?answer.version(),
+                "Consul answers HTTPS without HTTP/2: one blocking query per connection"
+            ),
+            Ok(Err(error)) => warn!(
+                error = %error,
+                "Consul unreachable at startup: one blocking query per HTTPS connection"
+            ),
+            Err(_) => warn!(
+                timeout = ?PROBE_TIMEOUT,
+                "Consul unreachable at startup: one blocking query per HTTPS connection"
+            ),
+        }
+    }
+
+    /// How many blocking queries one connection to Consul carries: [`lanes::STREAMS_PER_LANE`]
+    /// over HTTP/2, else 1.
+    pub fn queries_per_connection(&self) -> usize {
+        match self.lanes {
+            Some(_) => lanes::STREAMS_PER_LANE,
+            None => 1,
+        }
     }
 
     /// Overrides when a long-poll counts as hung (default `wait * 17/16 + 5s`).
@@ -437,8 +506,13 @@ impl ConsulClient {
                 .await
                 .map_err(DiscoveryError::Connection);
         }
-        let response = self
-            .http
+        // The lane's place is held until the whole answer is read.
+        let ticket = match &self.lanes {
+            Some(lanes) if url.scheme() == "https" => Some(lanes.take()?),
+            _ => None,
+        };
+        let client = ticket.as_ref().map_or(&self.http, |ticket| ticket.client());
+        let response = client
             .get(url)
             .send()
             .await

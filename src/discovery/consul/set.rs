@@ -68,9 +68,17 @@ fn share(mode: WatchMode, limit: usize, idle: usize, services: usize) -> usize {
 /// ([`Claim::Rest`]) get what those leave, less the tag-route watcher's own long-polls. Each
 /// set's share is computed when it reconciles; a reload that grows the file's share is
 /// followed by the tag-route watcher's reconcile (it is notified of every reload).
+///
+/// It counts blocking queries: one per connection over HTTP/1.1, and
+/// [`STREAMS_PER_LANE`](super::lanes::STREAMS_PER_LANE) per connection once Consul's HTTPS was
+/// seen speaking HTTP/2 (`ConsulClient::queries_per_connection`): then 128 connections carry
+/// 12,800 queries, and every service of a large catalog gets its own.
 #[derive(Debug)]
 pub struct ConnectionBudget {
+    /// Queries in flight at once: `max_connections` × queries per connection.
     total: usize,
+    /// `consul.max_connections`.
+    connections: usize,
     /// Long-polls outside any watch set (the tag-route watcher's catalog and KV queries).
     reserved: usize,
     /// Kept free by the file's watches for the tag-route watcher's services (0 without it).
@@ -90,15 +98,20 @@ pub enum Claim {
 
 impl ConnectionBudget {
     /// The budget of `consul`, with `tag_route_polls` long-polls of the tag-route watcher
-    /// (0 when tag routes are off).
-    pub fn new(consul: &ConsulConfig, tag_route_polls: usize) -> Arc<Self> {
+    /// (0 when tag routes are off), each connection carrying `queries_per_connection`.
+    pub fn new(
+        consul: &ConsulConfig,
+        tag_route_polls: usize,
+        queries_per_connection: usize,
+    ) -> Arc<Self> {
         let rest_floor = if tag_route_polls > 0 {
             CATALOG_FLOOR
         } else {
             0
         };
         Arc::new(Self {
-            total: consul.max_connections,
+            total: consul.max_connections * queries_per_connection.max(1),
+            connections: consul.max_connections,
             reserved: tag_route_polls,
             rest_floor,
             first: AtomicUsize::new(0),
@@ -131,7 +144,7 @@ impl ConnectionBudget {
     /// The idle connections of the shared HTTP pool, counted once (by the file's side).
     fn idle(&self, claim: Claim) -> usize {
         match claim {
-            Claim::First => idle_connections(self.total),
+            Claim::First => idle_connections(self.connections),
             Claim::Rest => 0,
         }
     }
@@ -212,13 +225,15 @@ impl ConsulWatches {
                 .insert(upstream.name().to_owned(), (upstream, running));
         }
         if !catalog_unchanged && !shared.is_empty() {
-            let running = self.spawn_catalog(shared, limit, ready);
+            // Catalog mode's fetches stay within the connection count (a sweep of every
+            // service at once would otherwise be as wide as the multiplexed budget).
+            let running = self.spawn_catalog(shared, limit.min(self.budget.connections), ready);
             self.catalog = Some((shared.to_vec(), running));
         }
         info!(
             per_service = own.len(),
             catalog = shared.len(),
-            connections = limit,
+            queries = limit,
             max_connections = self.consul.max_connections,
             watches = ?self.claim,
             "watching Consul"
@@ -319,7 +334,7 @@ mod tests {
     fn tag_routes_share_the_budget_with_the_file_services() {
         let config = consul("auto", 64);
         for (file, tagged) in [(10, 30), (10, 100), (62, 10), (100, 100), (0, 200)] {
-            let budget = ConnectionBudget::new(&config, 2);
+            let budget = ConnectionBudget::new(&config, 2, 1);
             let total = held(&budget, Claim::First, file) + held(&budget, Claim::Rest, tagged) + 2;
             assert!(
                 total <= 64,
@@ -327,11 +342,11 @@ mod tests {
             );
         }
         // Few services: everyone gets a query of their own.
-        let budget = ConnectionBudget::new(&config, 2);
+        let budget = ConnectionBudget::new(&config, 2, 1);
         assert_eq!(budget.plan(Claim::First, WatchMode::Auto, 10).0, 10);
         assert_eq!(budget.plan(Claim::Rest, WatchMode::Auto, 30).0, 30);
         // Without tag routes the file's services keep the whole budget, as before.
-        let alone = ConnectionBudget::new(&config, 0);
+        let alone = ConnectionBudget::new(&config, 0, 1);
         assert_eq!(alone.plan(Claim::First, WatchMode::Auto, 62).0, 62);
     }
 
