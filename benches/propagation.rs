@@ -13,7 +13,8 @@
 //! measured change), `BENCH_CONSUL=watch: catalog,max_connections: 16` (extra `consul:` keys),
 //! `BENCH_CONSUL_HCL='limits { http_max_conns_per_client = 4096 }'` (extra configuration of
 //! the Consul agent, passed as `consul agent -hcl`; by default Consul refuses more than 200
-//! connections per client address), `BENCH_RUST_LOG` and `BENCH_LOG_FILE` (keep the
+//! connections per client address), `BENCH_CONSUL_TLS=1` (the gateway watches the agent over
+//! HTTPS, with a client certificate: HTTP/2, many long-polls per connection), `BENCH_RUST_LOG` and `BENCH_LOG_FILE` (keep the
 //! gateway's log, one file per size), `SWITCHYARD_BIN` (measure that binary instead of
 //! building the release one).
 //! Targets (issue 10): p99 < 10 ms at 100 services, < 50 ms at 1,000; at most
@@ -234,11 +235,35 @@ fn next_update(gateway: &Gateway, name: &str) -> Option<Instant> {
     }
 }
 
-async fn run(size: usize, changes: usize) -> String {
+/// The agent (with HTTPS when `BENCH_CONSUL_TLS=1`) and the gateway's `consul:` keys that
+/// reach it: its address and, over HTTPS, the test CA and a client certificate (their files
+/// go with the returned `Pki`), and the port the gateway's connections go to.
+async fn start_consul() -> (common::Consul, String, u16, Option<common::pki::Pki>) {
     // BENCH_CONSUL_HCL: extra agent configuration, e.g. a raised connection limit.
-    let consul =
-        common::Consul::start_with_hcl(&std::env::var("BENCH_CONSUL_HCL").unwrap_or_default())
-            .await;
+    let hcl = std::env::var("BENCH_CONSUL_HCL").unwrap_or_default();
+    if std::env::var("BENCH_CONSUL_TLS").as_deref() != Ok("1") {
+        let consul = common::Consul::start_with_hcl(&hcl).await;
+        let keys = format!("  address: {}\n", consul.url());
+        let port = consul.http_port;
+        return (consul, keys, port, None);
+    }
+    let pki = common::pki::Pki::new("bench-consul");
+    let server = pki.leaf("consul", "consul.test", &["consul.test"]);
+    let client = pki.leaf("client", "switchyard", &["switchyard.test"]);
+    let consul = common::Consul::start_tls_with_hcl(&pki.ca_file, &server, &hcl).await;
+    let keys = format!(
+        "  address: {}\n  ca_file: {:?}\n  cert_file: {:?}\n  key_file: {:?}\n  tls_server_name: consul.test\n",
+        consul.https_url(),
+        pki.ca_file,
+        client.cert_file,
+        client.key_file
+    );
+    let port = consul.https_port();
+    (consul, keys, port, Some(pki))
+}
+
+async fn run(size: usize, changes: usize) -> String {
+    let (consul, consul_keys, consul_port, _pki) = start_consul().await;
     let url = consul.url();
     let client = common::http_client();
     let started = Instant::now();
@@ -268,7 +293,7 @@ async fn run(size: usize, changes: usize) -> String {
         .filter(|kv| !kv.trim().is_empty())
         .map(|kv| format!("  {}\n", kv.trim()))
         .collect();
-    let mut yaml = format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nworkers: 1\nconsul:\n  address: {url}\n{extra}services:\n");
+    let mut yaml = format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nworkers: 1\nconsul:\n{consul_keys}{extra}services:\n");
     for service in 0..size {
         yaml.push_str(&format!("  - name: svc{service}\n"));
     }
@@ -405,7 +430,7 @@ async fn run(size: usize, changes: usize) -> String {
             "established",
             "dport",
             "=",
-            &format!(":{}", consul.http_port),
+            &format!(":{consul_port}"),
         ])
         .output()
         .map(|o| {

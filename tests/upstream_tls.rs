@@ -410,14 +410,7 @@ async fn blocking_queries_share_http2_connections_to_consul_over_https() {
         synced.is_some(),
         "every service watched over shared connections"
     );
-    let https_port: u16 = consul
-        .https_url()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let held = connections_to(https_port);
+    let held = connections_to(consul.https_port());
     // Three lanes of at most 100 queries, and the connection of the startup question.
     assert!(
         (3..=4).contains(&held),

@@ -189,7 +189,12 @@ impl Consul {
     }
 
     pub fn https_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.ports[3])
+        format!("https://127.0.0.1:{}", self.https_port())
+    }
+
+    /// The HTTPS port (served only by an agent started with TLS).
+    pub fn https_port(&self) -> u16 {
+        self.ports[3]
     }
 
     async fn start_with_config(extra_config: Option<String>, hcl: Option<String>) -> Consul {
