@@ -8,6 +8,7 @@
 #   PIN=0 bash loadtest/run.sh           # do not pin the c=1 runs to one CPU (see README)
 #   EDGE=0 bash loadtest/run.sh          # skip the TLS, HTTP/2 and gRPC rows (edge.sh)
 #   PGO=1 bash loadtest/run.sh           # measure the profile-guided build (scripts/build-pgo.sh)
+#   SWITCHYARD_BIN=path bash loadtest/run.sh  # measure that binary, built already (BUILD= names it)
 #
 # Writes loadtest/RESULTS.md, loadtest/chart.svg and loadtest/scenarios.svg; raw outputs, configs
 # and logs go to loadtest/out/ (not committed). Everything listens on 127.0.0.1 on free ports,
@@ -62,7 +63,12 @@ for tool in consul nginx haproxy wrk oha curl python3 taskset h2load openssl; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool is still missing after the install step"
 done
 
-if [[ "$PGO" == 1 ]]; then
+if [[ -n "${SWITCHYARD_BIN:-}" ]]; then
+  [[ -x "$SWITCHYARD_BIN" ]] || die "SWITCHYARD_BIN=$SWITCHYARD_BIN is not an executable"
+  log "measuring $SWITCHYARD_BIN (built already); building the gRPC example"
+  cargo build --release --quiet --example grpc
+  BUILD="${BUILD:-given binary}"
+elif [[ "$PGO" == 1 ]]; then
   log "building switchyard with profile-guided optimization (scripts/build-pgo.sh; it builds the gRPC example too)"
   SWITCHYARD_BIN="$(bash scripts/build-pgo.sh)"
   BUILD="fat LTO + PGO (scripts/build-pgo.sh)"

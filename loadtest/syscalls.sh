@@ -81,7 +81,7 @@ kernel_paths() { # perf.data
       share["tcp_sendmsg"], share["net_rx_action"], share["tcp_recvmsg"], share["do_epoll_wait"], share["__schedule"], entry }'
 }
 user_share() { # perf.data
-  perf report -i "$1" --no-children --sort dso --stdio 2> /dev/null | awk '
+  perf report -i "$1" --no-children --sort dso -g none --stdio 2> /dev/null | awk '
     /^ +[0-9]/ { sub("%", "", $1); if ($2 == "[kernel.kallsyms]") k += $1; else u += $1 }
     END { printf "user %4.1f, kernel %4.1f", u, k }'
 }
