@@ -255,11 +255,13 @@ impl ConsulClient {
             ),
             Ok(Err(error)) => warn!(
                 error = %error,
-                "Consul unreachable at startup: one blocking query per HTTPS connection"
+                "no answer from Consul's HTTPS at startup: one blocking query per connection \
+                 until the gateway restarts"
             ),
             Err(_) => warn!(
                 timeout = ?PROBE_TIMEOUT,
-                "Consul unreachable at startup: one blocking query per HTTPS connection"
+                "no answer from Consul's HTTPS at startup: one blocking query per connection \
+                 until the gateway restarts"
             ),
         }
     }
