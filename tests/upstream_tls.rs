@@ -368,34 +368,43 @@ fn connections_to(port: u16) -> usize {
         .count()
 }
 
-/// Consul's HTTPS listener speaks HTTP/2, so the gateway's blocking queries share
-/// connections: an agent allowing 12 connections per client serves 260 services watched with
-/// a query each (over HTTP/1.1 that is 260 connections, and the 12th on are refused). More
-/// queries than Consul's 250 streams per connection: on one connection, the ones past 250
-/// wait in the connection's queue behind long-polls and miss changes; the gateway spreads
-/// them over a few (lanes of at most 100), so a change to any one service is routed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blocking_queries_share_http2_connections_to_consul_over_https() {
-    const SERVICES: usize = 260;
-    let pki = Pki::new("consul-h2");
+/// More services than Consul's 250 streams per connection, each watched with a query of its
+/// own (`watch: per_service`) with 8 connections at most, over HTTPS with a client
+/// certificate.
+const SERVICES: usize = 260;
+
+/// A TLS Consul that allows 12 connections per client, its client certificate settings
+/// (`consul:` keys) and the backend every instance points at.
+async fn limited_tls_consul(pki: &Pki) -> (Consul, String, common::Backend) {
     let server = pki.leaf("consul", "consul.test", &["consul.test"]);
     let client = pki.leaf("client", "switchyard", &["switchyard.test"]);
     let hcl = "limits { http_max_conns_per_client = 12 }";
     let consul = Consul::start_tls_with_hcl(&pki.ca_file, &server, hcl).await;
     let backend = common::Backend::start("any", common::Behavior::Ok).await;
-    let mut services = String::from("services:\n");
-    for n in 0..SERVICES {
-        consul
-            .register(&format!("s{n}"), &format!("s{n}-1"), backend.port, &[])
-            .await;
-        services.push_str(&format!("  - name: s{n}\n"));
-    }
-    let tls = format!(
+    let keys = format!(
         "  ca_file: {:?}\n  cert_file: {:?}\n  key_file: {:?}\n  tls_server_name: consul.test\n  watch: per_service\n  max_connections: 8\n",
         pki.ca_file, client.cert_file, client.key_file
     );
-    let gateway = common::Gateway::start_with(&[consul.https_url()], &tls, &services).await;
-    // Every table filled, read from one `/routes` per look.
+    (consul, keys, backend)
+}
+
+/// The `services:` of [`SERVICES`] services `s0`, `s1`, ...
+fn many_services() -> String {
+    let mut services = String::from("services:\n");
+    for n in 0..SERVICES {
+        services.push_str(&format!("  - name: s{n}\n"));
+    }
+    services
+}
+
+/// Registers instance `s<n>-1` of every service, then waits until every table holds it,
+/// read from one `/routes` per look.
+async fn register_and_sync(consul: &Consul, gateway: &common::Gateway, port: u16) {
+    for n in 0..SERVICES {
+        consul
+            .register(&format!("s{n}"), &format!("s{n}-1"), port, &[])
+            .await;
+    }
     let synced = common::wait_until(Duration::from_secs(20), || async {
         let routes: serde_json::Value =
             serde_json::from_str(&gateway.admin_get("/routes").await).expect("/routes is JSON");
@@ -406,21 +415,15 @@ async fn blocking_queries_share_http2_connections_to_consul_over_https() {
             == SERVICES
     })
     .await;
-    assert!(
-        synced.is_some(),
-        "every service watched over shared connections"
-    );
-    let held = connections_to(consul.https_port());
-    // Three lanes of at most 100 queries, and the connection of the startup question.
-    assert!(
-        (3..=4).contains(&held),
-        "{held} connections carry {SERVICES} blocking queries"
-    );
+    assert!(synced.is_some(), "every service watched");
+}
 
-    // One service at a time, so no other service's change frees a place in a queue.
+/// A second instance for each service in turn, each routed within 5 s: one service at a
+/// time, so no other service's change frees a place in a connection's queue.
+async fn change_each_in_turn(consul: &Consul, gateway: &common::Gateway, port: u16) {
     for n in 0..SERVICES {
         let (service, late) = (format!("s{n}"), format!("s{n}-2"));
-        consul.register(&service, &late, backend.port, &[]).await;
+        consul.register(&service, &late, port, &[]).await;
         let routed = gateway
             .wait_for_instances(
                 &service,
@@ -433,4 +436,44 @@ async fn blocking_queries_share_http2_connections_to_consul_over_https() {
             "the change to {service} reaches its table"
         );
     }
+}
+
+/// Consul's HTTPS listener speaks HTTP/2, so the gateway's blocking queries share
+/// connections: an agent allowing 12 connections per client serves 260 services watched with
+/// a query each (over HTTP/1.1 that is 260 connections, and the 12th on are refused). More
+/// queries than Consul's 250 streams per connection: on one connection, the ones past 250
+/// wait in the connection's queue behind long-polls and miss changes; the gateway spreads
+/// them over a few (lanes of at most 100), so a change to any one service is routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_queries_share_http2_connections_to_consul_over_https() {
+    let pki = Pki::new("consul-h2");
+    let (consul, keys, backend) = limited_tls_consul(&pki).await;
+    let gateway = common::Gateway::start_with(&[consul.https_url()], &keys, &many_services()).await;
+    register_and_sync(&consul, &gateway, backend.port).await;
+    let held = connections_to(consul.https_port());
+    // Three lanes of at most 100 queries, and the connection of the startup question.
+    assert!(
+        (3..=4).contains(&held),
+        "{held} connections carry {SERVICES} blocking queries"
+    );
+    change_each_in_turn(&consul, &gateway, backend.port).await;
+}
+
+/// A Consul down when the gateway starts cannot be asked whether it speaks HTTP/2: the budget
+/// counts a connection per query, but the queries still go out in lanes of at most 100, so
+/// once Consul is up (speaking HTTP/2) no query waits behind its 250 streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_hold_when_consul_was_down_at_startup() {
+    let pki = Pki::new("consul-h2-late");
+    let (mut consul, keys, backend) = limited_tls_consul(&pki).await;
+    consul.stop();
+    let gateway = common::Gateway::start_with(&[consul.https_url()], &keys, &many_services()).await;
+    consul.restart().await;
+    register_and_sync(&consul, &gateway, backend.port).await;
+    let held = connections_to(consul.https_port());
+    assert!(
+        (3..=4).contains(&held),
+        "{held} connections carry {SERVICES} blocking queries"
+    );
+    change_each_in_turn(&consul, &gateway, backend.port).await;
 }

@@ -10,9 +10,12 @@
 //! connection's queue behind long-polls), a query goes to the least busy lane, and a new lane
 //! opens only when every lane is full, up to `consul.max_connections` lanes.
 //!
-//! Used only once [`super::ConsulClient::negotiate_http2`] saw Consul answer over HTTP/2: an
-//! HTTPS endpoint that answers HTTP/1.1 (a proxy in front of Consul, say) keeps one query
-//! per connection and the connection budget as it was.
+//! Every `https://` GET goes through the lanes; the connection budget counts 100 queries per
+//! connection only once [`super::ConsulClient::negotiate_http2`] saw Consul answer over
+//! HTTP/2 at startup. An HTTPS endpoint that answers HTTP/1.1 (a proxy in front of Consul,
+//! say) gets one connection per query in flight from each lane's pool, within the budget as
+//! it was; a Consul that could not be asked at startup and speaks HTTP/2 later still never
+//! gets more than 100 queries on one connection.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

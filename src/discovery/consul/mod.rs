@@ -181,10 +181,13 @@ pub struct ConsulClient {
     http: reqwest::Client,
     /// GETs on `http://` addresses (the long-polls): far less memory per connection.
     light: http1::LightClient,
-    /// GETs on `https://` addresses once Consul was seen answering over HTTP/2.
+    /// GETs on `https://` addresses: at most [`lanes::STREAMS_PER_LANE`] per connection, so a
+    /// query never waits behind Go's 250 streams, whether or not the budget counted on
+    /// HTTP/2 ([`ConsulClient::negotiate_http2`]).
     lanes: Option<lanes::Lanes>,
-    /// What the lanes are built from, until [`ConsulClient::negotiate_http2`] has run.
-    lane_settings: Option<lanes::LaneSettings>,
+    /// Consul was seen answering HTTPS over HTTP/2 at startup: the budget counts
+    /// [`lanes::STREAMS_PER_LANE`] queries per connection.
+    multiplexed: bool,
     bases: Vec<reqwest::Url>,
     current: AtomicUsize,
     datacenter: Option<String>,
@@ -207,18 +210,20 @@ impl ConsulClient {
             consul_headers(config)?,
             idle_connections(config.max_connections),
         );
-        let lane_settings = consul_tls(config)?.map(|tls| lanes::LaneSettings {
-            headers: light.headers().clone(),
-            tls,
-            connect_timeout: CONNECT_TIMEOUT,
-            idle_timeout: IDLE_TIMEOUT,
-            max_lanes: config.max_connections,
-        });
+        let lanes = consul_tls(config)?
+            .map(|tls| lanes::LaneSettings {
+                headers: light.headers().clone(),
+                tls,
+                connect_timeout: CONNECT_TIMEOUT,
+                idle_timeout: IDLE_TIMEOUT,
+                max_lanes: config.max_connections,
+            })
+            .map(lanes::Lanes::new);
         Ok(Self {
             http,
             light,
-            lanes: None,
-            lane_settings,
+            lanes,
+            multiplexed: false,
             bases: config.addresses.clone(),
             current: AtomicUsize::new(0),
             datacenter: config.datacenter.clone(),
@@ -228,15 +233,12 @@ impl ConsulClient {
     }
 
     /// Learns whether Consul's HTTPS answers over HTTP/2 (a `GET /v1/status/leader` on the
-    /// first address, within [`PROBE_TIMEOUT`]); if it does, the long-polls share connections
-    /// from then on ([`lanes`]). When not every address is `https://`, when Consul answers
-    /// HTTP/1.1 or cannot be reached, each long-poll keeps a connection of its own for the
-    /// life of the process, as over `http://`.
+    /// first address, within [`PROBE_TIMEOUT`]); if it does, the connection budget counts the
+    /// long-polls that share a connection ([`lanes`]) from then on. When not every address is
+    /// `https://`, when Consul answers HTTP/1.1 or cannot be reached, the budget counts one
+    /// long-poll per connection for the life of the process, as over `http://`.
     pub async fn negotiate_http2(&mut self) {
-        let Some(settings) = self.lane_settings.take() else {
-            return;
-        };
-        if !self.bases.iter().all(|base| base.scheme() == "https") {
+        if self.lanes.is_none() || !self.bases.iter().all(|base| base.scheme() == "https") {
             return;
         }
         let mut url = self.bases[0].clone();
@@ -247,7 +249,7 @@ impl ConsulClient {
                     queries_per_connection = lanes::STREAMS_PER_LANE,
                     "Consul answers HTTPS over HTTP/2: blocking queries share connections"
                 );
-                self.lanes = Some(lanes::Lanes::new(settings));
+                self.multiplexed = true;
             }
             Ok(Ok(answer)) => info!(
                 version = ?answer.version(),
@@ -269,9 +271,9 @@ impl ConsulClient {
     /// How many blocking queries one connection to Consul carries: [`lanes::STREAMS_PER_LANE`]
     /// over HTTP/2, else 1.
     pub fn queries_per_connection(&self) -> usize {
-        match self.lanes {
-            Some(_) => lanes::STREAMS_PER_LANE,
-            None => 1,
+        match self.multiplexed {
+            true => lanes::STREAMS_PER_LANE,
+            false => 1,
         }
     }
 
