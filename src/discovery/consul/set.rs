@@ -351,6 +351,21 @@ mod tests {
     }
 
     #[test]
+    fn over_http2_the_budget_counts_queries_not_connections() {
+        let config = consul("auto", 128);
+        let one = ConnectionBudget::new(&config, 0, 1);
+        assert_eq!(one.plan(Claim::First, WatchMode::Auto, 1000).0, 115);
+        let multiplexed = ConnectionBudget::new(&config, 0, 100);
+        let (own, limit) = multiplexed.plan(Claim::First, WatchMode::Auto, 1000);
+        assert_eq!((own, limit), (1000, 12_800));
+        // Past 12,800 services the rest are watched in catalog mode, as before.
+        assert_eq!(
+            multiplexed.plan(Claim::First, WatchMode::Auto, 20_000).0,
+            12_787
+        );
+    }
+
+    #[test]
     fn forced_modes_watch_every_service_one_way() {
         assert_eq!(per_service_share(&consul("per_service", 4), 10), 10);
         assert_eq!(per_service_share(&consul("catalog", 64), 10), 0);
