@@ -1306,36 +1306,7 @@ impl RawConfig {
             return Err(invalid("admin_listen", "must differ from `listen`"));
         }
         let consul = self.consul.validate(env)?;
-        if self.services.is_empty() {
-            return Err(invalid("services", "at least one service is required"));
-        }
-        let mut names = HashSet::new();
-        let mut routes = HashSet::new();
-        let mut services = Vec::with_capacity(self.services.len());
-        for (i, raw) in self.services.into_iter().enumerate() {
-            let service = raw.validate(&format!("services[{i}]"))?;
-            if !names.insert(service.name.clone()) {
-                return Err(invalid(
-                    format!("services[{i}].name"),
-                    format!("service {:?} is listed twice", service.name),
-                ));
-            }
-            let route_key = (
-                service.route.host.clone(),
-                service.route.path_prefix.clone(),
-            );
-            if !routes.insert(route_key) {
-                return Err(invalid(
-                    format!("services[{i}].route"),
-                    format!(
-                        "host {:?} with path_prefix {:?} is already routed to another service",
-                        service.route.host.as_deref().unwrap_or(""),
-                        service.route.path_prefix
-                    ),
-                ));
-            }
-            services.push(service);
-        }
+        let services = validate_services(self.services)?;
         Ok(Config {
             listen,
             admin_listen,
@@ -1362,30 +1333,45 @@ impl RawConfig {
     }
 }
 
+/// `services`: at least one, each valid, no name listed twice, no host and path prefix
+/// routed to two services.
+fn validate_services(raw: Vec<RawService>) -> Result<Vec<ServiceConfig>, ConfigError> {
+    if raw.is_empty() {
+        return Err(invalid("services", "at least one service is required"));
+    }
+    let mut names = HashSet::new();
+    let mut routes = HashSet::new();
+    let mut services = Vec::with_capacity(raw.len());
+    for (i, raw) in raw.into_iter().enumerate() {
+        let service = raw.validate(&format!("services[{i}]"))?;
+        if !names.insert(service.name.clone()) {
+            return Err(invalid(
+                format!("services[{i}].name"),
+                format!("service {:?} is listed twice", service.name),
+            ));
+        }
+        let route_key = (
+            service.route.host.clone(),
+            service.route.path_prefix.clone(),
+        );
+        if !routes.insert(route_key) {
+            return Err(invalid(
+                format!("services[{i}].route"),
+                format!(
+                    "host {:?} with path_prefix {:?} is already routed to another service",
+                    service.route.host.as_deref().unwrap_or(""),
+                    service.route.path_prefix
+                ),
+            ));
+        }
+        services.push(service);
+    }
+    Ok(services)
+}
+
 impl RawConsul {
     fn validate(self, env: &ConsulEnv) -> Result<ConsulConfig, ConfigError> {
-        let texts: Vec<String> = match self.address {
-            Some(RawAddresses::One(text)) => text
-                .split(',')
-                .map(|t| t.trim().to_owned())
-                .filter(|t| !t.is_empty())
-                .collect(),
-            Some(RawAddresses::Many(list)) => list,
-            None => Vec::new(),
-        };
-        let texts = if texts.is_empty() {
-            vec![env
-                .http_addr
-                .clone()
-                .unwrap_or_else(|| "http://127.0.0.1:8500".into())]
-        } else {
-            texts
-        };
-        let addresses = texts
-            .iter()
-            .enumerate()
-            .map(|(i, text)| parse_consul_address(i, texts.len(), text))
-            .collect::<Result<Vec<_>, _>>()?;
+        let addresses = consul_addresses(self.address, env)?;
         let token = Secret::new(
             self.token
                 .filter(|t| !t.is_empty())
@@ -1412,17 +1398,7 @@ impl RawConsul {
         if self.max_connections < 3 {
             return Err(invalid("consul.max_connections", "must be at least 3"));
         }
-        let watch = match self.watch.as_deref().map(str::trim) {
-            None | Some("auto") => WatchMode::Auto,
-            Some("per_service") => WatchMode::PerService,
-            Some("catalog") => WatchMode::Catalog,
-            Some(other) => {
-                return Err(invalid(
-                    "consul.watch",
-                    format!("{other:?} is not one of \"auto\", \"per_service\", \"catalog\""),
-                ))
-            }
-        };
+        let watch = parse_watch_mode(self.watch.as_deref())?;
         let tls = consul_tls(
             [
                 self.ca_file,
@@ -1444,6 +1420,46 @@ impl RawConsul {
             backoff_base,
             backoff_max,
         })
+    }
+}
+
+/// `consul.address`: one address, a comma-separated list or a YAML list; none means
+/// `CONSUL_HTTP_ADDR`, else `http://127.0.0.1:8500`.
+fn consul_addresses(raw: Option<RawAddresses>, env: &ConsulEnv) -> Result<Vec<Url>, ConfigError> {
+    let texts: Vec<String> = match raw {
+        Some(RawAddresses::One(text)) => text
+            .split(',')
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect(),
+        Some(RawAddresses::Many(list)) => list,
+        None => Vec::new(),
+    };
+    let texts = if texts.is_empty() {
+        vec![env
+            .http_addr
+            .clone()
+            .unwrap_or_else(|| "http://127.0.0.1:8500".into())]
+    } else {
+        texts
+    };
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| parse_consul_address(i, texts.len(), text))
+        .collect()
+}
+
+/// `consul.watch`: `auto` (the default), `per_service` or `catalog`.
+fn parse_watch_mode(text: Option<&str>) -> Result<WatchMode, ConfigError> {
+    match text.map(str::trim) {
+        None | Some("auto") => Ok(WatchMode::Auto),
+        Some("per_service") => Ok(WatchMode::PerService),
+        Some("catalog") => Ok(WatchMode::Catalog),
+        Some(other) => Err(invalid(
+            "consul.watch",
+            format!("{other:?} is not one of \"auto\", \"per_service\", \"catalog\""),
+        )),
     }
 }
 
