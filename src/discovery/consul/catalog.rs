@@ -306,6 +306,47 @@ struct Coordinator {
 }
 
 impl Coordinator {
+    /// A coordinator for `upstreams` with `max_connections` to Consul; the detectors send to
+    /// `events`.
+    fn new(
+        discovery: Arc<ConsulClient>,
+        upstreams: Upstreams,
+        pacing: WatchPacing,
+        max_connections: usize,
+        events: mpsc::Sender<Event>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let by_name = upstreams
+            .iter()
+            .map(|u| (u.name().to_owned(), u.clone()))
+            .collect();
+        Coordinator {
+            discovery,
+            upstreams,
+            by_name,
+            // Of the budget: two connections for the detectors, one for the query of the checks
+            // table's index, and the idle ones the HTTP pool keeps; the rest fetch.
+            slots: Arc::new(Semaphore::new(
+                max_connections
+                    .saturating_sub(3 + idle_connections(max_connections))
+                    .max(1),
+            )),
+            events,
+            fetches: HashMap::new(),
+            checks: None,
+            catalog: None,
+            explained: VecDeque::new(),
+            checks_index: 0,
+            unexplained: Vec::new(),
+            grace: None,
+            recovering: true,
+            after_outage: false,
+            confirm_delay: pacing.backoff_base,
+            shutdown,
+            tracker: TaskTracker::new(),
+        }
+    }
+
     fn mark_dirty<'a>(&mut self, names: impl IntoIterator<Item = &'a String>) {
         let now = Instant::now();
         for name in names {
@@ -648,35 +689,14 @@ pub async fn watch_catalog(
             shutdown.clone(),
         ));
     }
-    let by_name = upstreams
-        .iter()
-        .map(|u| (u.name().to_owned(), u.clone()))
-        .collect();
-    let mut coordinator = Coordinator {
+    let mut coordinator = Coordinator::new(
         discovery,
         upstreams,
-        by_name,
-        // Of the budget: two connections for the detectors, one for the query of the checks
-        // table's index, and the idle ones the HTTP pool keeps; the rest fetch.
-        slots: Arc::new(Semaphore::new(
-            max_connections
-                .saturating_sub(3 + idle_connections(max_connections))
-                .max(1),
-        )),
+        pacing,
+        max_connections,
         events,
-        fetches: HashMap::new(),
-        checks: None,
-        catalog: None,
-        explained: VecDeque::new(),
-        checks_index: 0,
-        unexplained: Vec::new(),
-        grace: None,
-        recovering: true,
-        after_outage: false,
-        confirm_delay: pacing.backoff_base,
-        shutdown: shutdown.clone(),
-        tracker: TaskTracker::new(),
-    };
+        shutdown.clone(),
+    );
     info!(
         services = coordinator.by_name.len(),
         max_connections, "catalog-mode coordinator started"
