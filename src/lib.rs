@@ -380,10 +380,11 @@ impl Wiring {
             t if !t.enabled => 0,
             t => 1 + usize::from(t.kv_path.is_some()),
         };
-        let budget = ConnectionBudget::new(
+        let budget = ConnectionBudget::reporting(
             &self.config.consul,
             tag_route_polls,
             self.discovery.queries_per_connection(),
+            &self.metrics,
         );
         let watches = WatchSet::start(
             sources,

@@ -37,6 +37,14 @@ const DURATION_BUCKETS: &[f64] = &[
     0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// How many of one set's Consul services have a blocking query of their own and how many are
+/// watched in catalog mode (`switchyard_consul_watched_services`).
+#[derive(Clone, Debug)]
+pub struct ConsulWatchedGauges {
+    pub per_service: IntGauge,
+    pub catalog: IntGauge,
+}
+
 /// Every metric family of the gateway.
 pub struct Metrics {
     registry: Registry,
@@ -46,6 +54,8 @@ pub struct Metrics {
     access_log_dropped: IntCounter,
     tls_handshakes: IntCounterVec,
     connections: ConnectionFamilies,
+    /// Consul services by how they are watched (a handful of series, never removed).
+    consul_watched: IntGaugeVec,
 }
 
 /// The families labelled by service, and the lease of each service label in use.
@@ -292,6 +302,16 @@ impl Metrics {
             )?,
         )?;
         let connections = ConnectionFamilies::register(&registry)?;
+        let consul_watched = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "switchyard_consul_watched_services",
+                    "Consul services by how they are watched now: mode per_service (a blocking query each) or catalog; set file (the config's services) or tags (found by tag routes).",
+                ),
+                &["set", "mode"],
+            )?,
+        )?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -303,7 +323,16 @@ impl Metrics {
             access_log_dropped,
             tls_handshakes,
             connections,
+            consul_watched,
         })
+    }
+
+    /// The gauges of how the Consul services of `set` ("file" or "tags") are watched.
+    pub fn consul_watched(&self, set: &str) -> ConsulWatchedGauges {
+        ConsulWatchedGauges {
+            per_service: self.consul_watched.with_label_values(&[set, "per_service"]),
+            catalog: self.consul_watched.with_label_values(&[set, "catalog"]),
+        }
     }
 
     /// Handles for one listener's connection lifecycle (`listener`: "gateway", "admin", ...),

@@ -256,6 +256,13 @@ async fn hybrid_changes_reach_tables_watched_either_way() {
         200,
         "every service, watched either way, is synced"
     );
+    // The split, as an operator sees it.
+    let text = gateway.admin_get("/metrics").await;
+    let watched = |mode: &str| {
+        let series = format!("switchyard_consul_watched_services{{mode=\"{mode}\",set=\"file\"}}");
+        common::metric(&text, &series)
+    };
+    assert_eq!((watched("per_service"), watched("catalog")), (2.0, 12.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,6 +28,7 @@ use super::limits::check_agent_limit;
 use super::{idle_connections, watch_catalog, watch_service, ConsulClient, WatchPacing};
 use crate::config::{ConsulConfig, WatchMode};
 use crate::discovery::set::{after, start_when, Running};
+use crate::metrics::{ConsulWatchedGauges, Metrics};
 use crate::upstream::{Upstream, Upstreams};
 
 /// The most catalog-mode fetches at once next to per-service watches: enough to fetch the
@@ -85,6 +86,8 @@ pub struct ConnectionBudget {
     rest_floor: usize,
     /// What the file's watches may use now.
     first: AtomicUsize,
+    /// `switchyard_consul_watched_services` of the file's set and the tag routes' set.
+    watched: Option<[ConsulWatchedGauges; 2]>,
 }
 
 /// Which side of the [`ConnectionBudget`] a watch set is.
@@ -104,18 +107,49 @@ impl ConnectionBudget {
         tag_route_polls: usize,
         queries_per_connection: usize,
     ) -> Arc<Self> {
+        Arc::new(Self::build(consul, tag_route_polls, queries_per_connection))
+    }
+
+    fn build(consul: &ConsulConfig, tag_route_polls: usize, queries_per_connection: usize) -> Self {
         let rest_floor = if tag_route_polls > 0 {
             CATALOG_FLOOR
         } else {
             0
         };
-        Arc::new(Self {
+        Self {
             total: consul.max_connections * queries_per_connection.max(1),
             connections: consul.max_connections,
             reserved: tag_route_polls,
             rest_floor,
             first: AtomicUsize::new(0),
-        })
+            watched: None,
+        }
+    }
+
+    /// [`ConnectionBudget::new`], each set's split reported in `metrics`
+    /// (`switchyard_consul_watched_services`).
+    pub fn reporting(
+        consul: &ConsulConfig,
+        tag_route_polls: usize,
+        queries_per_connection: usize,
+        metrics: &Metrics,
+    ) -> Arc<Self> {
+        let mut budget = Self::build(consul, tag_route_polls, queries_per_connection);
+        budget.watched = Some([
+            metrics.consul_watched("file"),
+            metrics.consul_watched("tags"),
+        ]);
+        Arc::new(budget)
+    }
+
+    /// Records how a set of `claim` watches its services now.
+    fn report(&self, claim: Claim, per_service: usize, catalog: usize) {
+        let Some(watched) = &self.watched else {
+            return;
+        };
+        let gauges = &watched[usize::from(claim == Claim::Rest)];
+        gauges.per_service.set(per_service as i64);
+        gauges.catalog.set(catalog as i64);
     }
 
     /// The connections a set of `claim` may use now.
@@ -230,6 +264,7 @@ impl ConsulWatches {
             let running = self.spawn_catalog(shared, limit.min(self.budget.connections), ready);
             self.catalog = Some((shared.to_vec(), running));
         }
+        self.budget.report(self.claim, own.len(), shared.len());
         info!(
             per_service = own.len(),
             catalog = shared.len(),
