@@ -89,7 +89,7 @@ pub use tokio_util::sync::CancellationToken as Shutdown;
 
 use crate::admin::Admin;
 use crate::discovery::consul::tag_routes::TagRouteWatch;
-use crate::discovery::consul::{ConnectionBudget, ConsulClient};
+use crate::discovery::consul::{ConnectionBudget, ConsulClient, Negotiated};
 use crate::discovery::{SourceSettings, Sources, WatchSet};
 use crate::gateway::Gateway;
 use crate::metrics::{ConnectionMetrics, Metrics};
@@ -174,15 +174,25 @@ struct Reload {
     reloaded: Arc<Notify>,
 }
 
-/// Applies each config from `reloads` until `stop`, then stops the watches.
+/// How often the gateway asks again whether Consul's HTTPS speaks HTTP/2, when it did not
+/// answer at startup.
+const HTTP2_REASK: Duration = Duration::from_secs(2);
+
+/// Applies each config from `reloads` (and each re-plan of the same services: `replan`)
+/// until `stop`, then stops the watches.
 async fn apply_reloads(
     mut state: Reload,
     mut reloads: mpsc::Receiver<Config>,
+    replan: Arc<Notify>,
     stop: CancellationToken,
 ) {
     loop {
         let next = tokio::select! {
             _ = stop.cancelled() => break,
+            _ = replan.notified() => {
+                state.replan();
+                continue;
+            }
             next = reloads.recv() => match next {
                 Some(next) => next,
                 None => {
@@ -245,6 +255,15 @@ impl Reload {
         }
         self.upstreams = upstreams;
         self.config = next;
+    }
+
+    /// The same services watched anew within a grown connection budget (the sets move
+    /// services between catalog mode and queries of their own; tables are kept).
+    fn replan(&mut self) {
+        let upstreams = self.upstreams.clone();
+        self.watches.reconcile(&upstreams);
+        self.reloaded.notify_one();
+        info!("Consul watches re-planned");
     }
 
     /// New handshakes get the re-read certificates; a set that does not load is logged by
@@ -317,6 +336,11 @@ struct Wiring {
     /// tag-route watcher see them, and the tag-route watcher's wake-up on reload.
     files: Arc<ArcSwap<Upstreams>>,
     reloaded: Arc<Notify>,
+    /// Whether Consul's HTTPS answered the HTTP/2 question at startup.
+    http2: Negotiated,
+    /// Wakes the reloader to reconcile the watch sets with the same services (the budget
+    /// grew: Consul answered over HTTP/2 after startup).
+    replan: Arc<Notify>,
     shutdown: CancellationToken,
     /// Cancelled after the listeners have drained: retries during the drain still see fresh
     /// tables.
@@ -337,9 +361,8 @@ impl Wiring {
         shutdown: CancellationToken,
     ) -> Result<(Self, AccessLogWriter), RunError> {
         let upstreams = Upstreams::new(&config.services, &metrics);
-        let mut discovery = ConsulClient::new(&config.consul)?;
-        discovery.negotiate_http2().await;
-        let discovery = Arc::new(discovery);
+        let discovery = Arc::new(ConsulClient::new(&config.consul)?);
+        let http2 = discovery.negotiate_http2().await;
         let stop = CancellationToken::new();
         let dropped = metrics.access_log_dropped();
         let access_log = access_log::start(&config.access_log, dropped, stop.clone()).await?;
@@ -357,6 +380,8 @@ impl Wiring {
         let wiring = Self {
             files: Arc::new(ArcSwap::from_pointee(upstreams.clone())),
             reloaded: Arc::new(Notify::new()),
+            http2,
+            replan: Arc::new(Notify::new()),
             stop_watchers: CancellationToken::new(),
             config,
             metrics,
@@ -496,7 +521,40 @@ impl Wiring {
             files: self.files.clone(),
             reloaded: self.reloaded.clone(),
         };
-        tokio::spawn(apply_reloads(state, reloads, self.stop_watchers.clone()))
+        let replan = self.replan.clone();
+        tokio::spawn(apply_reloads(
+            state,
+            reloads,
+            replan,
+            self.stop_watchers.clone(),
+        ))
+    }
+
+    /// When Consul's HTTPS did not answer at startup, asks again every [`HTTP2_REASK`] until
+    /// it does; an answer over HTTP/2 grows the budget and re-plans the watch sets (the
+    /// services in catalog mode get queries of their own).
+    fn spawn_http2_reask(&self, budget: Arc<ConnectionBudget>) -> Option<JoinHandle<()>> {
+        if self.http2 != Negotiated::NoAnswer {
+            return None;
+        }
+        let (discovery, replan) = (self.discovery.clone(), self.replan.clone());
+        let stop = self.stop_watchers.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(HTTP2_REASK) => {}
+                }
+                if discovery.negotiate_http2().await == Negotiated::NoAnswer {
+                    continue;
+                }
+                if discovery.queries_per_connection() > 1 {
+                    budget.multiplex(discovery.queries_per_connection());
+                    replan.notify_one();
+                }
+                return;
+            }
+        }))
     }
 
     /// Self-registration (`register`): registered once serving, deregistered as soon as
@@ -616,6 +674,8 @@ struct Running {
     admin: JoinHandle<()>,
     reloader: JoinHandle<()>,
     tag_routes: Option<JoinHandle<()>>,
+    /// Asking Consul's HTTPS again about HTTP/2 (when it did not answer at startup).
+    http2_reask: Option<JoinHandle<()>>,
 }
 
 impl Running {
@@ -641,9 +701,14 @@ impl Running {
             let _ = writer.await;
         }
         self.stop_watchers.cancel();
-        for task in [Some(self.admin), Some(self.reloader), self.tag_routes]
-            .into_iter()
-            .flatten()
+        for task in [
+            Some(self.admin),
+            Some(self.reloader),
+            self.tag_routes,
+            self.http2_reask,
+        ]
+        .into_iter()
+        .flatten()
         {
             let _ = task.await;
         }
@@ -663,6 +728,7 @@ pub async fn run_listeners(
     let (watches, budget) = wiring.start_watches();
     let admin = wiring.spawn_admin(listeners.admin);
     let tag_routes = wiring.spawn_tag_routes(&budget);
+    let http2_reask = wiring.spawn_http2_reask(budget.clone());
     let config = &wiring.config;
     info!(
         listen = %config.listen,
@@ -682,6 +748,7 @@ pub async fn run_listeners(
         access_log,
         admin,
         tag_routes,
+        http2_reask,
     };
     wiring.serve_plain(listeners.gateway).await;
     running.stop().await;

@@ -373,16 +373,16 @@ fn connections_to(port: u16) -> usize {
 /// certificate.
 const SERVICES: usize = 260;
 
-/// A TLS Consul that allows 12 connections per client, its client certificate settings
-/// (`consul:` keys) and the backend every instance points at.
-async fn limited_tls_consul(pki: &Pki) -> (Consul, String, common::Backend) {
+/// A TLS Consul that allows 12 connections per client, its client certificate settings and
+/// `watch` (`consul:` keys) and the backend every instance points at.
+async fn limited_tls_consul(pki: &Pki, watch: &str) -> (Consul, String, common::Backend) {
     let server = pki.leaf("consul", "consul.test", &["consul.test"]);
     let client = pki.leaf("client", "switchyard", &["switchyard.test"]);
     let hcl = "limits { http_max_conns_per_client = 12 }";
     let consul = Consul::start_tls_with_hcl(&pki.ca_file, &server, hcl).await;
     let backend = common::Backend::start("any", common::Behavior::Ok).await;
     let keys = format!(
-        "  ca_file: {:?}\n  cert_file: {:?}\n  key_file: {:?}\n  tls_server_name: consul.test\n  watch: per_service\n  max_connections: 8\n",
+        "  ca_file: {:?}\n  cert_file: {:?}\n  key_file: {:?}\n  tls_server_name: consul.test\n  watch: {watch}\n  max_connections: 8\n",
         pki.ca_file, client.cert_file, client.key_file
     );
     (consul, keys, backend)
@@ -438,6 +438,18 @@ async fn change_each_in_turn(consul: &Consul, gateway: &common::Gateway, port: u
     }
 }
 
+/// Every service synced, over three lanes of at most 100 queries and the connection of the
+/// HTTP/2 question, and each service's change routed in turn.
+async fn served_over_lanes(consul: &Consul, gateway: &common::Gateway, port: u16) {
+    register_and_sync(consul, gateway, port).await;
+    let held = connections_to(consul.https_port());
+    assert!(
+        (3..=4).contains(&held),
+        "{held} connections carry {SERVICES} blocking queries"
+    );
+    change_each_in_turn(consul, gateway, port).await;
+}
+
 /// Consul's HTTPS listener speaks HTTP/2, so the gateway's blocking queries share
 /// connections: an agent allowing 12 connections per client serves 260 services watched with
 /// a query each (over HTTP/1.1 that is 260 connections, and the 12th on are refused). More
@@ -447,33 +459,42 @@ async fn change_each_in_turn(consul: &Consul, gateway: &common::Gateway, port: u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_queries_share_http2_connections_to_consul_over_https() {
     let pki = Pki::new("consul-h2");
-    let (consul, keys, backend) = limited_tls_consul(&pki).await;
+    let (consul, keys, backend) = limited_tls_consul(&pki, "per_service").await;
     let gateway = common::Gateway::start_with(&[consul.https_url()], &keys, &many_services()).await;
-    register_and_sync(&consul, &gateway, backend.port).await;
-    let held = connections_to(consul.https_port());
-    // Three lanes of at most 100 queries, and the connection of the startup question.
-    assert!(
-        (3..=4).contains(&held),
-        "{held} connections carry {SERVICES} blocking queries"
-    );
-    change_each_in_turn(&consul, &gateway, backend.port).await;
+    served_over_lanes(&consul, &gateway, backend.port).await;
+}
+
+/// `switchyard_consul_watched_services{set="file"}`: per-service and catalog.
+async fn watched(gateway: &common::Gateway) -> (f64, f64) {
+    let text = gateway.admin_get("/metrics").await;
+    let series =
+        |mode: &str| format!("switchyard_consul_watched_services{{mode=\"{mode}\",set=\"file\"}}");
+    (
+        common::metric(&text, &series("per_service")),
+        common::metric(&text, &series("catalog")),
+    )
 }
 
 /// A Consul down when the gateway starts cannot be asked whether it speaks HTTP/2: the budget
-/// counts a connection per query, but the queries still go out in lanes of at most 100, so
-/// once Consul is up (speaking HTTP/2) no query waits behind its 250 streams.
+/// counts a connection per query (8 connections: every one of 260 services in catalog mode)
+/// and the queries go out in lanes of at most 100. Once Consul answers over HTTP/2 the
+/// gateway re-plans: every service gets a query of its own, and each change is routed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lanes_hold_when_consul_was_down_at_startup() {
+async fn consul_down_at_startup_is_asked_again_and_the_watches_re_planned() {
     let pki = Pki::new("consul-h2-late");
-    let (mut consul, keys, backend) = limited_tls_consul(&pki).await;
+    let (mut consul, keys, backend) = limited_tls_consul(&pki, "auto").await;
     consul.stop();
     let gateway = common::Gateway::start_with(&[consul.https_url()], &keys, &many_services()).await;
+    let all_catalog = common::wait_until(Duration::from_secs(5), || async {
+        watched(&gateway).await == (0.0, SERVICES as f64)
+    })
+    .await;
+    assert!(all_catalog.is_some(), "{:?}", watched(&gateway).await);
     consul.restart().await;
-    register_and_sync(&consul, &gateway, backend.port).await;
-    let held = connections_to(consul.https_port());
-    assert!(
-        (3..=4).contains(&held),
-        "{held} connections carry {SERVICES} blocking queries"
-    );
-    change_each_in_turn(&consul, &gateway, backend.port).await;
+    let re_planned = common::wait_until(Duration::from_secs(15), || async {
+        watched(&gateway).await == (SERVICES as f64, 0.0)
+    })
+    .await;
+    assert!(re_planned.is_some(), "{:?}", watched(&gateway).await);
+    served_over_lanes(&consul, &gateway, backend.port).await;
 }

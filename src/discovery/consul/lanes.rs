@@ -12,10 +12,10 @@
 //!
 //! Every `https://` GET goes through the lanes; the connection budget counts 100 queries per
 //! connection only once [`super::ConsulClient::negotiate_http2`] saw Consul answer over
-//! HTTP/2 at startup. An HTTPS endpoint that answers HTTP/1.1 (a proxy in front of Consul,
-//! say) gets one connection per query in flight from each lane's pool, within the budget as
-//! it was; a Consul that could not be asked at startup and speaks HTTP/2 later still never
-//! gets more than 100 queries on one connection.
+//! HTTP/2 (at startup, or on a later ask when it did not answer then). An HTTPS endpoint
+//! that answers HTTP/1.1 (a proxy in front of Consul, say) gets one connection per query in
+//! flight from each lane's pool, within the budget as it was; before the answer, a Consul
+//! that speaks HTTP/2 still never gets more than 100 queries on one connection.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -83,7 +83,11 @@ impl Lanes {
 
     /// A place for one query: on the least busy lane, or on a new one when every lane is full
     /// (and there may be more); past `max_lanes` full lanes, on the least busy anyway.
-    pub fn take(&self) -> Result<Ticket, DiscoveryError> {
+    /// `http2`: Consul is known to answer over HTTP/2, so a new lane speaks it from the
+    /// start. Only then does its pool open one connection for the queries that arrive while
+    /// it connects; before ALPN has told, each of them opens its own (seen: the test's agent,
+    /// limited to 12 connections, refused a registration while 260 first queries connected).
+    pub fn take(&self, http2: bool) -> Result<Ticket, DiscoveryError> {
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
         let least = lanes
             .iter()
@@ -97,7 +101,7 @@ impl Lanes {
             }
             _ => {
                 let lane = Arc::new(Lane {
-                    client: self.client()?,
+                    client: self.client(http2)?,
                     in_flight: AtomicUsize::new(0),
                 });
                 lanes.push(lane.clone());
@@ -108,15 +112,26 @@ impl Lanes {
         Ok(Ticket { lane })
     }
 
+    /// Forgets every lane: the next queries open new ones (with what is known now of HTTP/2);
+    /// queries in flight finish on theirs, which close once the last is done.
+    pub fn retire_all(&self) {
+        self.lanes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     /// Lanes opened so far.
     #[cfg(test)]
     fn len(&self) -> usize {
         self.lanes.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    fn client(&self) -> Result<reqwest::Client, DiscoveryError> {
+    fn client(&self, http2: bool) -> Result<reqwest::Client, DiscoveryError> {
         let settings = &self.settings;
-        reqwest::Client::builder()
+        let builder = reqwest::Client::builder();
+        let builder = match http2 {
+            true => builder.http2_prior_knowledge(),
+            false => builder,
+        };
+        builder
             .default_headers(settings.headers.clone())
             .tls_backend_preconfigured(settings.tls.clone())
             .connect_timeout(settings.connect_timeout)
@@ -152,18 +167,18 @@ mod tests {
     fn a_lane_opens_only_when_every_lane_is_full_and_queries_go_to_the_least_busy() {
         let lanes = lanes(3);
         let mut tickets: Vec<Ticket> = (0..STREAMS_PER_LANE)
-            .map(|_| lanes.take().unwrap())
+            .map(|_| lanes.take(true).unwrap())
             .collect();
         assert_eq!(lanes.len(), 1);
-        tickets.push(lanes.take().unwrap());
+        tickets.push(lanes.take(true).unwrap());
         assert_eq!(lanes.len(), 2);
         // The second lane carries one query: the next ones go there, not to the full first.
-        let next = lanes.take().unwrap();
+        let next = lanes.take(true).unwrap();
         assert!(Arc::ptr_eq(&next.lane, &tickets[STREAMS_PER_LANE].lane));
         // One query given back on the first lane leaves it at 99, still busier than the
         // second (2): the next goes to the second too, and no lane opens.
         tickets.swap_remove(0);
-        let again = lanes.take().unwrap();
+        let again = lanes.take(true).unwrap();
         assert!(Arc::ptr_eq(&again.lane, &next.lane));
         assert_eq!(lanes.len(), 2);
     }
@@ -172,7 +187,7 @@ mod tests {
     fn past_the_most_lanes_queries_share_the_least_busy() {
         let lanes = lanes(2);
         let tickets: Vec<Ticket> = (0..2 * STREAMS_PER_LANE + 5)
-            .map(|_| lanes.take().unwrap())
+            .map(|_| lanes.take(true).unwrap())
             .collect();
         assert_eq!(lanes.len(), 2);
         let busy: Vec<usize> = lanes

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue};
@@ -175,6 +175,15 @@ pub trait Discovery: Send + Sync + 'static {
 // ---------------------------------------------------------------------------------------------
 // Consul.
 
+/// What [`ConsulClient::negotiate_http2`] learnt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Negotiated {
+    /// Known for the life of the process (or nothing to ask: not HTTPS).
+    Settled,
+    /// Consul did not answer; worth asking again.
+    NoAnswer,
+}
+
 /// Consul's `/v1/health/service/<name>` over HTTP, failing over between the configured
 /// addresses: after an error every watch moves on to the next one.
 pub struct ConsulClient {
@@ -185,9 +194,9 @@ pub struct ConsulClient {
     /// query never waits behind Go's 250 streams, whether or not the budget counted on
     /// HTTP/2 ([`ConsulClient::negotiate_http2`]).
     lanes: Option<lanes::Lanes>,
-    /// Consul was seen answering HTTPS over HTTP/2 at startup: the budget counts
+    /// Consul was seen answering HTTPS over HTTP/2: the budget counts
     /// [`lanes::STREAMS_PER_LANE`] queries per connection.
-    multiplexed: bool,
+    multiplexed: AtomicBool,
     bases: Vec<reqwest::Url>,
     current: AtomicUsize,
     datacenter: Option<String>,
@@ -223,7 +232,7 @@ impl ConsulClient {
             http,
             light,
             lanes,
-            multiplexed: false,
+            multiplexed: AtomicBool::new(false),
             bases: config.addresses.clone(),
             current: AtomicUsize::new(0),
             datacenter: config.datacenter.clone(),
@@ -232,14 +241,14 @@ impl ConsulClient {
         })
     }
 
-    /// Learns whether Consul's HTTPS answers over HTTP/2 (a `GET /v1/status/leader` on the
-    /// first address, within [`PROBE_TIMEOUT`]); if it does, the connection budget counts the
-    /// long-polls that share a connection ([`lanes`]) from then on. When not every address is
-    /// `https://`, when Consul answers HTTP/1.1 or cannot be reached, the budget counts one
-    /// long-poll per connection for the life of the process, as over `http://`.
-    pub async fn negotiate_http2(&mut self) {
+    /// Asks whether Consul's HTTPS answers over HTTP/2 (a `GET /v1/status/leader` on the
+    /// first address, within [`PROBE_TIMEOUT`]); if it does, the connection budget may count
+    /// the long-polls that share a connection ([`lanes`]) from then on. Not every address
+    /// `https://`, or an answer over HTTP/1.1: one long-poll per connection, as over
+    /// `http://`. No answer: the same until a later ask gets one (`wiring` asks again).
+    pub async fn negotiate_http2(&self) -> Negotiated {
         if self.lanes.is_none() || !self.bases.iter().all(|base| base.scheme() == "https") {
-            return;
+            return Negotiated::Settled;
         }
         let mut url = self.bases[0].clone();
         url.set_path("/v1/status/leader");
@@ -249,29 +258,41 @@ impl ConsulClient {
                     queries_per_connection = lanes::STREAMS_PER_LANE,
                     "Consul answers HTTPS over HTTP/2: blocking queries share connections"
                 );
-                self.multiplexed = true;
+                self.multiplexed.store(true, Ordering::Relaxed);
+                // Lanes opened before this was known connect one connection per waiting query.
+                if let Some(lanes) = &self.lanes {
+                    lanes.retire_all();
+                }
+                Negotiated::Settled
             }
-            Ok(Ok(answer)) => info!(
-                version = ?answer.version(),
-                "Consul answers HTTPS without HTTP/2: one blocking query per connection"
-            ),
-            Ok(Err(error)) => warn!(
-                error = %error,
-                "no answer from Consul's HTTPS at startup: one blocking query per connection \
-                 until the gateway restarts"
-            ),
-            Err(_) => warn!(
-                timeout = ?PROBE_TIMEOUT,
-                "no answer from Consul's HTTPS at startup: one blocking query per connection \
-                 until the gateway restarts"
-            ),
+            Ok(Ok(answer)) => {
+                info!(
+                    version = ?answer.version(),
+                    "Consul answers HTTPS without HTTP/2: one blocking query per connection"
+                );
+                Negotiated::Settled
+            }
+            Ok(Err(error)) => {
+                warn!(
+                    error = %error,
+                    "no answer from Consul's HTTPS: one blocking query per connection until it answers"
+                );
+                Negotiated::NoAnswer
+            }
+            Err(_) => {
+                warn!(
+                    timeout = ?PROBE_TIMEOUT,
+                    "no answer from Consul's HTTPS: one blocking query per connection until it answers"
+                );
+                Negotiated::NoAnswer
+            }
         }
     }
 
     /// How many blocking queries one connection to Consul carries: [`lanes::STREAMS_PER_LANE`]
     /// over HTTP/2, else 1.
     pub fn queries_per_connection(&self) -> usize {
-        match self.multiplexed {
+        match self.multiplexed.load(Ordering::Relaxed) {
             true => lanes::STREAMS_PER_LANE,
             false => 1,
         }
@@ -512,7 +533,9 @@ impl ConsulClient {
         }
         // The lane's place is held until the whole answer is read.
         let ticket = match &self.lanes {
-            Some(lanes) if url.scheme() == "https" => Some(lanes.take()?),
+            Some(lanes) if url.scheme() == "https" => {
+                Some(lanes.take(self.multiplexed.load(Ordering::Relaxed))?)
+            }
             _ => None,
         };
         let client = ticket.as_ref().map_or(&self.http, |ticket| ticket.client());

@@ -76,8 +76,9 @@ fn share(mode: WatchMode, limit: usize, idle: usize, services: usize) -> usize {
 /// 12,800 queries, and every service of a large catalog gets its own.
 #[derive(Debug)]
 pub struct ConnectionBudget {
-    /// Queries in flight at once: `max_connections` × queries per connection.
-    total: usize,
+    /// Queries in flight at once: `max_connections` × queries per connection (grows once,
+    /// when Consul is found speaking HTTP/2 after startup: [`ConnectionBudget::multiplex`]).
+    total: AtomicUsize,
     /// `consul.max_connections`.
     connections: usize,
     /// Long-polls outside any watch set (the tag-route watcher's catalog and KV queries).
@@ -117,7 +118,7 @@ impl ConnectionBudget {
             0
         };
         Self {
-            total: consul.max_connections * queries_per_connection.max(1),
+            total: AtomicUsize::new(consul.max_connections * queries_per_connection.max(1)),
             connections: consul.max_connections,
             reserved: tag_route_polls,
             rest_floor,
@@ -142,6 +143,15 @@ impl ConnectionBudget {
         Arc::new(budget)
     }
 
+    /// From now on each connection carries `queries_per_connection`; the sets use it when
+    /// they next reconcile.
+    pub fn multiplex(&self, queries_per_connection: usize) {
+        self.total.store(
+            self.connections * queries_per_connection.max(1),
+            Ordering::Relaxed,
+        );
+    }
+
     /// Records how a set of `claim` watches its services now.
     fn report(&self, claim: Claim, per_service: usize, catalog: usize) {
         let Some(watched) = &self.watched else {
@@ -154,7 +164,10 @@ impl ConnectionBudget {
 
     /// The connections a set of `claim` may use now.
     fn limit(&self, claim: Claim) -> usize {
-        let free = self.total.saturating_sub(self.reserved);
+        let free = self
+            .total
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.reserved);
         match claim {
             Claim::First => free.saturating_sub(self.rest_floor),
             Claim::Rest => free.saturating_sub(self.first.load(Ordering::Relaxed)),
