@@ -17,7 +17,7 @@
 //! flight from each lane's pool, within the budget as it was; before the answer, a Consul
 //! that speaks HTTP/2 still never gets more than 100 queries on one connection.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,10 +45,11 @@ pub struct LaneSettings {
     pub max_lanes: usize,
 }
 
-/// The lanes opened so far.
+/// The lanes opened so far, and whether Consul is known to answer over HTTP/2.
 pub struct Lanes {
     settings: LaneSettings,
     lanes: Mutex<Vec<Arc<Lane>>>,
+    http2: AtomicBool,
 }
 
 struct Lane {
@@ -78,16 +79,30 @@ impl Lanes {
         Self {
             settings,
             lanes: Mutex::new(Vec::new()),
+            http2: AtomicBool::new(false),
         }
+    }
+
+    /// Consul answered over HTTP/2: new lanes speak it from the start, and the lanes opened
+    /// before are retired (queries in flight finish on theirs, which close once the last is
+    /// done).
+    pub fn speak_http2(&self) {
+        self.http2.store(true, Ordering::Relaxed);
+        self.lanes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Whether Consul is known to answer over HTTP/2.
+    pub fn http2(&self) -> bool {
+        self.http2.load(Ordering::Relaxed)
     }
 
     /// A place for one query: on the least busy lane, or on a new one when every lane is full
     /// (and there may be more); past `max_lanes` full lanes, on the least busy anyway.
-    /// `http2`: Consul is known to answer over HTTP/2, so a new lane speaks it from the
-    /// start. Only then does its pool open one connection for the queries that arrive while
-    /// it connects; before ALPN has told, each of them opens its own (seen: the test's agent,
-    /// limited to 12 connections, refused a registration while 260 first queries connected).
-    pub fn take(&self, http2: bool) -> Result<Ticket, DiscoveryError> {
+    /// Once Consul is known to answer over HTTP/2, a new lane speaks it from the start. Only
+    /// then does its pool open one connection for the queries that arrive while it connects;
+    /// before ALPN has told, each of them opens its own (seen: the test's agent, limited to
+    /// 12 connections, refused a registration while 260 first queries connected).
+    pub fn take(&self) -> Result<Ticket, DiscoveryError> {
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
         let least = lanes
             .iter()
@@ -101,7 +116,7 @@ impl Lanes {
             }
             _ => {
                 let lane = Arc::new(Lane {
-                    client: self.client(http2)?,
+                    client: self.client(self.http2())?,
                     in_flight: AtomicUsize::new(0),
                 });
                 lanes.push(lane.clone());
@@ -110,12 +125,6 @@ impl Lanes {
         };
         lane.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(Ticket { lane })
-    }
-
-    /// Forgets every lane: the next queries open new ones (with what is known now of HTTP/2);
-    /// queries in flight finish on theirs, which close once the last is done.
-    pub fn retire_all(&self) {
-        self.lanes.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Lanes opened so far.
@@ -167,18 +176,18 @@ mod tests {
     fn a_lane_opens_only_when_every_lane_is_full_and_queries_go_to_the_least_busy() {
         let lanes = lanes(3);
         let mut tickets: Vec<Ticket> = (0..STREAMS_PER_LANE)
-            .map(|_| lanes.take(true).unwrap())
+            .map(|_| lanes.take().unwrap())
             .collect();
         assert_eq!(lanes.len(), 1);
-        tickets.push(lanes.take(true).unwrap());
+        tickets.push(lanes.take().unwrap());
         assert_eq!(lanes.len(), 2);
         // The second lane carries one query: the next ones go there, not to the full first.
-        let next = lanes.take(true).unwrap();
+        let next = lanes.take().unwrap();
         assert!(Arc::ptr_eq(&next.lane, &tickets[STREAMS_PER_LANE].lane));
         // One query given back on the first lane leaves it at 99, still busier than the
         // second (2): the next goes to the second too, and no lane opens.
         tickets.swap_remove(0);
-        let again = lanes.take(true).unwrap();
+        let again = lanes.take().unwrap();
         assert!(Arc::ptr_eq(&again.lane, &next.lane));
         assert_eq!(lanes.len(), 2);
     }
@@ -187,7 +196,7 @@ mod tests {
     fn past_the_most_lanes_queries_share_the_least_busy() {
         let lanes = lanes(2);
         let tickets: Vec<Ticket> = (0..2 * STREAMS_PER_LANE + 5)
-            .map(|_| lanes.take(true).unwrap())
+            .map(|_| lanes.take().unwrap())
             .collect();
         assert_eq!(lanes.len(), 2);
         let busy: Vec<usize> = lanes

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue};
@@ -194,9 +194,6 @@ pub struct ConsulClient {
     /// query never waits behind Go's 250 streams, whether or not the budget counted on
     /// HTTP/2 ([`ConsulClient::negotiate_http2`]).
     lanes: Option<lanes::Lanes>,
-    /// Consul was seen answering HTTPS over HTTP/2: the budget counts
-    /// [`lanes::STREAMS_PER_LANE`] queries per connection.
-    multiplexed: AtomicBool,
     bases: Vec<reqwest::Url>,
     current: AtomicUsize,
     datacenter: Option<String>,
@@ -232,7 +229,6 @@ impl ConsulClient {
             http,
             light,
             lanes,
-            multiplexed: AtomicBool::new(false),
             bases: config.addresses.clone(),
             current: AtomicUsize::new(0),
             datacenter: config.datacenter.clone(),
@@ -247,41 +243,37 @@ impl ConsulClient {
     /// `https://`, or an answer over HTTP/1.1: one long-poll per connection, as over
     /// `http://`. No answer: the same until a later ask gets one (`wiring` asks again).
     pub async fn negotiate_http2(&self) -> Negotiated {
-        if self.lanes.is_none() || !self.bases.iter().all(|base| base.scheme() == "https") {
+        let Some(https_lanes) = &self.lanes else {
+            return Negotiated::Settled;
+        };
+        if !self.bases.iter().all(|base| base.scheme() == "https") {
             return Negotiated::Settled;
         }
         let mut url = self.bases[0].clone();
         url.set_path("/v1/status/leader");
-        match tokio::time::timeout(PROBE_TIMEOUT, self.http.get(url).send()).await {
-            Ok(Ok(answer)) if answer.version() == reqwest::Version::HTTP_2 => {
+        let answer = match tokio::time::timeout(PROBE_TIMEOUT, self.http.get(url).send()).await {
+            Ok(answer) => answer.map_err(|error| error.to_string()),
+            Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+        };
+        match answer {
+            Ok(answer) if answer.version() == reqwest::Version::HTTP_2 => {
                 info!(
                     queries_per_connection = lanes::STREAMS_PER_LANE,
                     "Consul answers HTTPS over HTTP/2: blocking queries share connections"
                 );
-                self.multiplexed.store(true, Ordering::Relaxed);
-                // Lanes opened before this was known connect one connection per waiting query.
-                if let Some(lanes) = &self.lanes {
-                    lanes.retire_all();
-                }
+                https_lanes.speak_http2();
                 Negotiated::Settled
             }
-            Ok(Ok(answer)) => {
+            Ok(answer) => {
                 info!(
                     version = ?answer.version(),
                     "Consul answers HTTPS without HTTP/2: one blocking query per connection"
                 );
                 Negotiated::Settled
             }
-            Ok(Err(error)) => {
+            Err(error) => {
                 warn!(
-                    error = %error,
-                    "no answer from Consul's HTTPS: one blocking query per connection until it answers"
-                );
-                Negotiated::NoAnswer
-            }
-            Err(_) => {
-                warn!(
-                    timeout = ?PROBE_TIMEOUT,
+                    error,
                     "no answer from Consul's HTTPS: one blocking query per connection until it answers"
                 );
                 Negotiated::NoAnswer
@@ -292,7 +284,7 @@ impl ConsulClient {
     /// How many blocking queries one connection to Consul carries: [`lanes::STREAMS_PER_LANE`]
     /// over HTTP/2, else 1.
     pub fn queries_per_connection(&self) -> usize {
-        match self.multiplexed.load(Ordering::Relaxed) {
+        match self.lanes.as_ref().is_some_and(lanes::Lanes::http2) {
             true => lanes::STREAMS_PER_LANE,
             false => 1,
         }
@@ -533,9 +525,7 @@ impl ConsulClient {
         }
         // The lane's place is held until the whole answer is read.
         let ticket = match &self.lanes {
-            Some(lanes) if url.scheme() == "https" => {
-                Some(lanes.take(self.multiplexed.load(Ordering::Relaxed))?)
-            }
+            Some(lanes) if url.scheme() == "https" => Some(lanes.take()?),
             _ => None,
         };
         let client = ticket.as_ref().map_or(&self.http, |ticket| ticket.client());
